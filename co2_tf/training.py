@@ -1,0 +1,338 @@
+"""Pretraining: from a TrainConfig to a trained, checkpointed CO2Model.
+
+`train(config)` is what `tools/train.py` calls. It checks everything it can
+before it writes anything, then runs Keras's `fit` with co2_tf's callbacks:
+
+- checkpoints (`tf.train.CheckpointManager`, in DIR/checkpoints): the whole
+  model (key encoder, queue and pointer included) and the optimizer (whose
+  `iterations` is the global step), every `checkpoint_every` steps, at each
+  epoch end, and when SIGTERM arrives (preemption);
+- resume: rerunning the same command restores the latest checkpoint and goes
+  on from its step. The input pipeline of the built-in and folder datasets is
+  a pure function of the step, so a resumed run sees exactly the batches an
+  uninterrupted one would have seen;
+- a non-finite loss stops the run before anything is saved at that step;
+- TensorBoard in DIR/logs: per-step scalars, the augmented view pairs at the
+  start, kNN accuracy per epoch.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import threading
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from co2_tf import backbones, data, distribute, evaluation, optimizers
+from co2_tf.config import TrainConfig, check_compatible, load_run_config, CONFIG_FILE
+from co2_tf.errors import UserError
+from co2_tf.model import CO2Model
+
+CHECKPOINT_SUBDIR = "checkpoints"
+LOG_SUBDIR = "logs"
+SUMMARY_FILE = "summary.json"
+CLASSES_FILE = "classes.txt"
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+    def __init__(self, step, last_checkpoint_step):
+        self.step = step
+        super().__init__(
+            f"the loss is not finite at step {step}; stopped without saving it. The last good "
+            f"checkpoint (step {last_checkpoint_step}) is intact: lower --learning_rate or "
+            "check the data, then rerun to resume from it")
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of the current step was written."""
+
+    def __init__(self, step):
+        self.step = step
+        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint written, rerun the "
+                         "same command to resume")
+
+
+# --------------------------------------------------------------------- building
+def backbone_fn(config):
+    """The builder the model calls for its query and key backbones."""
+    bn = "sync" if config.bn == "sync" else "local"
+
+    def build(model_name):
+        return backbones.build_backbone(config.backbone, config.image_size, bn=bn,
+                                        model_name=model_name, seed=config.seed)
+    return build
+
+
+def build_model(config, bn_groups):
+    """A CO2Model for `config`; call under the strategy's scope."""
+    return CO2Model(
+        backbone_fn(config), image_size=config.image_size, head=config.head, dim=config.dim,
+        queue_size=config.queue_size, ema_momentum=config.ema_momentum,
+        temperature=config.temperature, consistency_temperature=config.consistency_temperature,
+        consistency_weight=config.consistency_weight, bn=config.bn, bn_groups=bn_groups,
+        seed=config.seed, name="co2")
+
+
+def build_optimizer(config, steps_per_epoch, total_steps):
+    schedule = optimizers.make_lr_schedule(
+        config.schedule, base_learning_rate=config.learning_rate, total_steps=total_steps,
+        warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)))
+    return optimizers.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
+                                     weight_decay=config.weight_decay)
+
+
+def compile_model(model, optimizer, config):
+    """Compiles for our custom train_step and creates the optimizer's slots now.
+
+    The optimizer is built on the query encoder only: the key encoder is
+    trainable (for BN batch statistics) but never receives gradients.
+    """
+    model.compile(optimizer=optimizer, jit_compile=config.jit_compile,
+                  steps_per_execution=config.steps_per_execution)
+    optimizer.build(model.query_variables)
+
+
+def epoch_segments(step, total_steps, steps_per_epoch):
+    """Splits [step, total) into fit() calls of (initial_epoch, epochs, steps_per_epoch).
+
+    Keras's fit counts whole epochs of a fixed length; a resume mid-epoch or a
+    --train_steps that is not a multiple of the epoch needs a shorter call.
+    """
+    segments = []
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        if step % steps_per_epoch == 0 and total_steps - step >= steps_per_epoch:
+            full = (total_steps - step) // steps_per_epoch
+            segments.append((epoch, epoch + full, steps_per_epoch))
+            step += full * steps_per_epoch
+        else:
+            end = min((epoch + 1) * steps_per_epoch, total_steps)
+            segments.append((epoch, epoch + 1, end - step))
+            step = end
+    return segments
+
+
+# -------------------------------------------------------------------- callbacks
+class PreemptionWatcher(contextlib.AbstractContextManager):
+    """Turns SIGTERM into a flag that the checkpoint callback acts on at a step end."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves every N steps, at epoch ends and on SIGTERM; refuses non-finite losses."""
+
+    def __init__(self, manager, every_steps, preemption):
+        super().__init__()
+        self.manager = manager
+        self.every_steps = every_steps
+        self.preemption = preemption
+        self.last_saved_step = None
+        self.preempted_at = None
+
+    def _step(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def save(self, step):
+        if step != self.last_saved_step:
+            self.manager.save(checkpoint_number=step)
+            self.last_saved_step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._step()
+        loss = float(logs["loss"]) if logs and "loss" in logs else 0.0
+        if not np.isfinite(loss):
+            raise NonFiniteLoss(step, self.last_saved_step or 0)
+        if self.preemption.requested:
+            self.save(step)
+            self.preempted_at = step
+            self.model.stop_training = True
+        elif step % self.every_steps == 0:
+            self.save(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.preempted_at is None:
+            self.save(self._step())
+
+
+class TensorBoard(keras.callbacks.TensorBoard):
+    """Keras's TensorBoard callback, with batch summaries at the global step.
+
+    Keras numbers batch summaries from 0 at every fit() call; a resumed run
+    would then draw over its own curves.
+    """
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._global_train_batch = int(self.model.optimizer.iterations.numpy())
+
+
+class KnnMonitor(keras.callbacks.Callback):
+    """Weighted kNN top-1 of the query backbone every N epochs, into the epoch logs."""
+
+    def __init__(self, evaluate, every_epochs):
+        super().__init__()
+        self.evaluate = evaluate
+        self.every_epochs = every_epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every_epochs and (epoch + 1) % self.every_epochs == 0 and logs is not None:
+            # Logs is the dict every callback sees: TensorBoard (later in the
+            # list) writes it as epoch_knn_top1.
+            logs["knn_top1"] = self.evaluate(self.model.query_backbone)
+
+
+def write_view_pairs(log_dir, views1, views2, max_pairs=8):
+    """An image summary of augmented view pairs: what the model is trained on."""
+    pairs = tf.concat([views1[:max_pairs], views2[:max_pairs]], axis=2)  # side by side
+    with tf.summary.create_file_writer(os.path.join(log_dir, "train")).as_default():
+        tf.summary.image("augmented_view_pairs", pairs, step=0, max_outputs=max_pairs)
+
+
+# ------------------------------------------------------------------------ train
+def _eval_split(config, spec):
+    if config.eval_split:
+        return config.eval_split
+    return data.default_eval_split(spec, config.data_dir or None)
+
+
+def make_knn_evaluator(config, spec):
+    """A function backbone -> kNN top-1 on the labelled eval split, or None."""
+    eval_split = _eval_split(config, spec)
+    if eval_split is None:
+        return None
+    common = dict(data_dir=config.data_dir or None, image_size=config.image_size,
+                  batch_size=256, transform="eval")
+    bank = data.labelled_dataset(spec, split=config.split, **common)
+    queries = data.labelled_dataset(spec, split=eval_split, **common)
+    classes = data.num_classes(spec, config.data_dir or None)
+
+    def evaluate(backbone):
+        return evaluation.knn_eval(backbone, bank, queries, classes, k=config.knn_k,
+                                   temperature=config.knn_temperature)
+    return evaluate
+
+
+def _restore(checkpoint, manager, model_dir):
+    latest = manager.latest_checkpoint
+    if not latest:
+        return
+    try:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"the checkpoint in {model_dir} does not fit this model ({first}): "
+                        "use a new --model_dir or the flags it was made with") from None
+
+
+def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose="auto"):
+    """Pretrains (or resumes) the run in config.model_dir; returns the summary dict.
+
+    Raises UserError for bad input before anything is written, NonFiniteLoss
+    and Preempted as described above.
+    """
+    config.check()
+    spec = data.parse_dataset_spec(config.dataset)
+    data_dir = config.data_dir or None
+    data.validate(spec, data_dir=data_dir, split=config.split)
+    saved = load_run_config(config.model_dir)
+    if saved is not None:
+        check_compatible(saved, config)
+    strategy = strategy or distribute.make_strategy(config.strategy, config.tpu or None)
+    bn_groups = config.check_replicas(strategy.num_replicas_in_sync)
+    chief = distribute.is_chief(strategy)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    steps_per_epoch = data.steps_per_epoch(spec, split=config.split, data_dir=data_dir,
+                                           global_batch_size=config.batch_size)
+    if steps_per_epoch < 1:
+        raise UserError(f"the training split has fewer examples than one batch of "
+                        f"{config.batch_size}: lower --batch_size")
+    total_steps = config.train_steps or config.epochs * steps_per_epoch
+    knn = make_knn_evaluator(config, spec) if config.knn_every or spec.kind == "builtin" else None
+
+    with strategy.scope():
+        model = build_model(config, bn_groups)
+        optimizer = build_optimizer(config, steps_per_epoch, total_steps)
+        compile_model(model, optimizer, config)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    # Non-chief workers of a multi-worker run must take part in saving (the
+    # variables are read collectively) but write to a scratch dir.
+    ckpt_dir = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
+    if not chief:
+        ckpt_dir = os.path.join(config.model_dir, f".worker_{strategy.cluster_resolver.task_id}")
+    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=config.keep_checkpoints)
+    _restore(checkpoint, manager, config.model_dir)
+
+    # Everything is checked: from here on the run dir is written.
+    os.makedirs(config.model_dir, exist_ok=True)
+    if chief and saved is None:
+        with open(os.path.join(config.model_dir, CONFIG_FILE), "w") as f:
+            f.write(config.to_json())
+        names = data.class_names(spec, data_dir)
+        if names:
+            with open(os.path.join(config.model_dir, CLASSES_FILE), "w", encoding="utf-8") as f:
+                f.write("\n".join(names) + "\n")
+
+    step = int(optimizer.iterations.numpy())
+    log_dir = os.path.join(config.model_dir, LOG_SUBDIR)
+    if step == 0 and chief:
+        preview = data.pretrain_dataset_fn(
+            spec, split=config.split, data_dir=data_dir, image_size=config.image_size,
+            augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
+        )(tf.distribute.InputContext())
+        views1, views2 = next(iter(preview))
+        write_view_pairs(log_dir, views1, views2)
+
+    with PreemptionWatcher() as preemption:
+        saver = CheckpointCallback(manager, config.checkpoint_every, preemption)
+        saver.last_saved_step = step if manager.latest_checkpoint else None
+        cbs = [saver]
+        if knn is not None and config.knn_every:
+            cbs.append(KnnMonitor(knn, config.knn_every))
+        if chief:
+            cbs.append(TensorBoard(log_dir, update_freq=config.log_every, write_graph=False))
+        cbs.extend(callbacks)
+        for initial_epoch, epochs, steps in epoch_segments(step, total_steps, steps_per_epoch):
+            start = int(optimizer.iterations.numpy())
+            dataset = strategy.distribute_datasets_from_function(data.pretrain_dataset_fn(
+                spec, split=config.split, data_dir=data_dir, image_size=config.image_size,
+                augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
+                start_step=start))
+            model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs,
+                      steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
+            if saver.preempted_at is not None:
+                raise Preempted(saver.preempted_at)
+        step = int(optimizer.iterations.numpy())
+        saver.save(step)
+
+    summary = {"steps": step}
+    if knn is not None:
+        summary["knn_top1"] = knn(model.query_backbone)
+        random_init = backbone_fn(config)("random_init_backbone")
+        summary["knn_top1_random_init"] = knn(random_init)
+    if chief:
+        with open(os.path.join(config.model_dir, SUMMARY_FILE), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

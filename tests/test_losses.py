@@ -1,0 +1,165 @@
+"""co2_tf.losses against an independent float64 NumPy reference."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from co2_tf import losses
+
+
+# ------------------------------------------------------------ NumPy reference
+def _log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def ref_info_nce(q, k, queue, t):
+    logits = np.concatenate([(q * k).sum(-1, keepdims=True), q @ queue.T], -1) / t
+    return -_log_softmax(logits)[:, 0]
+
+
+def ref_info_nce_grad_q(q, k, queue, t):
+    """d L_ins / d q per example: (sum_j softmax_j v_j - k) / t, with v = [k, queue]."""
+    logits = np.concatenate([(q * k).sum(-1, keepdims=True), q @ queue.T], -1) / t
+    p = np.exp(_log_softmax(logits))
+    expected = p[:, :1] * k + p[:, 1:] @ queue
+    return (expected - k) / t
+
+
+def ref_consistency(q, k, queue, t):
+    log_q = _log_softmax(q @ queue.T / t)
+    log_p = _log_softmax(k @ queue.T / t)
+    kl_pq = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    kl_qp = (np.exp(log_q) * (log_q - log_p)).sum(-1)
+    return 0.5 * kl_pq + 0.5 * kl_qp
+
+
+def ref_consistency_grad_q(q, k, queue, t):
+    """Analytic d L_con / d q, P held fixed (it depends on k only).
+
+    L = 1/2 sum_i (P_i log P_i - P_i log Q_i - Q_i log P_i + Q_i log Q_i)
+    dL/dQ_i = 1/2 (-P_i/Q_i - log P_i + log Q_i + 1); Q = softmax(s), s = q.queue^T/t.
+    """
+    log_q = _log_softmax(q @ queue.T / t)
+    log_p = _log_softmax(k @ queue.T / t)
+    Q, P = np.exp(log_q), np.exp(log_p)
+    g = 0.5 * (-P / Q - log_p + log_q + 1.0)
+    ds = Q * (g - (Q * g).sum(-1, keepdims=True))
+    return ds @ queue / t
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_inputs(batch, dim, size, seed=0):
+    """Unit vectors with structure: q and k are noisy copies, some negatives are close to q."""
+    rng = np.random.RandomState(seed)
+    base = rng.randn(batch, dim)
+    q = _unit(base + 0.8 * rng.randn(batch, dim))
+    k = _unit(base + 0.8 * rng.randn(batch, dim))
+    queue = rng.randn(size, dim)
+    hard = min(size, 4 * batch)
+    queue[:hard] = np.repeat(base, 4, axis=0)[:hard] + 0.7 * rng.randn(hard, dim)
+    return q, k, _unit(queue)
+
+
+# --------------------------------------------------------------------- tests
+def test_reference_gradients_match_finite_differences():
+    """The analytic references above are themselves right (central differences)."""
+    q, k, queue = make_inputs(3, 8, 32, seed=1)
+    eps = 1e-6
+    for f, grad, t in ((ref_info_nce, ref_info_nce_grad_q, 0.2),
+                       (ref_consistency, ref_consistency_grad_q, 0.04)):
+        g = grad(q, k, queue, t)
+        fd = np.zeros_like(q)
+        for i in range(q.shape[0]):
+            for j in range(q.shape[1]):
+                dq = np.zeros_like(q)
+                dq[i, j] = eps
+                fd[i, j] = (f(q + dq, k, queue, t)[i] - f(q - dq, k, queue, t)[i]) / (2 * eps)
+        np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [256, 4096, 65536])
+@pytest.mark.parametrize("t_con", [0.04, 0.1])
+def test_values_and_gradients_match_reference(size, t_con):
+    q, k, queue = make_inputs(8, 128, size, seed=size)
+    tq, tk, tqueue = (tf.constant(a, tf.float32) for a in (q, k, queue))
+    # The reference sees the float32-rounded inputs the losses see.
+    q32, k32, queue32 = (a.astype(np.float32).astype(np.float64) for a in (q, k, queue))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(tq)
+        ins = losses.info_nce_loss(tq, tk, tqueue, 0.2)
+        con = losses.consistency_loss(tq, tk, tqueue, t_con)
+        total_ins, total_con = tf.reduce_sum(ins), tf.reduce_sum(con)
+    np.testing.assert_allclose(ins.numpy(), ref_info_nce(q32, k32, queue32, 0.2), rtol=1e-4)
+    np.testing.assert_allclose(con.numpy(), ref_consistency(q32, k32, queue32, t_con),
+                               rtol=1e-4, atol=1e-6)
+    g_ins = tape.gradient(total_ins, tq).numpy()
+    g_con = tape.gradient(total_con, tq).numpy()
+    ref_g_ins = ref_info_nce_grad_q(q32, k32, queue32, 0.2)
+    ref_g_con = ref_consistency_grad_q(q32, k32, queue32, t_con)
+    np.testing.assert_allclose(g_ins, ref_g_ins, rtol=1e-3, atol=1e-3 * np.abs(ref_g_ins).max())
+    np.testing.assert_allclose(g_con, ref_g_con, rtol=1e-3, atol=1e-3 * np.abs(ref_g_con).max())
+    # The consistency term is not trivially small here: the test has teeth.
+    assert ref_consistency(q32, k32, queue32, t_con).mean() > 1e-2
+
+
+def test_consistency_sends_no_gradient_into_k():
+    q, k, queue = (tf.constant(a, tf.float32) for a in make_inputs(4, 16, 64))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([q, k])
+        con = tf.reduce_sum(losses.consistency_loss(q, k, queue, 0.04))
+        ins = tf.reduce_sum(losses.info_nce_loss(q, k, queue, 0.2))
+    assert tape.gradient(con, k) is None
+    assert tape.gradient(ins, k) is None
+    assert np.abs(tape.gradient(con, q).numpy()).max() > 1e-3
+
+
+def test_consistency_is_symmetric_zero_at_equality_and_positive():
+    q, k, queue = (tf.constant(a, tf.float32) for a in make_inputs(4, 16, 64))
+    np.testing.assert_allclose(losses.consistency_loss(q, k, queue, 0.1).numpy(),
+                               losses.consistency_loss(k, q, queue, 0.1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(losses.consistency_loss(q, q, queue, 0.1).numpy(), 0.0, atol=1e-6)
+    assert np.all(losses.consistency_loss(q, k, queue, 0.1).numpy() > 0)
+
+
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
+def test_low_precision_inputs_are_computed_in_float32(dtype):
+    """K = 65536 at tau_con = 0.04: logits up to 25, exp would overflow float16."""
+    q, k, queue = make_inputs(8, 128, 65536, seed=7)
+    low = [tf.constant(a, tf.float32) for a in (q, k, queue)]
+    low = [tf.cast(a, dtype) for a in low]
+    rounded = [tf.cast(a, tf.float64).numpy() for a in low]
+    ins = losses.info_nce_loss(*low, 0.2)
+    con = losses.consistency_loss(*low, 0.04)
+    assert ins.dtype == tf.float32 and con.dtype == tf.float32
+    np.testing.assert_allclose(ins.numpy(), ref_info_nce(*rounded, 0.2), rtol=1e-4)
+    np.testing.assert_allclose(con.numpy(), ref_consistency(*rounded, 0.04), rtol=1e-4, atol=1e-6)
+
+
+def test_alpha_zero_is_exactly_moco():
+    q, k, queue = (tf.constant(a, tf.float32) for a in make_inputs(8, 32, 256))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(q)
+        terms = losses.co2_loss(q, k, queue, 0.2, 0.04, 0.0)
+        moco = losses.info_nce_loss(q, k, queue, 0.2)
+        total, ref = tf.reduce_sum(terms["loss"]), tf.reduce_sum(moco)
+    np.testing.assert_array_equal(terms["loss"].numpy(), moco.numpy())
+    np.testing.assert_array_equal(tape.gradient(total, q).numpy(), tape.gradient(ref, q).numpy())
+    # Still measured for monitoring.
+    assert np.all(terms["loss_con"].numpy() > 0)
+
+
+def test_co2_loss_combines_the_terms():
+    q, k, queue = (tf.constant(a, tf.float32) for a in make_inputs(8, 32, 256))
+    terms = losses.co2_loss(q, k, queue, 0.2, 0.05, 2.5)
+    np.testing.assert_allclose(terms["loss_ins"].numpy(),
+                               losses.info_nce_loss(q, k, queue, 0.2).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(terms["loss_con"].numpy(),
+                               losses.consistency_loss(q, k, queue, 0.05).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(terms["loss"].numpy(),
+                               (terms["loss_ins"] + 2.5 * terms["loss_con"]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(terms["pos_sim"].numpy(), np.sum(q.numpy() * k.numpy(), -1),
+                               rtol=1e-5)

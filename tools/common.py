@@ -1,0 +1,55 @@
+"""What every co2_tf binary shares: flags from a config dataclass, one-line errors.
+
+Binaries (not the library) read absl FLAGS: they turn them into a typed
+config here and pass it to library functions.
+"""
+
+import dataclasses
+import os
+import sys
+
+# Binaries run from a clean checkout, without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from co2_tf.errors import UserError  # noqa: E402
+
+
+def define_flags(config_cls, help_texts, skip=()):
+    """Defines one absl flag per dataclass field, typed by the field's default."""
+    for field in dataclasses.fields(config_cls):
+        if field.name in skip:
+            continue
+        default = field.default
+        text = help_texts.get(field.name, field.name)
+        if isinstance(default, bool):
+            flags.DEFINE_boolean(field.name, default, text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(field.name, default, text)
+        elif isinstance(default, float):
+            flags.DEFINE_float(field.name, default, text)
+        else:
+            flags.DEFINE_string(field.name, default, text)
+
+
+def config_from_flags(config_cls, **overrides):
+    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(config_cls)
+              if f.name in flags.FLAGS}
+    values.update(overrides)
+    return config_cls(**values)
+
+
+def fail(message, code=1):
+    """One line on stderr, no traceback, non-zero exit."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Runs fn; a UserError becomes one line and exit code 1."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        fail(str(e))

@@ -1,0 +1,42 @@
+"""Pretrains a CO2 / MoCo model.
+
+  python tools/train.py --model_dir=/tmp/co2_demo                 # built-in demo
+  python tools/train.py --flagfile=flags/imagenet_mocov2_co2.cfg --model_dir=gs://...
+
+Rerunning the same command resumes from the latest checkpoint in --model_dir.
+Exit codes: 0 done, 1 bad input (one line on stderr), 3 non-finite loss,
+143 stopped by SIGTERM after writing a checkpoint (rerun to resume).
+"""
+
+import json
+
+import common
+from absl import app
+
+from co2_tf import config as config_lib
+
+common.define_flags(config_lib.TrainConfig, config_lib.HELP)
+
+
+def main(argv):
+    if len(argv) > 1:
+        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+    config = common.config_from_flags(config_lib.TrainConfig)
+    common.run_guarded(config.check)  # fail before importing TF for bad flags
+    from co2_tf import training
+    try:
+        summary = common.run_guarded(training.train, config)
+    except training.NonFiniteLoss as e:
+        common.fail(str(e), code=3)
+    except training.Preempted as e:
+        common.fail(str(e), code=143)
+    if "knn_top1" in summary:
+        print(f"kNN top-1 (k={config.knn_k}) on the held-out split: "
+              f"trained {100 * summary['knn_top1']:.1f}%, "
+              f"random init {100 * summary['knn_top1_random_init']:.1f}%")
+    print(f"done: {summary['steps']} steps; summary in {config.model_dir}/summary.json: "
+          f"{json.dumps(summary)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
