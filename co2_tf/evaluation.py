@@ -12,13 +12,11 @@ import tensorflow as tf
 
 def extract_features(backbone, dataset):
     """L2-normalised features and labels of a finite (images, labels) dataset."""
-    @tf.function
-    def embed(images):
-        return tf.math.l2_normalize(tf.cast(backbone(images, training=False), tf.float32), -1)
-
     features, labels = [], []
     for images, y in dataset:
-        features.append(embed(images))
+        # Keras's own compiled predict function, traced once per model.
+        f = tf.cast(backbone.predict_on_batch(images), tf.float32)
+        features.append(tf.math.l2_normalize(f, -1))
         labels.append(tf.cast(y, tf.int32))
     return tf.concat(features, 0), tf.concat(labels, 0)
 

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 
 import keras
@@ -211,9 +212,10 @@ def write_view_pairs(log_dir, views1, views2, max_pairs=8):
 
 # ------------------------------------------------------------------------ train
 def _eval_split(config, spec):
+    """The labelled held-out split for kNN: the flag, else the built-in's test split."""
     if config.eval_split:
         return config.eval_split
-    return data.default_eval_split(spec, config.data_dir or None)
+    return "test" if spec.kind == "builtin" else None
 
 
 def make_knn_evaluator(config, spec):
@@ -245,13 +247,15 @@ def _restore(checkpoint, manager, model_dir):
                         "use a new --model_dir or the flags it was made with") from None
 
 
-def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose="auto"):
+def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     """Pretrains (or resumes) the run in config.model_dir; returns the summary dict.
 
     Raises UserError for bad input before anything is written, NonFiniteLoss
     and Preempted as described above.
     """
     config.check()
+    if verbose is None:  # a progress bar on a terminal, a line per epoch in logs
+        verbose = 1 if sys.stdout.isatty() else 2
     spec = data.parse_dataset_spec(config.dataset)
     data_dir = config.data_dir or None
     data.validate(spec, data_dir=data_dir, split=config.split)

@@ -13,8 +13,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 
 from co2_tf.errors import UserError  # noqa: E402
+
+
+def quiet_logs():
+    """absl's INFO lines (e.g. every checkpoint write) drown the progress output."""
+    logging.set_verbosity(logging.WARNING)
 
 
 def define_flags(config_cls, help_texts, skip=()):

@@ -21,6 +21,7 @@ common.define_flags(config_lib.TrainConfig, config_lib.HELP)
 def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+    common.quiet_logs()
     config = common.config_from_flags(config_lib.TrainConfig)
     common.run_guarded(config.check)  # fail before importing TF for bad flags
     from co2_tf import training

@@ -1,0 +1,254 @@
+"""The training binary and co2_tf.training: errors, resume, preemption, summaries."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from co2_tf import training
+from co2_tf.config import TrainConfig
+from co2_tf.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "tools", "train.py")
+# A run small enough for tests: tiny convnet, 16 px, a 64-key queue.
+SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, epochs=1, knn_every=0,
+             log_every=1, seed=3)
+
+
+def small_flags(**overrides):
+    values = dict(SMALL, **overrides)
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def run_binary(args, **kwargs):
+    return subprocess.run([sys.executable, TRAIN] + args, capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+# ----------------------------------------------------------------- bad input
+@pytest.mark.parametrize("flag,fragment", [
+    ("--backbone=vgg", "--backbone"),
+    ("--strategy=warp", "--strategy"),
+    ("--image_size=0", "--image_size"),
+    ("--image_size=-3", "--image_size"),
+    ("--queue_size=100", "--queue_size"),
+    ("--temperature=0", "--temperature"),
+    ("--consistency_temperature=-0.1", "--consistency_temperature"),
+    ("--consistency_weight=-1", "--consistency_weight"),
+    ("--ema_momentum=1.0", "--ema_momentum"),
+    ("--ema_momentum=-0.5", "--ema_momentum"),
+    ("--dataset=hdfs:/x", "hdfs"),
+    ("--dataset=folder:/no/such/dir", "/no/such/dir"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, flag, fragment):
+    model_dir = tmp_path / "run"
+    result = run_binary([f"--model_dir={model_dir}"] + small_flags() + [flag])
+    assert_one_line_error(result, fragment)
+    assert not model_dir.exists()
+
+
+def test_batch_not_a_multiple_of_replicas(tmp_path):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    config = TrainConfig(model_dir=str(tmp_path / "run"), **dict(SMALL, batch_size=15,
+                                                                 queue_size=60))
+    with pytest.raises(UserError, match="multiple of the 2 replicas"):
+        training.train(config, strategy=strategy)
+    assert not os.path.exists(config.model_dir)
+
+
+def _listing(path):
+    return sorted((p, os.path.getmtime(p)) for p in glob.glob(f"{path}/**", recursive=True))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A short finished run: 12 steps, a checkpoint every 4."""
+    model_dir = str(tmp_path_factory.mktemp("finished") / "run")
+    config = TrainConfig(model_dir=model_dir, **dict(SMALL, train_steps=12, checkpoint_every=4,
+                                                     knn_every=1))
+    summary = training.train(config, verbose=0)
+    return config, summary
+
+
+@pytest.mark.parametrize("flag,name", [("--dim=32", "--dim"), ("--queue_size=128", "--queue_size"),
+                                       ("--backbone=resnet18_cifar", "--backbone")])
+def test_incompatible_checkpoint_is_named_not_restored(finished_run, flag, name):
+    config, _ = finished_run
+    before = _listing(config.model_dir)
+    result = run_binary([f"--model_dir={config.model_dir}"] + small_flags() + [flag])
+    assert_one_line_error(result, name, "--model_dir")
+    assert _listing(config.model_dir) == before
+
+
+# ------------------------------------------------------- summaries and logs
+def test_summary_and_tensorboard(finished_run):
+    config, summary = finished_run
+    assert summary["steps"] == 12
+    with open(os.path.join(config.model_dir, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == summary
+    assert set(on_disk) >= {"knn_top1", "knn_top1_random_init", "steps"}
+    assert 0 <= on_disk["knn_top1"] <= 1 and 0 <= on_disk["knn_top1_random_init"] <= 1
+
+    tags, images = {}, set()
+    for path in glob.glob(os.path.join(config.model_dir, "logs", "train", "events*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "images":
+                    images.add(value.tag)
+                else:
+                    tags.setdefault(value.tag, []).append(event.step)
+    for name in ("loss", "loss_ins", "loss_con", "acc", "lr", "pos_sim", "neg_sim"):
+        assert f"batch_{name}" in tags, sorted(tags)
+    assert sorted(set(tags["batch_loss"])) == list(range(1, 13))  # one per step
+    assert "epoch_knn_top1" in tags
+    assert "augmented_view_pairs" in images
+    ckpt = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+    assert ckpt.endswith("-12")
+
+
+def _checkpoint_values(model_dir):
+    """Every variable of the latest checkpoint, by its checkpoint key."""
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    reader = tf.train.load_checkpoint(path)
+    values = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+              if "save_counter" not in k}
+    return {k: v for k, v in values.items() if np.issubdtype(np.asarray(v).dtype, np.number)}
+
+
+def _queue(values):
+    (key,) = [k for k in values if "queue/" in k and "ptr" not in k and "OPTIMIZER" not in k]
+    (ptr,) = [k for k in values if "queue_ptr/" in k]
+    return values[key], int(values[ptr])
+
+
+# ---------------------------------------------------------------- resume
+def _wait_for_checkpoint(model_dir, proc, timeout=300):
+    deadline = time.time() + timeout
+    pattern = os.path.join(model_dir, "checkpoints", "ckpt-*.index")
+    while time.time() < deadline:
+        if glob.glob(pattern):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before its first checkpoint: {proc.stderr.read()}")
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+RESUME = small_flags(train_steps=30, checkpoint_every=3, deterministic=True) + ["--knn_every=0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("straight") / "run")
+    result = run_binary([f"--model_dir={model_dir}"] + RESUME)
+    assert result.returncode == 0, result.stderr
+    return model_dir
+
+
+def test_kill9_then_rerun_resumes_to_the_same_end(tmp_path, uninterrupted):
+    model_dir = str(tmp_path / "run")
+    args = [sys.executable, TRAIN, f"--model_dir={model_dir}"] + RESUME
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(model_dir, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = int(tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+                    .rsplit("-", 1)[1])
+    assert killed_at < 30, "the run finished before it was killed: the test proved nothing"
+
+    result = run_binary([f"--model_dir={model_dir}"] + RESUME)
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(model_dir, "summary.json")) as f:
+        assert json.load(f)["steps"] == 30
+    resumed, straight = _checkpoint_values(model_dir), _checkpoint_values(uninterrupted)
+    queue, ptr = _queue(resumed)
+    assert ptr == 30 * 16 % 64
+    np.testing.assert_allclose(np.linalg.norm(queue, axis=1), 1.0, rtol=1e-5)
+    # Same data, same augmentation, same shuffle-BN permutations after the resume:
+    # the resumed run ends where the uninterrupted one does. Not bit-exact: the
+    # resumed process computes in a fresh TF runtime (oneDNN may pick other
+    # kernels for its first steps), so a tolerance.
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        np.testing.assert_allclose(resumed[key], straight[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    model_dir = str(tmp_path / "run")
+    flags = small_flags(train_steps=5000, checkpoint_every=100000) + ["--knn_every=0"]
+    args = [sys.executable, TRAIN, f"--model_dir={model_dir}"] + flags
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait for training to start (TensorBoard's first events), then a little more.
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(model_dir, "logs", "train", "events*")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM at step"), last
+    step = int(last.split("at step ")[1].split(";")[0])
+    assert 0 < step < 5000
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    assert latest.endswith(f"-{step}")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = TrainConfig(model_dir=str(tmp_path / "run"),
+                         **dict(SMALL, train_steps=50, checkpoint_every=1, learning_rate=1e12,
+                                momentum=0.0, schedule="constant"))
+    with pytest.raises(training.NonFiniteLoss) as caught:
+        training.train(config, verbose=0)
+    bad_step = caught.value.step
+    assert f"step {bad_step}" in str(caught.value)
+    latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+    assert int(latest.rsplit("-", 1)[1]) == bad_step - 1
+    for key, value in _checkpoint_values(config.model_dir).items():
+        if np.issubdtype(value.dtype, np.floating):
+            assert np.all(np.isfinite(value)), key
+
+
+# ------------------------------------------------------------------ presets
+@pytest.mark.parametrize("preset", sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg"))))
+def test_presets_parse_and_check(preset):
+    code = ("import sys; sys.argv=['x', '--flagfile=%s', '--model_dir=/tmp/unused'];"
+            "sys.path.insert(0, %r); import common, train; from absl import flags;"
+            "flags.FLAGS(sys.argv); from co2_tf.config import TrainConfig;"
+            "c = common.config_from_flags(TrainConfig); c.check(); print(c.to_json())"
+            % (preset, os.path.join(ROOT, "tools")))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout[result.stdout.index("{"):])
+    with open(preset) as f:
+        head = f.read()
+    assert "python tools/train.py --flagfile=flags/" in head  # the run command on top
+    for line in head.splitlines():
+        if line.startswith("--"):
+            name, value = line[2:].split("=", 1)
+            if isinstance(config[name], str):
+                assert config[name] == value, line
+            else:
+                assert float(config[name]) == float(value), line
