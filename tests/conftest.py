@@ -14,3 +14,16 @@ NUM_LOGICAL_CPUS = 2
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def two_replicas():
+    """The one MirroredStrategy of the test session, over the 2 logical CPUs.
+
+    A second MirroredStrategy in a process reuses collective instance keys and
+    aborts on its first all-reduce of another shape ("Shape mismatch in the
+    collective instance 100"): tests share this one.
+    """
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(NUM_LOGICAL_CPUS)])

@@ -166,11 +166,11 @@ def _fit(strategy, data, steps):
     return model, history
 
 
-def test_two_replicas_match_one_replica():
+def test_two_replicas_match_one_replica(two_replicas):
     steps, batch = 3, 8
     data = (images(steps * batch, 8), images(steps * batch, 9))
     one, h1 = _fit(tf.distribute.OneDeviceStrategy("/cpu:0"), data, steps)
-    two, h2 = _fit(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), data, steps)
+    two, h2 = _fit(two_replicas, data, steps)
     for name in ("loss", "loss_ins", "loss_con", "acc"):
         np.testing.assert_allclose(h1[name], h2[name], rtol=1e-5, atol=1e-6)
     for a, b in zip(one.weights, two.weights, strict=True):

@@ -65,8 +65,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, flag, fragment):
     assert not model_dir.exists()
 
 
-def test_batch_not_a_multiple_of_replicas(tmp_path):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_batch_not_a_multiple_of_replicas(tmp_path, two_replicas):
+    strategy = two_replicas
     config = TrainConfig(model_dir=str(tmp_path / "run"), **dict(SMALL, batch_size=15,
                                                                  queue_size=60))
     with pytest.raises(UserError, match="multiple of the 2 replicas"):
