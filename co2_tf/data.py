@@ -664,7 +664,7 @@ def labelled_dataset(spec, *, split, data_dir=None, image_size, batch_size,
             keep = np.zeros(train_examples(spec, split, data_dir), bool)
             keep[np.asarray(indices, np.int64)] = True
             keep = tf.constant(keep)
-            ds = ds.filter(lambda i, ex: tf.gather(keep, i))
+            ds = ds.filter(_nc(lambda i, ex: tf.gather(keep, i)))
         if shuffle:
             ds = ds.shuffle(TFDS_SHUFFLE_BUFFER, seed=seed)
 
@@ -732,7 +732,8 @@ def split_labels(spec, split, data_dir=None):
                    shuffle_files=False, download=False,
                    read_config=tfds.ReadConfig(try_autocache=False),
                    decoders={"image": tfds.decode.SkipDecoding()})
-    batches = ds.map(lambda ex: tf.cast(ex["label"], tf.int32)).batch(65536)
+    batches = ds.map(_nc(lambda ex: tf.cast(ex["label"], tf.int32)))
+    batches = batches.batch(65536)
     return np.concatenate([np.zeros([0], np.int32)]
                           + list(batches.as_numpy_iterator()))
 

@@ -1,0 +1,32 @@
+"""Exports a pretrained backbone: backbone.keras, a SavedModel and export.json.
+
+  python tools/export.py --model_dir=/tmp/co2_demo --export_dir=/tmp/co2_demo_export
+  python tools/export.py --checkpoint=/tmp/co2_demo/checkpoints/ckpt-200 \\
+      --export_dir=/tmp/export --overwrite
+
+Fine-tune with `keras.models.load_model(".../backbone.keras")` or
+`keras.layers.TFSMLayer(".../saved_model", call_endpoint="serve",
+call_training_endpoint="serve_training", trainable=True)` (see co2_tf/export.py).
+"""
+
+import common
+from absl import app
+
+from co2_tf import export as export_lib
+
+common.define_flags(export_lib.ExportConfig, export_lib.HELP)
+
+
+def main(argv):
+    if len(argv) > 1:
+        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+    common.quiet_logs()
+    config = common.config_from_flags(export_lib.ExportConfig)
+    info = common.run_guarded(export_lib.export, config)
+    print(f"exported {info['backbone']} (features {info['feature_dim']}, step {info['step']}) "
+          f"from {info['checkpoint']} to {config.export_dir}: backbone.keras, saved_model/ "
+          "(endpoints serve, serve_training, projection), export.json")
+
+
+if __name__ == "__main__":
+    app.run(main)

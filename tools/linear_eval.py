@@ -1,0 +1,41 @@
+"""Linear evaluation of a pretrained backbone (frozen): top-1 / top-5 on the held-out split.
+
+  # MoCo's ImageNet protocol (SGD lr 30, 100 epochs, lr x0.1 at 60% and 80%):
+  python tools/linear_eval.py --model_dir=RUN_DIR --dataset=tfds:imagenet2012 \\
+      --data_dir=DIR --image_size=224 --output_dir=OUT
+  # a quick check on cached centre-crop features:
+  python tools/linear_eval.py --model_dir=/tmp/co2_demo --protocol=fast
+  # the same architecture with random weights, as a baseline:
+  python tools/linear_eval.py --model_dir=/tmp/co2_demo --protocol=fast --random_init
+
+The backbone comes from --model_dir (latest checkpoint), --checkpoint or
+--keras_model (an export). Results: OUTPUT_DIR/linear_eval.json and
+TensorBoard in OUTPUT_DIR/logs (default OUTPUT_DIR: RUN_DIR/linear_eval_<protocol>).
+"""
+
+import sys
+
+import common
+from absl import app
+
+from co2_tf import linear_probe
+
+common.define_flags(linear_probe.LinearEvalConfig, linear_probe.HELP)
+
+
+def main(argv):
+    if len(argv) > 1:
+        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+    common.quiet_logs()
+    config = common.config_from_flags(linear_probe.LinearEvalConfig)
+    results = common.run_guarded(linear_probe.linear_eval, config,
+                                 verbose=1 if sys.stdout.isatty() else 2)
+    print(f"linear eval ({results['protocol']}) of {results['backbone']['source']}"
+          f"{' (random init)' if config.random_init else ''}: "
+          f"top-1 {100 * results['top1']:.2f}%, top-5 {100 * results['top5']:.2f}% on "
+          f"{results['data']['dataset']} {results['data']['eval_split']}; "
+          f"results in {results['results_file']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
