@@ -1,9 +1,12 @@
 """The built-in dataset: procedurally generated textures, no download.
 
 `load(split, image_size, seed)` makes the images in TensorFlow (vectorised,
-deterministic by seed). Ten classes, defined by SHAPE / TEXTURE / LAYOUT, not
-by colour: every sample has random colours, so colour alone says nothing
-about the class. Each pattern fills the whole image, so a MoCo crop of 20% of
+deterministic by seed). Ten classes, defined by SHAPE / TEXTURE / LAYOUT.
+The images are gray (three equal channels): with a random colour pair per
+sample, colour was the easiest cue that tells one image from another through
+MoCo's augmentations, and MoCo learned it instead of the textures (measured:
+kNN of the learned features fell below random init); gray levels leave
+texture as the cue that survives. Each pattern fills the whole image, so a MoCo crop of 20% of
 the area (then upscaled up to ~2.2x) still shows it:
 
 ====  =================  ===================================================
@@ -25,7 +28,7 @@ Every class is closed under a horizontal flip (MoCo's flip turns +45 deg
 into -45 deg, which is why "diagonal" holds both); none is closed under a
 90-degree rotation, which MoCo does not apply. Per sample: random period
 (0.12-0.22 of the image side), phase, small rotation, edge sharpness (from
-sine-like to square-wave), two random colours whose luminances differ by at
+sine-like to square-wave), two random gray levels that differ by at
 least 0.3 (so the pattern survives the grayscale augmentation), and Gaussian
 pixel noise. Geometry is in image-size fractions, so the dataset looks the
 same at any `image_size` (32 px is the intended size; 64-96 px is fine).
@@ -188,21 +191,21 @@ def _generate(cls, n, size, seed):
     mask = mask[..., tf.newaxis]
     image = bg + (fg - bg) * mask
     noise_std = _u(seeds[11], n, 0.0, 0.06)[..., tf.newaxis]
-    image += noise_std * tf.random.stateless_normal(tf.shape(image), seeds[12])
+    # One noise value for the three channels: the images stay exactly gray.
+    noise_shape = tf.concat([tf.shape(image)[:-1], [1]], 0)
+    image += noise_std * tf.random.stateless_normal(noise_shape, seeds[12])
     image = tf.clip_by_value(image, 0.0, 1.0)
     return tf.cast(tf.round(image * 255.0), tf.uint8)
 
 
 def _colour_pair(s_lum, s_chroma, s_swap, n):
-    """Two random colours [n, 1, 1, 3] with luminance gap >= 0.3."""
+    """Two random gray levels [n, 1, 1, 3] with a gap >= 0.3 (no chroma: see above)."""
     lum_lo = tf.random.stateless_uniform([n, 1, 1, 1], s_lum, 0.05, 0.4)
     gap = tf.random.stateless_uniform([n, 1, 1, 1], s_swap, 0.3, 0.55)
     lum_hi = tf.minimum(lum_lo + gap, 0.97)
-    chroma = tf.random.stateless_uniform([n, 2, 1, 1, 3], s_chroma, -0.3, 0.3)
-    # Zero-mean chroma offsets keep each colour's mean level near its lum.
-    chroma -= tf.reduce_mean(chroma, axis=-1, keepdims=True)
-    c_lo = tf.clip_by_value(lum_lo + chroma[:, 0], 0.0, 1.0)
-    c_hi = tf.clip_by_value(lum_hi + chroma[:, 1], 0.0, 1.0)
+    del s_chroma  # kept in the signature: the other streams stay as they were
+    c_lo = tf.tile(lum_lo, [1, 1, 1, 3])
+    c_hi = tf.tile(lum_hi, [1, 1, 1, 3])
     # Which of the two is the pattern: random, so polarity is no class cue.
     s_polarity = tf.random.experimental.stateless_fold_in(s_swap, 1)
     swap = tf.random.stateless_uniform([n, 1, 1, 1], s_polarity) < 0.5

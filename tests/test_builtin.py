@@ -67,6 +67,13 @@ def test_colour_is_not_the_class(train):
     assert np.ptp(per_class, axis=0).max() < 20
 
 
+def test_images_carry_no_colour(train):
+    """Per-sample colour was MoCo's shortcut instance cue (class-free by design)."""
+    images = train[0]
+    np.testing.assert_array_equal(images[..., 0], images[..., 1])
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+
+
 def test_pixel_knn_above_chance_far_from_perfect(train, test):
     x = train[0].reshape(len(train[0]), -1).astype(np.float32) / 255.0
     q = test[0].reshape(len(test[0]), -1).astype(np.float32) / 255.0
