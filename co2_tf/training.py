@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import backbones, data, distribute, evaluation, optimizers
+from co2_tf import backbones, data, distribute, evaluation, fused_batchnorm, optimizers, precision
 from co2_tf.config import TrainConfig, check_compatible, load_run_config, CONFIG_FILE
 from co2_tf.errors import UserError
 from co2_tf.model import CO2Model
@@ -39,12 +39,12 @@ CLASSES_FILE = "classes.txt"
 
 
 class NonFiniteLoss(Exception):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss or the weights became NaN or Inf; the last good checkpoint is kept."""
 
-    def __init__(self, step, last_checkpoint_step):
+    def __init__(self, step, last_checkpoint_step, what="the loss is"):
         self.step = step
         super().__init__(
-            f"the loss is not finite at step {step}; stopped without saving it. The last good "
+            f"{what} not finite at step {step}; stopped without saving it. The last good "
             f"checkpoint (step {last_checkpoint_step}) is intact: lower --learning_rate or "
             "check the data, then rerun to resume from it")
 
@@ -64,27 +64,38 @@ def backbone_fn(config):
     bn = "sync" if config.bn == "sync" else "local"
 
     def build(model_name):
-        return backbones.build_backbone(config.backbone, config.image_size, bn=bn,
-                                        model_name=model_name, seed=config.seed)
+        with precision.policy_scope(config.precision):
+            backbone = backbones.build_backbone(config.backbone, config.image_size, bn=bn,
+                                                model_name=model_name, seed=config.seed)
+        # Same BN semantics, one fused op per BN layer (the step's main cost otherwise).
+        return fused_batchnorm.fuse_batch_norm(backbone)
     return build
 
 
 def build_model(config, bn_groups):
-    """A CO2Model for `config`; call under the strategy's scope."""
-    return CO2Model(
-        backbone_fn(config), image_size=config.image_size, head=config.head, dim=config.dim,
-        queue_size=config.queue_size, ema_momentum=config.ema_momentum,
-        temperature=config.temperature, consistency_temperature=config.consistency_temperature,
-        consistency_weight=config.consistency_weight, bn=config.bn, bn_groups=bn_groups,
-        seed=config.seed, name="co2")
+    """A CO2Model for `config`; call under the strategy's scope.
+
+    The encoders compute in `config.precision` (see co2_tf.precision); the
+    queue, the losses and all variables stay float32.
+    """
+    with precision.policy_scope(config.precision):
+        return CO2Model(
+            backbone_fn(config), image_size=config.image_size, head=config.head, dim=config.dim,
+            queue_size=config.queue_size, ema_momentum=config.ema_momentum,
+            temperature=config.temperature,
+            consistency_temperature=config.consistency_temperature,
+            consistency_weight=config.consistency_weight, bn=config.bn, bn_groups=bn_groups,
+            seed=config.seed, name="co2")
 
 
 def build_optimizer(config, steps_per_epoch, total_steps):
     schedule = optimizers.make_lr_schedule(
         config.schedule, base_learning_rate=config.learning_rate, total_steps=total_steps,
         warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)))
-    return optimizers.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
-                                     weight_decay=config.weight_decay)
+    optimizer = optimizers.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
+                                          weight_decay=config.weight_decay)
+    # mixed_float16: dynamic loss scaling (train_step calls optimizer.scale_loss).
+    return precision.wrap_optimizer(optimizer, config.precision)
 
 
 def compile_model(model, optimizer, config):
@@ -92,8 +103,11 @@ def compile_model(model, optimizer, config):
 
     The optimizer is built on the query encoder only: the key encoder is
     trainable (for BN batch statistics) but never receives gradients.
+    --jit_compile where XLA cannot work (several replicas on CPU devices)
+    falls back to no XLA with a one-line warning (distribute.resolve_jit_compile).
     """
-    model.compile(optimizer=optimizer, jit_compile=config.jit_compile,
+    jit_compile = distribute.resolve_jit_compile(config.jit_compile, model.distribute_strategy)
+    model.compile(optimizer=optimizer, jit_compile=jit_compile,
                   steps_per_execution=config.steps_per_execution)
     optimizer.build(model.query_variables)
 
@@ -141,7 +155,13 @@ class PreemptionWatcher(contextlib.AbstractContextManager):
 
 
 class CheckpointCallback(keras.callbacks.Callback):
-    """Saves every N steps, at epoch ends and on SIGTERM; refuses non-finite losses."""
+    """Saves every N steps, at epoch ends and on SIGTERM; refuses non-finite losses.
+
+    Keras calls it once per execution: with --steps_per_execution=k the step
+    advances by k between calls, so "every N steps" means at the first
+    execution end at or past each multiple of N, and the loss checked is the
+    one of the execution's last step.
+    """
 
     def __init__(self, manager, every_steps, preemption):
         super().__init__()
@@ -150,17 +170,28 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.preemption = preemption
         self.last_saved_step = None
         self.preempted_at = None
+        self._previous_step = 0
+
+    def on_train_begin(self, logs=None):
+        self._previous_step = self._step()
 
     def _step(self):
         return int(self.model.optimizer.iterations.numpy())
 
     def save(self, step):
-        if step != self.last_saved_step:
-            self.manager.save(checkpoint_number=step)
-            self.last_saved_step = step
+        if step == self.last_saved_step:
+            return
+        # A finite loss does not prove finite weights: BN moving statistics
+        # overflow a step before the loss does. Checked only when saving.
+        if not all(bool(tf.reduce_all(tf.math.is_finite(w)))
+                   for w in self.model.weights if keras.backend.is_float_dtype(w.dtype)):
+            raise NonFiniteLoss(step, self.last_saved_step or 0, what="the weights are")
+        self.manager.save(checkpoint_number=step)
+        self.last_saved_step = step
 
     def on_train_batch_end(self, batch, logs=None):
         step = self._step()
+        previous, self._previous_step = self._previous_step, step
         loss = float(logs["loss"]) if logs and "loss" in logs else 0.0
         if not np.isfinite(loss):
             raise NonFiniteLoss(step, self.last_saved_step or 0)
@@ -168,7 +199,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             self.save(step)
             self.preempted_at = step
             self.model.stop_training = True
-        elif step % self.every_steps == 0:
+        elif step // self.every_steps > previous // self.every_steps:
             self.save(step)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -186,6 +217,16 @@ class TensorBoard(keras.callbacks.TensorBoard):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._global_train_batch = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # One call runs steps_per_execution steps: label with the last of them.
+        self._global_train_batch += self.model.steps_per_execution - 1
+        super().on_train_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.steps_per_execution > 1:  # a last, shorter execution
+            self._global_train_batch = int(self.model.optimizer.iterations.numpy())
+        super().on_train_batch_end(batch, logs)
 
 
 class KnnMonitor(keras.callbacks.Callback):
@@ -229,10 +270,59 @@ def make_knn_evaluator(config, spec):
     queries = data.labelled_dataset(spec, split=eval_split, **common)
     classes = data.num_classes(spec, config.data_dir or None)
 
+    local_copy = []
+
     def evaluate(backbone):
+        if isinstance(backbone.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras's predict under MultiWorkerMirroredStrategy gathers every
+            # worker's outputs (twice the features for the labels): evaluate a
+            # copy made outside the strategy, on this worker's values.
+            if not local_copy:
+                local_copy.append(backbone_fn(config)("knn_backbone"))
+            local_copy[0].set_weights(backbone.get_weights())
+            backbone = local_copy[0]
         return evaluation.knn_eval(backbone, bank, queries, classes, k=config.knn_k,
                                    temperature=config.knn_temperature)
     return evaluate
+
+
+class WorkerCheckpointManager:
+    """What a non-chief worker of a multi-worker run saves with and restores from.
+
+    Its saves are scratch (written to `scratch_dir`, deleted at once: the
+    chief's copy of the same values is the checkpoint); `latest_checkpoint`
+    is the chief's, so a restarted worker resumes from the same step as the
+    chief. The model dir must be shared by all workers (gs://, NFS).
+    """
+
+    def __init__(self, checkpoint, chief_dir, scratch_dir):
+        self.checkpoint = checkpoint
+        self.chief_dir = chief_dir
+        self.scratch_dir = scratch_dir
+
+    @property
+    def latest_checkpoint(self):
+        return tf.train.latest_checkpoint(self.chief_dir)
+
+    def save(self, checkpoint_number=None):
+        path = tf.train.CheckpointManager(self.checkpoint, self.scratch_dir, max_to_keep=1).save(
+            checkpoint_number=checkpoint_number)
+        tf.io.gfile.rmtree(self.scratch_dir)
+        return path
+
+
+def execution_segments(segments, steps_per_execution):
+    """fit() calls for --steps_per_execution=k > 1: one epoch (or part) per call.
+
+    Keras runs whole executions of k steps, across epoch ends: a call of
+    several epochs whose length is not a multiple of k would drift past its
+    epoch boundaries. Each call's dataset is cut to its steps instead (see
+    train), so its last execution ends early, exactly at the call's end.
+    """
+    if steps_per_execution == 1:
+        return segments
+    return [(epoch, epoch + 1, steps) for first, end, steps in segments
+            for epoch in range(first, end)]
 
 
 def _restore(checkpoint, manager, model_dir):
@@ -245,6 +335,14 @@ def _restore(checkpoint, manager, model_dir):
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"the checkpoint in {model_dir} does not fit this model ({first}): "
                         "use a new --model_dir or the flags it was made with") from None
+
+
+def _take_steps(dataset_fn, steps):
+    """dataset_fn cut to `steps` global batches (each pipeline feeds its replicas in turn)."""
+    def cut(input_context):
+        local = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        return dataset_fn(input_context).take(steps * local)
+    return cut
 
 
 def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
@@ -282,11 +380,15 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         compile_model(model, optimizer, config)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     # Non-chief workers of a multi-worker run must take part in saving (the
-    # variables are read collectively) but write to a scratch dir.
+    # variables are read collectively) but write to a scratch dir; every
+    # worker restores the chief's checkpoints (see WorkerCheckpointManager).
     ckpt_dir = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
-    if not chief:
-        ckpt_dir = os.path.join(config.model_dir, f".worker_{strategy.cluster_resolver.task_id}")
-    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=config.keep_checkpoints)
+    if chief:
+        manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
+                                             max_to_keep=config.keep_checkpoints)
+    else:
+        manager = WorkerCheckpointManager(checkpoint, ckpt_dir, os.path.join(
+            config.model_dir, f".worker_{strategy.cluster_resolver.task_id}"))
     _restore(checkpoint, manager, config.model_dir)
 
     # Everything is checked: from here on the run dir is written.
@@ -318,12 +420,17 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         if chief:
             cbs.append(TensorBoard(log_dir, update_freq=config.log_every, write_graph=False))
         cbs.extend(callbacks)
-        for initial_epoch, epochs, steps in epoch_segments(step, total_steps, steps_per_epoch):
+        segments = execution_segments(epoch_segments(step, total_steps, steps_per_epoch),
+                                      config.steps_per_execution)
+        for initial_epoch, epochs, steps in segments:
             start = int(optimizer.iterations.numpy())
-            dataset = strategy.distribute_datasets_from_function(data.pretrain_dataset_fn(
+            dataset_fn = data.pretrain_dataset_fn(
                 spec, split=config.split, data_dir=data_dir, image_size=config.image_size,
                 augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
-                start_step=start))
+                start_step=start)
+            if config.steps_per_execution > 1:
+                dataset_fn = _take_steps(dataset_fn, steps)
+            dataset = strategy.distribute_datasets_from_function(dataset_fn)
             model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs,
                       steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
             if saver.preempted_at is not None:
