@@ -6,6 +6,7 @@ from TF_CONFIG) and TPUStrategy (a TPU VM or pod slice).
 """
 
 import json
+import logging
 import os
 
 import tensorflow as tf
@@ -65,6 +66,41 @@ def _check_tf_config():
     except (ValueError, KeyError, TypeError):
         raise UserError("TF_CONFIG is not valid: it needs {\"cluster\": {\"worker\": [...]}, "
                         "\"task\": {\"type\": \"worker\", \"index\": N}}") from None
+
+
+def xla_problem(strategy):
+    """Why XLA cannot compile the train step under `strategy`, or None if it can.
+
+    With several replicas on CPU devices (MirroredStrategy over logical CPUs,
+    MultiWorkerMirroredStrategy on CPU hosts) XLA fails deep in TF: a replica
+    reads variables placed on another device ("Trying to access resource ...
+    located in device CPU:1 from device CPU:0"), and XLA on CPU has no
+    collective ops for the cross-worker all-reduce.
+    """
+    if strategy.num_replicas_in_sync > 1 and any(
+            "CPU" in device.upper() for device in strategy.extended.worker_devices):
+        return (f"XLA cannot compile a train step replicated over "
+                f"{strategy.num_replicas_in_sync} replicas on CPU devices")
+    return None
+
+
+def resolve_jit_compile(requested, strategy):
+    """The jit_compile to give Keras: False where XLA would fail, with one warning line.
+
+    TPUStrategy compiles every step with XLA by itself: Keras's flag is not
+    needed there (and is left off so that the step is not compiled twice).
+    """
+    if not requested:
+        return False
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return False
+    problem = xla_problem(strategy)
+    if problem:
+        logging.getLogger(__name__).warning(
+            "--jit_compile ignored: %s; training without XLA (XLA works with one replica, "
+            "on GPUs and on TPU)", problem)
+        return False
+    return True
 
 
 def is_chief(strategy):

@@ -57,6 +57,17 @@ class _UnitRows(keras.initializers.Initializer):
         return {"seed": self.seed}
 
 
+def _keras_reduces_logs_along_axis_0(strategy):
+    """Whether Keras reduces the step's logs with strategy.reduce("MEAN", v, axis=0).
+
+    Keras does so for MultiWorkerMirroredStrategy across several workers,
+    which fails on scalars; logs of shape [1] come out of it as scalars.
+    """
+    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and in_multi_worker_mode is not None and in_multi_worker_mode())
+
+
 class CO2Model(keras.Model):
     """MoCo + CO2.
 
@@ -194,6 +205,18 @@ class CO2Model(keras.Model):
         return tf.stop_gradient(local), tf.stop_gradient(all_keys)
 
     # ------------------------------------------------------------------- train
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Skips Keras's build-from-a-batch when there is nothing left to build.
+
+        Every variable exists from __init__ and compile_model builds the
+        optimizer. Keras's version would pull a batch from a fresh iterator
+        at every fit() and mean-reduce it across replicas, which fails under
+        MultiWorkerMirroredStrategy (PerReplica "to a Tensor").
+        """
+        if self.optimizer is not None and self.optimizer.built:
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def train_step(self, data):
         x_q, x_k = data
         ctx = tf.distribute.get_replica_context()
@@ -222,6 +245,8 @@ class CO2Model(keras.Model):
         logs = {name: ctx.all_reduce("sum", tf.reduce_sum(v)) / global_b
                 for name, v in terms.items()}
         logs["lr"] = tf.cast(lr, tf.float32)
+        if _keras_reduces_logs_along_axis_0(tf.distribute.get_strategy()):
+            logs = {name: v[None] for name, v in logs.items()}
         return logs
 
     def _momentum_update(self):
