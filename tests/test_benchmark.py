@@ -1,0 +1,89 @@
+"""tools/benchmark.py: the JSON line and its fields (a smoke test: no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARK = os.path.join(ROOT, "tools", "benchmark.py")
+TINY = ["--backbone=tiny", "--image_size=16", "--batch_size=16", "--queue_size=64", "--dim=16",
+        "--warmup=1", "--repeats=2", "--matmul_size=256"]
+
+
+def run(args):
+    result = subprocess.run([sys.executable, BENCHMARK] + args, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stdout  # one JSON line, nothing else on stdout
+    return json.loads(lines[0])
+
+
+def tiny_conv_flops(size=16, widths=(32, 64, 128, 256)):
+    """Forward FLOPs (2 per multiply-add) of the tiny backbone's stride-2 3x3 convs."""
+    flops, channels = [], 3
+    for width in widths:
+        size //= 2
+        flops.append(2 * size * size * width * channels * 9)
+        channels = width
+    return flops
+
+
+def test_train_step_fields(tmp_path):
+    out = run(TINY + ["--ablate", "--steps_per_execution=2"])
+    for field in ("images_per_sec", "step_ms", "gflop_per_image", "gflops_per_sec",
+                  "matmul_gflops_per_sec", "utilisation", "flop_count_method",
+                  "step_ms_bare", "overhead_fraction", "step_ms_bare_shuffle_bn",
+                  "overhead_fraction_vs_shuffle_bn", "utilisation_paired_median"):
+        assert field in out, field
+    assert out["backbone"] == "tiny" and out["batch_size"] == 16
+    assert out["steps_per_execution"] == 2 and out["bn_groups"] == 4 and out["replicas"] == 1
+    assert out["timed_executions"] == 2 and len(out["step_ms_samples"]) == 2
+    assert out["step_ms"] > 0 and out["matmul_gflops_per_sec"] > 0
+    # The fields agree with each other (up to their rounding).
+    assert out["images_per_sec"] == pytest.approx(16 / (out["step_ms"] / 1000), rel=0.01)
+    assert out["gflops_per_sec"] == pytest.approx(
+        out["gflop_per_image"] * out["images_per_sec"], rel=0.01)
+    assert out["utilisation"] == pytest.approx(
+        out["gflops_per_sec"] / out["matmul_gflops_per_sec"], rel=0.01)
+    assert out["overhead_fraction"] == pytest.approx(
+        out["step_ms"] / out["step_ms_bare"] - 1, abs=0.01)
+    # The count is exact: query fwd + key fwd, a filter gradient per conv, an
+    # input gradient per conv but the first (nothing before it trains).
+    conv = tiny_conv_flops()
+    by_op = out["gflop_per_image_by_op"]
+    assert by_op["Conv2D"] * 1e9 == pytest.approx(2 * sum(conv), rel=1e-4)
+    assert by_op["Conv2DBackpropFilter"] * 1e9 == pytest.approx(sum(conv), rel=1e-4)
+    assert by_op["Conv2DBackpropInput"] * 1e9 == pytest.approx(sum(conv[1:]), rel=1e-4)
+    # Head (256 -> 256 -> 16, fwd for q and k, 2 grads for q) and the K = 64 logits.
+    head = 2 * (256 * 256 + 256 * 16)
+    logits = 2 * 64 * 16
+    assert by_op["MatMul"] * 1e9 == pytest.approx(4 * head + 3 * logits, rel=1e-3)
+    assert out["gflop_per_image"] >= sum(by_op.values()) * 0.999
+
+
+def test_precision_and_xla_are_reported():
+    out = run(TINY + ["--precision=mixed_bfloat16", "--jit_compile", "--repeats=1"])
+    assert out["precision"] == "mixed_bfloat16" and out["jit_compile"] is True
+    assert out["images_per_sec"] > 0
+
+
+def test_input_pipeline_fields():
+    out = run(["--input_only", "--image_size=32", "--num_jpegs=24", "--input_batch_size=8",
+               "--input_window=2", "--repeats=2", "--warmup=1"])
+    assert out["benchmark"] == "input_pipeline" and out["augment"] == "mocov2"
+    assert out["jpeg"]["files"] == 24 and 10 < out["jpeg"]["mean_file_kb"] < 500
+    for source in ("jpeg", "builtin"):
+        assert out[source]["source_images_per_sec"] > 0
+        assert len(out[source]["window_images_per_sec"]) == 2
+        assert 0 < out[source]["cores_used"] <= out["cores_available"] + 0.5
+
+
+def test_bad_flag_is_one_line():
+    result = subprocess.run([sys.executable, BENCHMARK, "--precision=fp8"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown --precision")
