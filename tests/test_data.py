@@ -391,3 +391,23 @@ def test_tfds_errors():
         with pytest.raises(UserError, match="no 'label'"):
             data.labelled_dataset("tfds:lsun/classroom", split="train",
                                   image_size=SIZE, batch_size=2)
+
+
+def test_training_runs_on_the_messy_folder(image_folder, tmp_path, caplog):
+    """Issue acceptance: a few real training steps on a folder mixing every file
+    kind with non-images and corrupt files; nothing crashes, classes are kept."""
+    from co2_tf import training
+    from co2_tf.config import TrainConfig
+    config = TrainConfig(model_dir=str(tmp_path / "run"), dataset=f"folder:{image_folder}",
+                         image_size=16, batch_size=4, queue_size=8, dim=8, train_steps=6,
+                         knn_every=0, log_every=1)
+    with caplog.at_level(logging.WARNING):
+        summary = training.train(config, verbose=0)
+    assert summary["steps"] == 6
+    names = (tmp_path / "run" / "classes.txt").read_text(encoding="utf-8").split()
+    assert names == sorted(GOOD)
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    queue = [k for k in reader.get_variable_to_shape_map()
+             if "queue/" in k and "ptr" not in k and "OPTIMIZER" not in k]
+    rows = reader.get_tensor(queue[0])
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)
