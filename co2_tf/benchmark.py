@@ -7,8 +7,14 @@ Keras's own train function around `CO2Model.train_step`: the exact code
 the median over several timed executions after warm-up.
 
 The machine's ceiling is measured in the same process and interleaved with
-the step (a float32 N x N matmul, round by round), so that the utilisation
+the step: each round times float32 N x N matmuls for about one step's
+duration just before and just after the step, so that the utilisation
 ratio survives a noisy, shared machine: both see the same load.
+
+`--ablate` adds a bare step (the two encoders only: prices the CO2 term,
+EMA and queue) and a convs-only step (the backbones without BN, head or
+anything else: what this machine's conv kernels reach, a ceiling for the
+step that is usually below the matmul's).
 
 FLOPs come from TensorFlow's profiler (`tf.compat.v1.profiler`, float
 operations of the step's graph: every op with registered FLOP statistics,
@@ -51,9 +57,11 @@ class BenchmarkConfig:
     tpu: str = ""
     steps_per_execution: int = 1
     seed: int = 0
+    intra_op_threads: int = 0  # 0 = TF's default (all cores)
+    inter_op_threads: int = 0
     # timing
     warmup: int = 2  # untimed executions (tracing, oneDNN kernel selection)
-    repeats: int = 5  # timed executions (rounds)
+    repeats: int = 7  # timed executions (rounds)
     matmul_size: int = 4096
     ablate: bool = False
     # input pipeline mode
@@ -71,6 +79,8 @@ class BenchmarkConfig:
              f"unknown --precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
         need(self.strategy in STRATEGIES,
              f"unknown --strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        need(self.intra_op_threads >= 0 and self.inter_op_threads >= 0,
+             "--intra_op_threads and --inter_op_threads must be >= 0 (0 = TF's default)")
         for name in ("image_size", "batch_size", "queue_size", "repeats", "matmul_size",
                      "steps_per_execution", "num_jpegs", "input_batch_size", "input_window"):
             need(getattr(self, name) > 0, f"--{name}={getattr(self, name)} must be > 0")
@@ -104,11 +114,15 @@ HELP = {
     "strategy": "auto | one_device | mirrored | multi_worker | tpu",
     "tpu": "TPU name or address (local on a TPU VM)",
     "steps_per_execution": "train steps per host call",
+    "intra_op_threads": "TF threads per op (0 = TF's default: all cores); the matmul "
+                        "ceiling then runs cores / intra_op_threads matmuls at once",
+    "inter_op_threads": "TF ops run at once (0 = TF's default)",
     "seed": "seed of weights and synthetic inputs",
     "warmup": "untimed executions before timing",
     "repeats": "timed executions (the median is reported)",
     "matmul_size": "N of the float32 N x N matmul that measures the ceiling",
-    "ablate": "also time a bare step (encoders only) to price CO2 term + EMA + queue",
+    "ablate": "also time a bare step (encoders only) to price CO2 term + EMA + queue, "
+              "and the backbones' convs alone (no BN) for the ceiling of the step",
     "input_only": "benchmark the input pipeline instead of the train step",
     "num_jpegs": "--input_only: JPEGs generated (400-500 x 300-375 px)",
     "input_batch_size": "--input_only: batch size of the pipeline",
@@ -123,7 +137,12 @@ def _median(values):
 
 
 def _sig(x, digits=6):
-    """x rounded to `digits` significant digits (FLOP counts are exact integers)."""
+    """x rounded to `digits` significant digits.
+
+    Significant digits, not decimals: the fields must agree with each other
+    (utilisation = gflops_per_sec / matmul_gflops_per_sec) to 0.1% at any
+    scale, a tiny test model's 10 ms step as well as a ResNet's 5 s one.
+    """
     return float(f"{x:.{digits}g}")
 
 
@@ -143,21 +162,28 @@ def environment():
             "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
-def matmul_timer(n):
-    """A callable timing one float32 n x n matmul: returns seconds, FLOPs = 2 n^3."""
+def matmul_timer(n, parallel=1):
+    """A callable run(count) timing `count` calls; returns seconds per call.
+
+    A call is `parallel` independent float32 n x n matmuls (TF runs them
+    concurrently on its inter-op threads): 2 n^3 * parallel FLOPs. With one
+    intra-op thread per op, it takes one matmul per core to use the machine.
+    The results are reduced to a scalar inside the call: no copy to the host
+    is timed.
+    """
     import tensorflow as tf
-    a = tf.random.stateless_normal([n, n], seed=[1, 2])
-    b = tf.random.stateless_normal([n, n], seed=[3, 4])
+    pairs = [(tf.random.stateless_normal([n, n], seed=[1, i]),
+              tf.random.stateless_normal([n, n], seed=[2, i])) for i in range(parallel)]
 
     @tf.function
-    def matmul(a, b):
-        # A scalar out: the sync costs nothing next to the matmul.
-        return tf.reduce_sum(tf.matmul(a, b))
+    def matmul(pairs):
+        return tf.add_n([tf.reduce_sum(tf.matmul(a, b)) for a, b in pairs])
 
-    def run():
+    def run(count=1):
         start = time.perf_counter()
-        matmul(a, b).numpy()
-        return time.perf_counter() - start
+        for _ in range(count):
+            matmul(pairs).numpy()
+        return (time.perf_counter() - start) / count
     run()  # trace and warm up
     return run
 
@@ -189,6 +215,22 @@ def _live_ops(graph):
             pending.extend(t.op for t in op.inputs)
             pending.extend(op.control_inputs)
     return live
+
+
+def matmul_parallelism():
+    """Concurrent matmuls that use every core: cores / intra-op threads (0 = all cores)."""
+    import tensorflow as tf
+    intra = tf.config.threading.get_intra_op_parallelism_threads()
+    return max(1, cores_available() // intra) if intra else 1
+
+
+def set_threads(intra_op, inter_op):
+    """TF's thread pools (0 = TF's default); only before TF runs its first op."""
+    import tensorflow as tf
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
 
 
 def count_flops(fn, *specs):
@@ -276,6 +318,38 @@ def bare_step_fn(model, shuffle_bn):
     return step
 
 
+def convs_only_step(config):
+    """The step's convolutions with nothing around them: a ceiling for the step.
+
+    Query-backbone forward + backward and key-backbone forward of the same
+    backbone built without normalisation (bn="none"), on one device, with
+    no head, loss terms, optimizer, EMA or queue. Its utilisation is what
+    this machine's conv kernels reach on this network; the step cannot do
+    better, and the gap between the two is BN, ReLU, residual adds and the
+    rest of the step. Returns (tf.function of (x_q, x_k), its FLOPs).
+    """
+    import tensorflow as tf
+    from co2_tf import backbones
+    query = backbones.build_backbone(config.backbone, config.image_size, bn="none",
+                                     seed=config.seed)
+    key = backbones.build_backbone(config.backbone, config.image_size, bn="none",
+                                   seed=config.seed + 1)
+
+    @tf.function
+    def step(x_q, x_k):
+        k = tf.stop_gradient(key(x_k, training=True))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(query(x_q, training=True) * k, tf.float32))
+        grads = tape.gradient(loss, query.trainable_variables)
+        # Every gradient is used, so no conv backward op is pruned.
+        return {"loss": tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])}
+
+    spec = tf.TensorSpec([config.batch_size, config.image_size, config.image_size, 3],
+                         tf.float32)
+    flops, _, _ = count_flops(step, spec, spec)
+    return step, flops
+
+
 def _executor(model, step_fn=None):
     """Keras's train-function harness (the one fit uses) around `step_fn`."""
     if step_fn is None:
@@ -345,27 +419,38 @@ def benchmark_train_step(config, strategy=None):
         if config.bn == "shuffle":
             timers["bare_shuffle"] = _timer(_executor(model, bare_step_fn(model, True)),
                                             iterator)
-    timers["matmul"] = matmul_timer(config.matmul_size)
-    for name, run in timers.items():
-        for _ in range(config.warmup if name != "matmul" else 1):
-            run()
+        if replicas == 1:
+            convs_fn, convs_flops = convs_only_step(config)
+            rng = np.random.RandomState(config.seed)
+            shape = (config.batch_size, config.image_size, config.image_size, 3)
+            convs_inputs = [tf.constant(rng.rand(*shape).astype("float32")) for _ in "qk"]
+            timers["convs_only"] = _timer(lambda _: convs_fn(*convs_inputs), None)
+    parallel = matmul_parallelism()
+    matmul = matmul_timer(config.matmul_size, parallel)
+    warm = {name: [run() for _ in range(config.warmup)] for name, run in timers.items()}
+    # The ceiling is timed over about as long as one step, just before and
+    # just after it: this machine's speed drifts (shared host), and a matmul
+    # burst much shorter than the step would sample another moment.
+    step_guess = min(warm["step"]) if warm["step"] else timers["step"]()
+    matmuls = max(1, round(step_guess / matmul(2)))
     samples = {name: [] for name in timers}
+    samples["matmul"] = []
     matmul_pairs = []
     for _ in range(config.repeats):
-        # Interleaved, so that every timer sees the same load; each step sits
-        # between two matmuls.
-        before = timers["matmul"]()
+        # Interleaved, so that every timer sees the same load.
+        before = matmul(matmuls)
         samples["step"].append(timers["step"]())
-        after = timers["matmul"]()
+        after = matmul(matmuls)
         samples["matmul"] += [before, after]
         matmul_pairs.append((before, after))
-        for name in ("bare", "bare_shuffle"):
+        for name in ("bare", "bare_shuffle", "convs_only"):
             if name in timers:
                 samples[name].append(timers[name]())
 
     spe = config.steps_per_execution
     step_s = _median(samples["step"]) / spe
-    matmul_gflops = 2 * config.matmul_size ** 3 / _median(samples["matmul"]) / 1e9
+    matmul_flops = 2 * config.matmul_size ** 3 * parallel
+    matmul_gflops = matmul_flops / _median(samples["matmul"]) / 1e9
     result = {
         "benchmark": "train_step",
         "backbone": config.backbone, "image_size": config.image_size,
@@ -374,37 +459,47 @@ def benchmark_train_step(config, strategy=None):
         "jit_compile_requested": config.jit_compile,
         "strategy": type(strategy).__name__, "replicas": replicas, "bn": config.bn,
         "bn_groups": groups, "steps_per_execution": spe,
-        "images_per_sec": round(config.batch_size / step_s, 2),
-        "step_ms": round(1000 * step_s, 1),
-        "step_ms_samples": [round(1000 * t / spe, 1) for t in samples["step"]],
+        "images_per_sec": _sig(config.batch_size / step_s, 4),
+        "step_ms": _sig(1000 * step_s, 4),
+        "step_ms_samples": [_sig(1000 * t / spe, 4) for t in samples["step"]],
         "gflop_per_image": None if flop_per_image is None else _sig(flop_per_image / 1e9),
         "flop_count_method": flop_method,
         "gflop_per_image_by_op": {k: _sig(v / config.batch_size / 1e9) for k, v in
                                   sorted(by_op.items(), key=lambda kv: -kv[1])},
         "matmul_size": config.matmul_size,
-        "matmul_gflops_per_sec": round(matmul_gflops, 1),
+        "matmul_gflops_per_sec": _sig(matmul_gflops, 4),
+        "matmuls_per_sample": matmuls,
+        "matmul_parallel": parallel,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "warmup_executions": config.warmup, "timed_executions": config.repeats,
     }
     if flop_per_image is not None:
         gflops = flop_per_image * config.batch_size / step_s / 1e9
-        result["gflops_per_sec"] = round(gflops, 1)
-        result["utilisation"] = round(gflops / matmul_gflops, 3)
+        result["gflops_per_sec"] = _sig(gflops, 4)
+        result["utilisation"] = _sig(gflops / matmul_gflops, 4)
         # Round by round: the step against the matmuls just before and after
         # it; the median of these ratios is the figure least moved by load.
         ratios = [flop_per_image * config.batch_size / (t / spe)
-                  / (2 * config.matmul_size ** 3 / (sum(pair) / 2))
+                  / (matmul_flops / (sum(pair) / 2))
                   for t, pair in zip(samples["step"], matmul_pairs)]
         result["utilisation_per_round"] = [round(r, 3) for r in ratios]
         result["utilisation_paired_median"] = round(_median(ratios), 3)
         result["gflop_per_image_tf_profiler_total"] = _sig(profiler_flop_per_image / 1e9)
     if config.ablate:
         bare = _median(samples["bare"]) / spe
-        result["step_ms_bare"] = round(1000 * bare, 1)
+        result["step_ms_bare"] = _sig(1000 * bare, 4)
         result["overhead_fraction"] = round(step_s / bare - 1, 4)
         if "bare_shuffle" in samples:
             bare_shuffle = _median(samples["bare_shuffle"]) / spe
-            result["step_ms_bare_shuffle_bn"] = round(1000 * bare_shuffle, 1)
+            result["step_ms_bare_shuffle_bn"] = _sig(1000 * bare_shuffle, 4)
             result["overhead_fraction_vs_shuffle_bn"] = round(step_s / bare_shuffle - 1, 4)
+        if "convs_only" in samples:
+            convs_s = _median(samples["convs_only"])
+            result["step_ms_convs_only"] = _sig(1000 * convs_s, 4)
+            result["gflop_per_image_convs_only"] = _sig(convs_flops / config.batch_size / 1e9)
+            result["utilisation_convs_only"] = _sig(
+                convs_flops / convs_s / 1e9 / matmul_gflops, 4)
     env = environment()
     env["load_average_1min_before"] = env_before["load_average_1min"]
     result.update(env)

@@ -37,12 +37,16 @@ def test_train_step_fields(tmp_path):
     for field in ("images_per_sec", "step_ms", "gflop_per_image", "gflops_per_sec",
                   "matmul_gflops_per_sec", "utilisation", "flop_count_method",
                   "step_ms_bare", "overhead_fraction", "step_ms_bare_shuffle_bn",
-                  "overhead_fraction_vs_shuffle_bn", "utilisation_paired_median"):
+                  "overhead_fraction_vs_shuffle_bn", "utilisation_paired_median",
+                  "step_ms_convs_only", "utilisation_convs_only"):
         assert field in out, field
     assert out["backbone"] == "tiny" and out["batch_size"] == 16
     assert out["steps_per_execution"] == 2 and out["bn_groups"] == 4 and out["replicas"] == 1
     assert out["timed_executions"] == 2 and len(out["step_ms_samples"]) == 2
     assert out["step_ms"] > 0 and out["matmul_gflops_per_sec"] > 0
+    # Default threads: one matmul uses every core; it is timed over about one step.
+    assert out["matmul_parallel"] == 1 and out["matmuls_per_sample"] >= 1
+    assert len(out["utilisation_per_round"]) == 2
     # The fields agree with each other (up to their rounding).
     assert out["images_per_sec"] == pytest.approx(16 / (out["step_ms"] / 1000), rel=0.01)
     assert out["gflops_per_sec"] == pytest.approx(
@@ -63,12 +67,22 @@ def test_train_step_fields(tmp_path):
     logits = 2 * 64 * 16
     assert by_op["MatMul"] * 1e9 == pytest.approx(4 * head + 3 * logits, rel=1e-3)
     assert out["gflop_per_image"] >= sum(by_op.values()) * 0.999
+    # The convs-only ceiling step runs the same convolutions (plus conv biases).
+    convs = sum(v for k, v in by_op.items() if k.startswith("Conv2D"))
+    assert out["gflop_per_image_convs_only"] == pytest.approx(convs, rel=0.02)
+    assert out["utilisation_convs_only"] == pytest.approx(
+        out["gflop_per_image_convs_only"] * 16 / (out["step_ms_convs_only"] / 1000)
+        / out["matmul_gflops_per_sec"], rel=0.01)
 
 
-def test_precision_and_xla_are_reported():
-    out = run(TINY + ["--precision=mixed_bfloat16", "--jit_compile", "--repeats=1"])
+def test_precision_xla_and_threads_are_reported():
+    out = run(TINY + ["--precision=mixed_bfloat16", "--jit_compile", "--repeats=1",
+                      "--intra_op_threads=1", "--inter_op_threads=2"])
     assert out["precision"] == "mixed_bfloat16" and out["jit_compile"] is True
     assert out["images_per_sec"] > 0
+    # One thread per op: the ceiling runs one matmul per core at once.
+    assert out["intra_op_threads"] == 1 and out["inter_op_threads"] == 2
+    assert out["matmul_parallel"] == out["cores"]
 
 
 def test_input_pipeline_fields():
