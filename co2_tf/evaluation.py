@@ -95,6 +95,21 @@ def parse_boundaries(text, flag="--lr_boundaries"):
     return values
 
 
+def check_sgd_schedule(config):
+    """Checks the SGD schedule fields a classifier-training config shares.
+
+    `config` has epochs, momentum, weight_decay, lr_boundaries, lr_decay and
+    eval_every (LinearEvalConfig, SemiSupervisedConfig); raises UserError.
+    """
+    if config.epochs <= 0:
+        raise UserError(f"--epochs={config.epochs} must be > 0")
+    if config.momentum < 0 or config.weight_decay < 0 or config.lr_decay <= 0:
+        raise UserError("--momentum and --weight_decay must be >= 0, --lr_decay > 0")
+    if config.eval_every < 0:
+        raise UserError(f"--eval_every={config.eval_every} must be >= 0 (0 = at the end only)")
+    parse_boundaries(config.lr_boundaries)
+
+
 def step_optimizer(learning_rate, *, boundaries, decay, total_steps, momentum, weight_decay):
     """PyTorch's SGD (co2_tf.optimizers) with lr x decay at each boundary fraction."""
     schedule = optimizers.make_lr_schedule(

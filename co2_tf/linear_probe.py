@@ -58,16 +58,10 @@ class LinearEvalConfig(runs.EvalConfig):
         if self.protocol not in PROTOCOLS:
             raise UserError(f"unknown --protocol={self.protocol!r}: use one of "
                             f"{', '.join(PROTOCOLS)}")
-        if self.epochs <= 0:
-            raise UserError(f"--epochs={self.epochs} must be > 0")
         if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
             raise UserError(f"--learning_rate={self.learning_rate} must be > 0 (0 = the "
                             "protocol's default)")
-        if self.momentum < 0 or self.weight_decay < 0 or self.lr_decay <= 0:
-            raise UserError("--momentum and --weight_decay must be >= 0, --lr_decay > 0")
-        if self.eval_every < 0:
-            raise UserError(f"--eval_every={self.eval_every} must be >= 0 (0 = at the end only)")
-        evaluation.parse_boundaries(self.lr_boundaries)
+        evaluation.check_sgd_schedule(self)
         return self
 
 

@@ -60,17 +60,11 @@ class SemiSupervisedConfig(runs.EvalConfig):
         if not (0 < self.label_fraction <= 1):
             raise UserError(f"--label_fraction={self.label_fraction} must be in (0, 1]: "
                             "e.g. 0.01 for 1% or 0.1 for 10% of the labels")
-        if self.epochs <= 0:
-            raise UserError(f"--epochs={self.epochs} must be > 0")
         for name in ("backbone_learning_rate", "head_learning_rate"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise UserError(f"--{name}={value} must be >= 0 (0 freezes those weights)")
-        if self.momentum < 0 or self.weight_decay < 0 or self.lr_decay <= 0:
-            raise UserError("--momentum and --weight_decay must be >= 0, --lr_decay > 0")
-        if self.eval_every < 0:
-            raise UserError(f"--eval_every={self.eval_every} must be >= 0 (0 = at the end only)")
-        evaluation.parse_boundaries(self.lr_boundaries)
+        evaluation.check_sgd_schedule(self)
         return self
 
 

@@ -416,3 +416,17 @@ def test_tools_print_one_line_errors(run_dir, tmp_path, tool, flags, fragment):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and fragment in last, result.stderr
+
+
+@pytest.mark.parametrize("make", [linear_probe.LinearEvalConfig,
+                                  semi_supervised.SemiSupervisedConfig])
+@pytest.mark.parametrize("field, value, flag", [
+    ("epochs", 0, "--epochs"), ("momentum", -0.1, "--momentum"),
+    ("weight_decay", -1e-4, "--weight_decay"), ("lr_decay", 0.0, "--lr_decay"),
+    ("eval_every", -1, "--eval_every"), ("lr_boundaries", "0.8,0.6", "--lr_boundaries"),
+    ("lr_boundaries", "1.5", "--lr_boundaries")])
+def test_classifier_schedule_flags_are_checked(make, field, value, flag):
+    # Both tools share evaluation.check_sgd_schedule: a bad value names its flag.
+    assert make(model_dir="/nonexistent").check()  # the defaults pass (no files read)
+    with pytest.raises(UserError, match=flag):
+        make(model_dir="/nonexistent", **{field: value}).check()
