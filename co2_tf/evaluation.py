@@ -95,6 +95,14 @@ def parse_boundaries(text, flag="--lr_boundaries"):
     return values
 
 
+SGD_SCHEDULE_HELP = {
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay (coupled L2, as PyTorch)",
+    "lr_decay": "lr factor at each boundary",
+    "eval_every": "epochs between held-out evaluations (0 = only at the end)",
+}
+
+
 def check_sgd_schedule(config):
     """Checks the SGD schedule fields a classifier-training config shares.
 

@@ -67,15 +67,12 @@ class LinearEvalConfig(runs.EvalConfig):
 
 HELP = dict(
     runs.EVAL_HELP,
+    **evaluation.SGD_SCHEDULE_HELP,
     protocol="moco (MoCo's ImageNet protocol: augmented images, frozen backbone) | fast "
              "(cached centre-crop features)",
     epochs="classifier training epochs",
-learning_rate="SGD learning rate (0 = the protocol's: moco 30, fast 0.1)",
-    momentum="SGD momentum",
-    weight_decay="weight decay (coupled L2, as PyTorch)",
+    learning_rate="SGD learning rate (0 = the protocol's: moco 30, fast 0.1)",
     lr_boundaries="fractions of the epochs where the lr is multiplied by --lr_decay",
-    lr_decay="lr factor at each boundary",
-    eval_every="epochs between held-out evaluations (0 = only at the end)",
     cache_features="fast protocol: keep features in OUTPUT_DIR/features.npz and reuse them",
 )
 

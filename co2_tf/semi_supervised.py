@@ -70,6 +70,7 @@ class SemiSupervisedConfig(runs.EvalConfig):
 
 HELP = dict(
     runs.EVAL_HELP,
+    **evaluation.SGD_SCHEDULE_HELP,
     label_fraction="fraction of the training labels to fine-tune on, in (0, 1]",
     split_file="fine-tune on the examples listed in this file (written by an earlier run) "
                "instead of drawing a subset",
@@ -77,11 +78,7 @@ HELP = dict(
     epochs="fine-tuning epochs",
     backbone_learning_rate="SGD learning rate of the backbone (SwAV: 0.01 for 10%, 0.02 for 1%)",
     head_learning_rate="SGD learning rate of the linear head (SwAV: 0.2 for 10%, 5 for 1%)",
-    momentum="SGD momentum",
-    weight_decay="weight decay (coupled L2, as PyTorch)",
     lr_boundaries="fractions of the epochs where both lrs are multiplied by --lr_decay",
-    lr_decay="lr factor at each boundary",
-    eval_every="epochs between held-out evaluations (0 = only at the end)",
 )
 
 
