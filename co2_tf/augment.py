@@ -245,7 +245,8 @@ def color_jitter(image, factors, order):
     for step in range(4):
         idx = order[step]
         image = tf.switch_case(
-            idx, [lambda op=op, k=k: op(image, factors[k])
+            # switch_case calls the branches now, in this iteration.
+            idx, [lambda op=op, k=k: op(image, factors[k])  # noqa: B023
                   for k, op in enumerate(ops)])
     return image
 
@@ -339,7 +340,7 @@ def two_views(image, seed, recipe, image_size):
             one_view(image, s2, recipe, image_size))
 
 
-def linear_train_view(image, seed, image_size):
+def classifier_train_view(image, seed, image_size):
     """Linear-probe training view: RandomResizedCrop(0.08-1) + hflip."""
     return one_view(image, seed, "linear", image_size)
 

@@ -29,7 +29,9 @@ import keras
 from co2_tf.errors import UserError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet18_cifar", "tiny")
-BN_MODES = ("local", "sync", "none")
+# How a backbone's BatchNormalization layers get their statistics (not the
+# CO2 key-encoder modes of config.BN_MODES, which map onto these).
+LAYER_BN_MODES = ("local", "sync", "none")
 
 # torchvision / MoCo input normalisation (RGB, images in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -209,9 +211,9 @@ def build_backbone(name, image_size, *, bn="local", model_name=None,
         features [B, feature_dim(name)].
     """
     _check_name(name)
-    if bn not in BN_MODES:
+    if bn not in LAYER_BN_MODES:
         raise UserError(
-            f"unknown bn mode {bn!r}: use one of {', '.join(BN_MODES)}")
+            f"unknown bn mode {bn!r}: use one of {', '.join(LAYER_BN_MODES)}")
     if image_size is not None and (not _is_int(image_size) or image_size < 1):
         raise UserError(
             f"image_size must be a positive int, got {image_size!r}: pass "

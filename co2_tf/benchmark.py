@@ -553,7 +553,7 @@ def _time_pipeline(spec, config, image_size):
 
 def benchmark_input(config):
     """Two-crop MoCo v2 source images/s of pretrain_dataset_fn (JPEG folder and builtin)."""
-    from co2_tf import data
+    from co2_tf import image_files, sources
     config.check()
     env_before = environment()
     result = {"benchmark": "input_pipeline", "augment": "mocov2",
@@ -562,13 +562,13 @@ def benchmark_input(config):
               "cores_available": cores_available()}
     with tempfile.TemporaryDirectory(prefix="co2_jpegs_") as tmp:
         root = config.jpeg_dir or write_jpegs(tmp, config.num_jpegs, config.seed)
-        listing = data.list_folder(root)
+        listing = image_files.list_folder(root)
         sizes = [os.path.getsize(f) for f in listing.files]
-        result["jpeg"] = dict(_time_pipeline(data.parse_dataset_spec(f"folder:{root}"), config,
+        result["jpeg"] = dict(_time_pipeline(sources.parse_dataset_spec(f"folder:{root}"), config,
                                              config.image_size),
                               files=len(listing.files),
                               mean_file_kb=round(sum(sizes) / len(sizes) / 1024, 1))
-    result["builtin"] = _time_pipeline(data.parse_dataset_spec("builtin"), config,
+    result["builtin"] = _time_pipeline(sources.parse_dataset_spec("builtin"), config,
                                        config.image_size)
     env = environment()
     env["load_average_1min_before"] = env_before["load_average_1min"]

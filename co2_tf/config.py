@@ -8,7 +8,6 @@ data, a few minutes on a 2-core CPU); flags/*.cfg hold the real recipes.
 import dataclasses
 import json
 import math
-import os
 
 from co2_tf.errors import UserError
 
@@ -18,13 +17,18 @@ OPTIMIZERS = ("sgd", "lars")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet18_cifar", "tiny")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+# How the KEY encoder's BN sees the batch (backbones.LAYER_BN_MODES is per layer).
 BN_MODES = ("shuffle", "sync", "local")
 HEADS = ("linear", "mlp")
 
 # What a checkpoint's shapes and layers depend on: a run dir written with
 # other values cannot be resumed with these.
 ARCHITECTURE_FIELDS = ("backbone", "head", "dim", "queue_size", "bn")
-CONFIG_FILE = "config.json"
+# The fields that take one of a list of values: checked by TrainConfig.check,
+# and listed by the tools' --help (absl enum flags).
+CHOICES = {"backbone": BACKBONES, "head": HEADS, "bn": BN_MODES, "strategy": STRATEGIES,
+           "augment": AUGMENTS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
+           "precision": PRECISIONS}
 
 
 @dataclasses.dataclass
@@ -91,10 +95,7 @@ class TrainConfig:
 
         need(self.model_dir, "--model_dir is required: the directory for checkpoints, "
                              "TensorBoard logs and summary.json")
-        for name, choices in (("backbone", BACKBONES), ("head", HEADS), ("bn", BN_MODES),
-                              ("strategy", STRATEGIES), ("augment", AUGMENTS),
-                              ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS),
-                              ("precision", PRECISIONS)):
+        for name, choices in CHOICES.items():
             choice(name, choices)
         for name in ("image_size", "batch_size", "dim", "queue_size", "steps_per_execution",
                      "checkpoint_every", "keep_checkpoints", "log_every", "knn_k"):
@@ -184,18 +185,6 @@ HELP = {
     "knn_k": "k of the weighted kNN monitor",
     "knn_temperature": "temperature of the weighted kNN monitor",
 }
-
-
-def load_run_config(model_dir):
-    """The config a run dir was started with, or None for a new dir."""
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return TrainConfig.from_dict(json.load(f))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{path} is not a co2_tf config ({e}): use a new --model_dir") from None
 
 
 def check_compatible(saved, config):

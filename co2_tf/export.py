@@ -31,7 +31,6 @@ renamed into place at the end: a failure leaves nothing half-written.
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -41,12 +40,12 @@ import numpy as np
 import tensorflow as tf
 
 import co2_tf
-from co2_tf import backbones, runs
+from co2_tf import backbones, build, io, rundir
 from co2_tf.errors import UserError
 
 KERAS_FILE = "backbone.keras"
 SAVED_MODEL_DIR = "saved_model"
-EXPORT_FILE = runs.EXPORT_FILE
+EXPORT_FILE = rundir.EXPORT_FILE
 # Largest output difference between the export and the in-memory model that
 # the post-write check accepts.
 TOLERANCE = 1e-5
@@ -180,7 +179,7 @@ def _publish(tmp, export_dir):
 
 
 def export_run(run, export_dir, *, overwrite=False):
-    """Writes the export of a loaded `runs.Run` to export_dir; returns export.json's dict."""
+    """Writes the export of a loaded `rundir.Run` to export_dir; returns export.json's dict."""
     export_dir = os.path.abspath(export_dir)
     check_target(export_dir, overwrite)
     parent = os.path.dirname(export_dir)
@@ -190,15 +189,14 @@ def export_run(run, export_dir, *, overwrite=False):
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
     try:
-        backbone = runs.any_size_copy(run.config, run.model.query_backbone)
+        backbone = build.any_size_copy(run.config, run.model.query_backbone)
         head = keras.models.clone_model(run.model.query_head)
         head.set_weights(run.model.query_head.get_weights())
         backbone.save(os.path.join(tmp, KERAS_FILE))
         _export_archive(backbone, head, os.path.join(tmp, SAVED_MODEL_DIR))
         info = export_info(run, backbone.output_shape[-1])
         info["verified_max_abs_diff"] = _verify(tmp, run.model, run.config.image_size)
-        with open(os.path.join(tmp, EXPORT_FILE), "w") as f:
-            json.dump(info, f, indent=2)
+        io.write_json_atomic(os.path.join(tmp, EXPORT_FILE), info)
         _publish(tmp, export_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -210,5 +208,5 @@ def export(config: ExportConfig):
     """tools/export.py: checks, loads the run's checkpoint, writes the export."""
     config.check()
     check_target(os.path.abspath(config.export_dir), config.overwrite)  # before loading
-    run = runs.load_run(config.model_dir, config.checkpoint)
+    run = rundir.load_run(config.model_dir, config.checkpoint)
     return export_run(run, config.export_dir, overwrite=config.overwrite)

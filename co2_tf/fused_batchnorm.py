@@ -19,10 +19,10 @@ own code. The layers stay `keras.layers.BatchNormalization` (only the bound
 only and load without co2_tf.
 """
 
-import types
-
 import keras
 import tensorflow as tf
+
+from co2_tf import keras_compat
 
 
 def _fusable(layer, inputs, training, mask):
@@ -54,7 +54,7 @@ def _fused_call(self, inputs, training=None, mask=None):
 
 def fuse_batch_norm(model):
     """Makes `model`'s BatchNormalization layers train with the fused op; returns it."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in keras_compat.nested_layers(model):
         if type(layer) is keras.layers.BatchNormalization:
-            layer.call = types.MethodType(_fused_call, layer)
+            keras_compat.rebind_call(layer, _fused_call)
     return model

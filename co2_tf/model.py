@@ -20,7 +20,7 @@ Distribution semantics (MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrate
 import keras
 import tensorflow as tf
 
-from co2_tf import losses
+from co2_tf import keras_compat, losses
 from co2_tf.config import BN_MODES, HEADS
 
 
@@ -68,7 +68,7 @@ def _keras_reduces_logs_along_axis_0(strategy):
             and in_multi_worker_mode is not None and in_multi_worker_mode())
 
 
-class CO2Model(keras.Model):
+class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
     """MoCo + CO2.
 
     Args:
@@ -205,18 +205,6 @@ class CO2Model(keras.Model):
         return tf.stop_gradient(local), tf.stop_gradient(all_keys)
 
     # ------------------------------------------------------------------- train
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Skips Keras's build-from-a-batch when there is nothing left to build.
-
-        Every variable exists from __init__ and compile_model builds the
-        optimizer. Keras's version would pull a batch from a fresh iterator
-        at every fit() and mean-reduce it across replicas, which fails under
-        MultiWorkerMirroredStrategy (PerReplica "to a Tensor").
-        """
-        if self.optimizer is not None and self.optimizer.built:
-            return
-        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
     def train_step(self, data):
         x_q, x_k = data
         ctx = tf.distribute.get_replica_context()

@@ -14,102 +14,34 @@ before it writes anything, then runs Keras's `fit` with co2_tf's callbacks:
 - a non-finite loss stops the run before anything is saved at that step;
 - TensorBoard in DIR/logs: per-step scalars, the augmented view pairs at the
   start, kNN accuracy per epoch.
+
+What it builds comes from co2_tf.build, the callbacks from co2_tf.callbacks,
+the run dir's file names from co2_tf.rundir.
 """
 
-import contextlib
-import json
 import os
-import signal
 import sys
-import threading
 
-import keras
-import numpy as np
 import tensorflow as tf
 
-from co2_tf import backbones, data, distribute, evaluation, fused_batchnorm, optimizers, precision
-from co2_tf.config import TrainConfig, check_compatible, load_run_config, CONFIG_FILE
+from co2_tf import data, distribute, rundir
+from co2_tf.build import backbone_fn, build_model, build_optimizer, compile_model
+from co2_tf.callbacks import (
+    CheckpointCallback,
+    GlobalStepTensorBoard,
+    KnnMonitor,
+    NonFiniteLoss,
+    Preempted,
+    PreemptionWatcher,
+    WorkerCheckpointManager,
+    knn_evaluator,
+)
+from co2_tf.config import TrainConfig, check_compatible
 from co2_tf.errors import UserError
-from co2_tf.model import CO2Model
+from co2_tf.sources import make_source
 
-CHECKPOINT_SUBDIR = "checkpoints"
-LOG_SUBDIR = "logs"
-SUMMARY_FILE = "summary.json"
-CLASSES_FILE = "classes.txt"
-
-
-class NonFiniteLoss(Exception):
-    """The loss or the weights became NaN or Inf; the last good checkpoint is kept."""
-
-    def __init__(self, step, last_checkpoint_step, what="the loss is"):
-        self.step = step
-        super().__init__(
-            f"{what} not finite at step {step}; stopped without saving it. The last good "
-            f"checkpoint (step {last_checkpoint_step}) is intact: lower --learning_rate or "
-            "check the data, then rerun to resume from it")
-
-
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of the current step was written."""
-
-    def __init__(self, step):
-        self.step = step
-        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint written, rerun the "
-                         "same command to resume")
-
-
-# --------------------------------------------------------------------- building
-def backbone_fn(config):
-    """The builder the model calls for its query and key backbones."""
-    bn = "sync" if config.bn == "sync" else "local"
-
-    def build(model_name):
-        with precision.policy_scope(config.precision):
-            backbone = backbones.build_backbone(config.backbone, config.image_size, bn=bn,
-                                                model_name=model_name, seed=config.seed)
-        # Same BN semantics, one fused op per BN layer (the step's main cost otherwise).
-        return fused_batchnorm.fuse_batch_norm(backbone)
-    return build
-
-
-def build_model(config, bn_groups):
-    """A CO2Model for `config`; call under the strategy's scope.
-
-    The encoders compute in `config.precision` (see co2_tf.precision); the
-    queue, the losses and all variables stay float32.
-    """
-    with precision.policy_scope(config.precision):
-        return CO2Model(
-            backbone_fn(config), image_size=config.image_size, head=config.head, dim=config.dim,
-            queue_size=config.queue_size, ema_momentum=config.ema_momentum,
-            temperature=config.temperature,
-            consistency_temperature=config.consistency_temperature,
-            consistency_weight=config.consistency_weight, bn=config.bn, bn_groups=bn_groups,
-            seed=config.seed, name="co2")
-
-
-def build_optimizer(config, steps_per_epoch, total_steps):
-    schedule = optimizers.make_lr_schedule(
-        config.schedule, base_learning_rate=config.learning_rate, total_steps=total_steps,
-        warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)))
-    optimizer = optimizers.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
-                                          weight_decay=config.weight_decay)
-    # mixed_float16: dynamic loss scaling (train_step calls optimizer.scale_loss).
-    return precision.wrap_optimizer(optimizer, config.precision)
-
-
-def compile_model(model, optimizer, config):
-    """Compiles for our custom train_step and creates the optimizer's slots now.
-
-    The optimizer is built on the query encoder only: the key encoder is
-    trainable (for BN batch statistics) but never receives gradients.
-    --jit_compile where XLA cannot work (several replicas on CPU devices)
-    falls back to no XLA with a one-line warning (distribute.resolve_jit_compile).
-    """
-    jit_compile = distribute.resolve_jit_compile(config.jit_compile, model.distribute_strategy)
-    model.compile(optimizer=optimizer, jit_compile=jit_compile,
-                  steps_per_execution=config.steps_per_execution)
-    optimizer.build(model.query_variables)
+# What tools/train.py catches (defined with the callback that raises them).
+__all__ = ["NonFiniteLoss", "Preempted", "train", "epoch_segments", "execution_segments"]
 
 
 def epoch_segments(step, total_steps, steps_per_epoch):
@@ -132,183 +64,11 @@ def epoch_segments(step, total_steps, steps_per_epoch):
     return segments
 
 
-# -------------------------------------------------------------------- callbacks
-class PreemptionWatcher(contextlib.AbstractContextManager):
-    """Turns SIGTERM into a flag that the checkpoint callback acts on at a step end."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
-
-
-class CheckpointCallback(keras.callbacks.Callback):
-    """Saves every N steps, at epoch ends and on SIGTERM; refuses non-finite losses.
-
-    Keras calls it once per execution: with --steps_per_execution=k the step
-    advances by k between calls, so "every N steps" means at the first
-    execution end at or past each multiple of N, and the loss checked is the
-    one of the execution's last step.
-    """
-
-    def __init__(self, manager, every_steps, preemption):
-        super().__init__()
-        self.manager = manager
-        self.every_steps = every_steps
-        self.preemption = preemption
-        self.last_saved_step = None
-        self.preempted_at = None
-        self._previous_step = 0
-
-    def on_train_begin(self, logs=None):
-        self._previous_step = self._step()
-
-    def _step(self):
-        return int(self.model.optimizer.iterations.numpy())
-
-    def save(self, step):
-        if step == self.last_saved_step:
-            return
-        # A finite loss does not prove finite weights: BN moving statistics
-        # overflow a step before the loss does. Checked only when saving.
-        if not all(bool(tf.reduce_all(tf.math.is_finite(w)))
-                   for w in self.model.weights if keras.backend.is_float_dtype(w.dtype)):
-            raise NonFiniteLoss(step, self.last_saved_step or 0, what="the weights are")
-        self.manager.save(checkpoint_number=step)
-        self.last_saved_step = step
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = self._step()
-        previous, self._previous_step = self._previous_step, step
-        loss = float(logs["loss"]) if logs and "loss" in logs else 0.0
-        if not np.isfinite(loss):
-            raise NonFiniteLoss(step, self.last_saved_step or 0)
-        if self.preemption.requested:
-            self.save(step)
-            self.preempted_at = step
-            self.model.stop_training = True
-        elif step // self.every_steps > previous // self.every_steps:
-            self.save(step)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.preempted_at is None:
-            self.save(self._step())
-
-
-class TensorBoard(keras.callbacks.TensorBoard):
-    """Keras's TensorBoard callback, with batch summaries at the global step.
-
-    Keras numbers batch summaries from 0 at every fit() call; a resumed run
-    would then draw over its own curves.
-    """
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._global_train_batch = int(self.model.optimizer.iterations.numpy())
-
-    def on_train_batch_begin(self, batch, logs=None):
-        # One call runs steps_per_execution steps: label with the last of them.
-        self._global_train_batch += self.model.steps_per_execution - 1
-        super().on_train_batch_begin(batch, logs)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.model.steps_per_execution > 1:  # a last, shorter execution
-            self._global_train_batch = int(self.model.optimizer.iterations.numpy())
-        super().on_train_batch_end(batch, logs)
-
-
-class KnnMonitor(keras.callbacks.Callback):
-    """Weighted kNN top-1 of the query backbone every N epochs, into the epoch logs."""
-
-    def __init__(self, evaluate, every_epochs):
-        super().__init__()
-        self.evaluate = evaluate
-        self.every_epochs = every_epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.every_epochs and (epoch + 1) % self.every_epochs == 0 and logs is not None:
-            # Logs is the dict every callback sees: TensorBoard (later in the
-            # list) writes it as epoch_knn_top1.
-            logs["knn_top1"] = self.evaluate(self.model.query_backbone)
-
-
 def write_view_pairs(log_dir, views1, views2, max_pairs=8):
     """An image summary of augmented view pairs: what the model is trained on."""
     pairs = tf.concat([views1[:max_pairs], views2[:max_pairs]], axis=2)  # side by side
     with tf.summary.create_file_writer(os.path.join(log_dir, "train")).as_default():
         tf.summary.image("augmented_view_pairs", pairs, step=0, max_outputs=max_pairs)
-
-
-# ------------------------------------------------------------------------ train
-def _eval_split(config, spec):
-    """The labelled held-out split for kNN: the flag, else the built-in's test split."""
-    if config.eval_split:
-        return config.eval_split
-    return "test" if spec.kind == "builtin" else None
-
-
-def make_knn_evaluator(config, spec):
-    """A function backbone -> kNN top-1 on the labelled eval split, or None."""
-    eval_split = _eval_split(config, spec)
-    if eval_split is None:
-        return None
-    common = dict(data_dir=config.data_dir or None, image_size=config.image_size,
-                  batch_size=256, transform="eval")
-    bank = data.labelled_dataset(spec, split=config.split, **common)
-    queries = data.labelled_dataset(spec, split=eval_split, **common)
-    classes = data.num_classes(spec, config.data_dir or None)
-
-    local_copy = []
-
-    def evaluate(backbone):
-        if isinstance(backbone.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            # Keras's predict under MultiWorkerMirroredStrategy gathers every
-            # worker's outputs (twice the features for the labels): evaluate a
-            # copy made outside the strategy, on this worker's values.
-            if not local_copy:
-                local_copy.append(backbone_fn(config)("knn_backbone"))
-            local_copy[0].set_weights(backbone.get_weights())
-            backbone = local_copy[0]
-        return evaluation.knn_eval(backbone, bank, queries, classes, k=config.knn_k,
-                                   temperature=config.knn_temperature)
-    return evaluate
-
-
-class WorkerCheckpointManager:
-    """What a non-chief worker of a multi-worker run saves with and restores from.
-
-    Its saves are scratch (written to `scratch_dir`, deleted at once: the
-    chief's copy of the same values is the checkpoint); `latest_checkpoint`
-    is the chief's, so a restarted worker resumes from the same step as the
-    chief. The model dir must be shared by all workers (gs://, NFS).
-    """
-
-    def __init__(self, checkpoint, chief_dir, scratch_dir):
-        self.checkpoint = checkpoint
-        self.chief_dir = chief_dir
-        self.scratch_dir = scratch_dir
-
-    @property
-    def latest_checkpoint(self):
-        return tf.train.latest_checkpoint(self.chief_dir)
-
-    def save(self, checkpoint_number=None):
-        path = tf.train.CheckpointManager(self.checkpoint, self.scratch_dir, max_to_keep=1).save(
-            checkpoint_number=checkpoint_number)
-        tf.io.gfile.rmtree(self.scratch_dir)
-        return path
 
 
 def execution_segments(segments, steps_per_execution):
@@ -354,10 +114,9 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     config.check()
     if verbose is None:  # a progress bar on a terminal, a line per epoch in logs
         verbose = 1 if sys.stdout.isatty() else 2
-    spec = data.parse_dataset_spec(config.dataset)
-    data_dir = config.data_dir or None
-    data.validate(spec, data_dir=data_dir, split=config.split)
-    saved = load_run_config(config.model_dir)
+    source = make_source(config.dataset, config.data_dir or None)
+    source.validate(config.split)
+    saved = rundir.load_run_config(config.model_dir)
     if saved is not None:
         check_compatible(saved, config)
     strategy = strategy or distribute.make_strategy(config.strategy, config.tpu or None)
@@ -366,13 +125,14 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    steps_per_epoch = data.steps_per_epoch(spec, split=config.split, data_dir=data_dir,
+    steps_per_epoch = data.steps_per_epoch(source, split=config.split,
                                            global_batch_size=config.batch_size)
     if steps_per_epoch < 1:
         raise UserError(f"the training split has fewer examples than one batch of "
                         f"{config.batch_size}: lower --batch_size")
     total_steps = config.train_steps or config.epochs * steps_per_epoch
-    knn = make_knn_evaluator(config, spec) if config.knn_every or spec.kind == "builtin" else None
+    # The end-of-run kNN costs seconds on in-memory data: reported even with --knn_every=0.
+    knn = knn_evaluator(config, source) if config.knn_every or source.in_memory else None
 
     with strategy.scope():
         model = build_model(config, bn_groups)
@@ -382,7 +142,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     # Non-chief workers of a multi-worker run must take part in saving (the
     # variables are read collectively) but write to a scratch dir; every
     # worker restores the chief's checkpoints (see WorkerCheckpointManager).
-    ckpt_dir = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
+    ckpt_dir = rundir.checkpoint_dir(config.model_dir)
     if chief:
         manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
                                              max_to_keep=config.keep_checkpoints)
@@ -392,20 +152,18 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     _restore(checkpoint, manager, config.model_dir)
 
     # Everything is checked: from here on the run dir is written.
-    os.makedirs(config.model_dir, exist_ok=True)
+    tf.io.gfile.makedirs(config.model_dir)
     if chief and saved is None:
-        with open(os.path.join(config.model_dir, CONFIG_FILE), "w") as f:
-            f.write(config.to_json())
-        names = data.class_names(spec, data_dir)
+        rundir.write_run_config(config.model_dir, config)
+        names = source.class_names(config.split)
         if names:
-            with open(os.path.join(config.model_dir, CLASSES_FILE), "w", encoding="utf-8") as f:
-                f.write("\n".join(names) + "\n")
+            rundir.write_class_names(config.model_dir, names)
 
     step = int(optimizer.iterations.numpy())
-    log_dir = os.path.join(config.model_dir, LOG_SUBDIR)
+    log_dir = rundir.log_dir(config.model_dir)
     if step == 0 and chief:
         preview = data.pretrain_dataset_fn(
-            spec, split=config.split, data_dir=data_dir, image_size=config.image_size,
+            source, split=config.split, image_size=config.image_size,
             augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
         )(tf.distribute.InputContext())
         views1, views2 = next(iter(preview))
@@ -418,14 +176,15 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         if knn is not None and config.knn_every:
             cbs.append(KnnMonitor(knn, config.knn_every))
         if chief:
-            cbs.append(TensorBoard(log_dir, update_freq=config.log_every, write_graph=False))
+            cbs.append(GlobalStepTensorBoard(log_dir, update_freq=config.log_every,
+                                             write_graph=False))
         cbs.extend(callbacks)
         segments = execution_segments(epoch_segments(step, total_steps, steps_per_epoch),
                                       config.steps_per_execution)
         for initial_epoch, epochs, steps in segments:
             start = int(optimizer.iterations.numpy())
             dataset_fn = data.pretrain_dataset_fn(
-                spec, split=config.split, data_dir=data_dir, image_size=config.image_size,
+                source, split=config.split, image_size=config.image_size,
                 augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
                 start_step=start)
             if config.steps_per_execution > 1:
@@ -444,6 +203,5 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         random_init = backbone_fn(config)("random_init_backbone")
         summary["knn_top1_random_init"] = knn(random_init)
     if chief:
-        with open(os.path.join(config.model_dir, SUMMARY_FILE), "w") as f:
-            json.dump(summary, f, indent=2)
+        rundir.write_summary(config.model_dir, summary)
     return summary

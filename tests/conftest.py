@@ -16,6 +16,8 @@ tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
 
 import pytest  # noqa: E402
+from helpers.image_folder import make_image_folder  # noqa: E402
+from helpers.references import SMALL, split_arrays  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +29,36 @@ def two_replicas():
     collective instance 100"): tests share this one.
     """
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(NUM_LOGICAL_CPUS)])
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """Every supported image kind, nesting, non-images, and 3 broken files."""
+    return make_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """A small trained run (3 steps on the built-in data), shared by evaluation and export tests.
+
+    Trained once per session; tests may add files to it but must not change what is there.
+    """
+    from co2_tf import training  # noqa: PLC0415
+    from co2_tf.config import TrainConfig  # noqa: PLC0415
+
+    model_dir = str(tmp_path_factory.mktemp("trained") / "run")
+    training.train(TrainConfig(model_dir=model_dir, **SMALL), verbose=0)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def reference(run_dir):
+    """The run's backbone and NumPy features of both builtin splits."""
+    from co2_tf import rundir  # noqa: PLC0415
+
+    backbone = rundir.load_run(run_dir).model.query_backbone
+    out = {}
+    for split in ("train", "test"):
+        images, labels = split_arrays(split)
+        out[split] = (images, labels, backbone.predict(images, batch_size=500, verbose=0))
+    return backbone, out

@@ -291,13 +291,13 @@ def test_eval_view_resizes_then_centre_crops():
     np.testing.assert_array_equal(out, augment.eval_view(image, 32).numpy())
 
 
-def test_linear_train_view():
+def test_classifier_train_view():
     image = np.random.RandomState(4).randint(0, 256, (50, 40, 3)).astype(
         np.uint8)
-    v = augment.linear_train_view(image, tf.constant([1, 1]), 20)
+    v = augment.classifier_train_view(image, tf.constant([1, 1]), 20)
     assert v.shape == (20, 20, 3) and v.dtype == tf.float32
     np.testing.assert_array_equal(
-        v, augment.linear_train_view(image, tf.constant([1, 1]), 20))
+        v, augment.classifier_train_view(image, tf.constant([1, 1]), 20))
 
 
 def test_view_pair_grid():

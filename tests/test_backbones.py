@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from co2_tf.backbones import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD,
-                              build_backbone, feature_dim)
+from co2_tf.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone, feature_dim
 from co2_tf.errors import UserError
 
 # Trainable parameters without the fc layer. torchvision's numbers are

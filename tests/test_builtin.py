@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from co2_tf import builtin
 from co2_tf.errors import UserError
+from co2_tf.sources import builtin
 
 SIZE = 16
 
@@ -29,7 +29,7 @@ def test_shapes_dtypes_and_sizes(train, test):
 
 
 def test_class_balance_and_mixed_order(train, test):
-    for images, labels in (train, test):
+    for _, labels in (train, test):
         counts = np.bincount(labels, minlength=builtin.NUM_CLASSES)
         assert (counts == counts[0]).all()
         # Shuffled: any prefix holds many classes.
@@ -46,7 +46,7 @@ def test_deterministic_by_seed(train):
 
 
 def test_labels_do_not_depend_on_image_size(test):
-    # data.split_labels relies on this (it loads tiny images for labels).
+    # BuiltinSource.labels relies on this (it loads tiny images for labels).
     np.testing.assert_array_equal(builtin.load("test", 8)[1], test[1])
 
 

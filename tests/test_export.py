@@ -10,21 +10,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from co2_tf import backbones, export, runs, training
-from co2_tf.config import TrainConfig
+from co2_tf import backbones, export, rundir
 from co2_tf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPORT_TOOL = os.path.join(ROOT, "tools", "export.py")
-SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, train_steps=3, knn_every=0,
-             seed=5)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    model_dir = str(tmp_path_factory.mktemp("export") / "run")
-    training.train(TrainConfig(model_dir=model_dir, **SMALL), verbose=0)
-    return model_dir
+# run_dir: the small trained run of tests/conftest.py.
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +23,7 @@ def exported(run_dir, tmp_path_factory):
     """An export, plus the in-memory model's outputs on test images."""
     out = str(tmp_path_factory.mktemp("exported") / "out")
     info = export.export(export.ExportConfig(model_dir=run_dir, export_dir=out))
-    run = runs.load_run(run_dir)
+    run = rundir.load_run(run_dir)
     rng = np.random.default_rng(1)
     images = {"16": rng.random((6, 16, 16, 3), np.float32),
               "24": rng.random((3, 24, 24, 3), np.float32)}  # any input size works
@@ -206,10 +197,10 @@ def test_a_failure_leaves_nothing_written(run_dir, tmp_path, monkeypatch):
 
 def test_checkpoints_by_path_or_name(run_dir):
     path = os.path.join(run_dir, "checkpoints", "ckpt-3")
-    assert runs.resolve_checkpoint(run_dir) == (run_dir, path)
-    assert runs.resolve_checkpoint(run_dir, "ckpt-3") == (run_dir, path)
-    assert runs.resolve_checkpoint("", path) == (os.path.abspath(run_dir), path)
-    assert runs.checkpoint_step(path) == 3
+    assert rundir.resolve_checkpoint(run_dir) == (run_dir, path)
+    assert rundir.resolve_checkpoint(run_dir, "ckpt-3") == (run_dir, path)
+    assert rundir.resolve_checkpoint("", path) == (os.path.abspath(run_dir), path)
+    assert rundir.checkpoint_step(path) == 3
 
 
 def test_missing_and_incompatible_checkpoints_are_user_errors(run_dir, tmp_path):

@@ -7,9 +7,7 @@ import pytest
 import tensorflow as tf
 
 from co2_tf.errors import UserError
-from co2_tf.optimizers import (LARS, PyTorchSGD, WarmupSchedule,
-                               make_lr_schedule, make_optimizer)
-
+from co2_tf.optimizers import LARS, PyTorchSGD, WarmupSchedule, make_lr_schedule, make_optimizer
 
 # ---------------------------------------------------------------- schedules
 

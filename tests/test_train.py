@@ -148,7 +148,8 @@ def _wait_for_checkpoint(model_dir, proc, timeout=300):
         if glob.glob(pattern):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"training ended before its first checkpoint: {proc.stderr.read()}")
+            raise AssertionError(
+                f"training ended before its first checkpoint: {proc.stderr.read()}")
         time.sleep(0.2)
     raise AssertionError("no checkpoint appeared")
 

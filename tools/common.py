@@ -8,12 +8,15 @@ import dataclasses
 import os
 import sys
 
-# Binaries run from a clean checkout, without installing the package.
+# The one path insert: README's commands run `python tools/NAME.py` from a clean
+# checkout, where co2_tf is not installed (after `pip install .` it changes nothing).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
+from absl import (
+    flags,  # noqa: E402
+    logging,  # noqa: E402
+)
 
 from co2_tf.errors import UserError  # noqa: E402
 
@@ -23,14 +26,21 @@ def quiet_logs():
     logging.set_verbosity(logging.WARNING)
 
 
-def define_flags(config_cls, help_texts, skip=()):
-    """Defines one absl flag per dataclass field, typed by the field's default."""
+def define_flags(config_cls, help_texts, skip=(), choices=None):
+    """Defines one absl flag per dataclass field, typed by the field's default.
+
+    Fields named in `choices` (name -> allowed values) become enum flags, so
+    that --help lists their values.
+    """
+    choices = choices or {}
     for field in dataclasses.fields(config_cls):
         if field.name in skip:
             continue
         default = field.default
         text = help_texts.get(field.name, field.name)
-        if isinstance(default, bool):
+        if field.name in choices:
+            flags.DEFINE_enum(field.name, default, list(choices[field.name]), text)
+        elif isinstance(default, bool):
             flags.DEFINE_boolean(field.name, default, text)
         elif isinstance(default, int):
             flags.DEFINE_integer(field.name, default, text)
@@ -38,6 +48,14 @@ def define_flags(config_cls, help_texts, skip=()):
             flags.DEFINE_float(field.name, default, text)
         else:
             flags.DEFINE_string(field.name, default, text)
+
+
+def parse_flags(argv):
+    """absl's flag parser with our error format: a bad flag value is one `error:` line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{e}: see --help for the accepted values")
 
 
 def config_from_flags(config_cls, **overrides):

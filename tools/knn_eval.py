@@ -15,7 +15,7 @@ import sys
 import common
 from absl import app
 
-from co2_tf import knn
+from co2_tf.evaluation import knn
 
 common.define_flags(knn.KnnConfig, knn.HELP)
 
@@ -36,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -18,9 +18,10 @@ import sys
 import common
 from absl import app
 
-from co2_tf import linear_probe
+from co2_tf.evaluation import linear_probe
 
-common.define_flags(linear_probe.LinearEvalConfig, linear_probe.HELP)
+common.define_flags(linear_probe.LinearEvalConfig, linear_probe.HELP,
+                    choices={"protocol": linear_probe.PROTOCOLS})
 
 
 def main(argv):
@@ -38,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

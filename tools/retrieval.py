@@ -14,7 +14,7 @@ import sys
 import common
 from absl import app
 
-from co2_tf import retrieval
+from co2_tf.evaluation import retrieval
 
 common.define_flags(retrieval.RetrievalConfig, retrieval.HELP)
 
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

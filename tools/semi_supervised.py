@@ -20,7 +20,7 @@ import sys
 import common
 from absl import app
 
-from co2_tf import semi_supervised
+from co2_tf.evaluation import semi_supervised
 
 common.define_flags(semi_supervised.SemiSupervisedConfig, semi_supervised.HELP)
 
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -15,7 +15,7 @@ from absl import app
 
 from co2_tf import config as config_lib
 
-common.define_flags(config_lib.TrainConfig, config_lib.HELP)
+common.define_flags(config_lib.TrainConfig, config_lib.HELP, choices=config_lib.CHOICES)
 
 
 def main(argv):
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

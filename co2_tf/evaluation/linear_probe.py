@@ -23,16 +23,17 @@ OUTPUT_DIR/linear_eval.json and TensorBoard (OUTPUT_DIR/logs).
 """
 
 import dataclasses
+import io as stdio
 import json
 import math
-import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import data, evaluation, runs
+from co2_tf import io
 from co2_tf.errors import UserError
+from co2_tf.evaluation import classifier, common, knn
 
 PROTOCOLS = ("moco", "fast")
 # MoCo's lr for its protocol; the fast protocol's standardised features want less.
@@ -42,7 +43,7 @@ FEATURES_FILE = "features.npz"
 
 
 @dataclasses.dataclass
-class LinearEvalConfig(runs.EvalConfig):
+class LinearEvalConfig(common.EvalConfig):
     protocol: str = "moco"
     epochs: int = 100
     learning_rate: float = 0.0  # 0 = the protocol's default
@@ -61,13 +62,13 @@ class LinearEvalConfig(runs.EvalConfig):
         if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
             raise UserError(f"--learning_rate={self.learning_rate} must be > 0 (0 = the "
                             "protocol's default)")
-        evaluation.check_sgd_schedule(self)
+        classifier.check_sgd_schedule(self)
         return self
 
 
 HELP = dict(
-    runs.EVAL_HELP,
-    **evaluation.SGD_SCHEDULE_HELP,
+    common.EVAL_HELP,
+    **classifier.SGD_SCHEDULE_HELP,
     protocol="moco (MoCo's ImageNet protocol: augmented images, frozen backbone) | fast "
              "(cached centre-crop features)",
     epochs="classifier training epochs",
@@ -82,8 +83,8 @@ def learning_rate(config):
 
 
 def _optimizer(config, steps_per_epoch):
-    return evaluation.step_optimizer(
-        learning_rate(config), boundaries=evaluation.parse_boundaries(config.lr_boundaries),
+    return classifier.step_optimizer(
+        learning_rate(config), boundaries=classifier.parse_boundaries(config.lr_boundaries),
         decay=config.lr_decay, total_steps=config.epochs * steps_per_epoch,
         momentum=config.momentum, weight_decay=config.weight_decay)
 
@@ -91,7 +92,7 @@ def _optimizer(config, steps_per_epoch):
 def _compile(model, config, steps_per_epoch, num_classes):
     model.compile(optimizer=_optimizer(config, steps_per_epoch),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=evaluation.classification_metrics(num_classes))
+                  metrics=classifier.classification_metrics(num_classes))
 
 
 def frozen_classifier(backbone, image_size, num_classes, seed):
@@ -99,7 +100,7 @@ def frozen_classifier(backbone, image_size, num_classes, seed):
     backbone.trainable = False  # Keras 3: also runs its BN in inference mode
     inputs = keras.Input((image_size, image_size, 3), name="images")
     features = backbone(inputs, training=False)
-    return keras.Model(inputs, evaluation.linear_layer(num_classes, seed)(features),
+    return keras.Model(inputs, classifier.linear_layer(num_classes, seed)(features),
                        name="linear_probe")
 
 
@@ -111,31 +112,30 @@ def cached_features(loaded, d, cache_path=None, verbose=0):
     """
     key = json.dumps({"source": loaded.as_dict(), "data": d.as_dict(),
                       "image_size": d.image_size}, sort_keys=True)
-    if cache_path and os.path.exists(cache_path):
-        with np.load(cache_path) as cached:
+    if cache_path and io.exists(cache_path):
+        with np.load(stdio.BytesIO(io.read_bytes(cache_path))) as cached:
             if str(cached["key"]) == key:
                 return tuple(cached[n] for n in ("train_f", "train_y", "eval_f", "eval_y"))
     arrays = {}
     for name, split in (("train", d.split), ("eval", d.eval_split)):
-        f, y = evaluation.extract_features(loaded.backbone, d.labelled(split), normalize=False,
-                                           verbose=verbose)
+        f, y = knn.extract_features(loaded.backbone, d.labelled(split), normalize=False,
+                                    verbose=verbose)
         arrays[f"{name}_f"], arrays[f"{name}_y"] = f.numpy(), y.numpy()
     if cache_path:
-        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        tmp = cache_path + ".tmp.npz"
-        np.savez(tmp, key=np.array(key), **arrays)
-        os.replace(tmp, cache_path)
+        buffer = stdio.BytesIO()
+        np.savez(buffer, key=np.array(key), **arrays)
+        io.write_bytes_atomic(cache_path, buffer.getvalue())
     return arrays["train_f"], arrays["train_y"], arrays["eval_f"], arrays["eval_y"]
 
 
 def _fast(config, loaded, d, out, verbose):
-    cache = os.path.join(out, FEATURES_FILE) if config.cache_features else None
+    cache = io.join(out, FEATURES_FILE) if config.cache_features else None
     train_f, train_y, eval_f, eval_y = cached_features(loaded, d, cache, verbose)
     n = len(train_y)
     inputs = keras.Input((train_f.shape[1],), name="features")
     standardised = keras.layers.Normalization(
         mean=train_f.mean(0), variance=train_f.var(0) + 1e-6, name="standardize")(inputs)
-    model = keras.Model(inputs, evaluation.linear_layer(d.num_classes, config.seed)(standardised),
+    model = keras.Model(inputs, classifier.linear_layer(d.num_classes, config.seed)(standardised),
                         name="linear_classifier")
     _compile(model, config, math.ceil(n / config.batch_size), d.num_classes)
 
@@ -147,28 +147,28 @@ def _fast(config, loaded, d, out, verbose):
 
 
 def _moco(config, loaded, d):
-    n = data.train_examples(d.spec, d.split, d.data_dir)
+    n = d.source.num_examples(d.split)
     model = frozen_classifier(loaded.backbone, d.image_size, d.num_classes, config.seed)
     _compile(model, config, math.ceil(n / config.batch_size), d.num_classes)
 
     def train_data(epoch):
-        return d.labelled(d.split, "linear_train", seed=config.seed * 1_000_003 + epoch)
+        return d.labelled(d.split, "classifier_train", seed=config.seed * 1_000_003 + epoch)
     return model, train_data, d.labelled(d.eval_split), n
 
 
 def linear_eval(config: LinearEvalConfig, verbose=1):
     """Runs the linear evaluation `config` describes; returns (and writes) the results."""
     config.check()
-    out = runs.output_dir(config, f"linear_eval_{config.protocol}")
-    loaded = runs.load_backbone(config)
-    d = runs.resolve_data(config, loaded)
+    out = common.output_dir(config, f"linear_eval_{config.protocol}")
+    loaded = common.load_backbone(config)
+    d = common.resolve_data(config, loaded)
     if config.protocol == "fast":
         model, train_data, eval_data, n = _fast(config, loaded, d, out, verbose)
     else:
         model, train_data, eval_data, n = _moco(config, loaded, d)
-    metrics = evaluation.train_classifier(
+    metrics = classifier.train_classifier(
         model, train_data, eval_data, epochs=config.epochs, eval_every=config.eval_every,
-        log_dir=os.path.join(out, evaluation.LOG_SUBDIR), verbose=verbose)
+        log_dir=io.join(out, common.LOG_SUBDIR), verbose=verbose)
     results = dict(metrics, protocol=config.protocol, backbone=loaded.as_dict(),
                    data=dict(d.as_dict(), train_examples=n, image_size=d.image_size),
                    hyper_parameters=dict(
@@ -176,5 +176,5 @@ def linear_eval(config: LinearEvalConfig, verbose=1):
                            "epochs", "batch_size", "momentum", "weight_decay",
                            "lr_boundaries", "lr_decay", "seed")},
                        learning_rate=learning_rate(config)))
-    results["results_file"] = evaluation.write_results(out, RESULTS_FILE, results)
+    results["results_file"] = common.write_results(out, RESULTS_FILE, results)
     return results

@@ -14,15 +14,15 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import data, evaluation, runs
 from co2_tf.errors import UserError
+from co2_tf.evaluation import common, knn
 
 PICTURE_FILE = "retrieval.png"
 _GREEN, _RED, _GRAY = (40, 160, 60), (200, 40, 40), (150, 150, 150)
 
 
 @dataclasses.dataclass
-class RetrievalConfig(runs.EvalConfig):
+class RetrievalConfig(common.EvalConfig):
     out: str = ""
     num_queries: int = 8
     k: int = 8
@@ -39,7 +39,7 @@ class RetrievalConfig(runs.EvalConfig):
 
 
 HELP = dict(
-    runs.EVAL_HELP,
+    common.EVAL_HELP,
     out="PNG file to write ('' = OUTPUT_DIR/retrieval.png)",
     num_queries="rows: held-out images drawn at random (--seed)",
     k="neighbours per query, from the training split",
@@ -136,16 +136,16 @@ def _images(d, split, indices):
 def retrieval_picture(config: RetrievalConfig, verbose=1):
     """Writes the retrieval grid PNG; returns a dict with its path and the neighbours."""
     config.check()
-    path = config.out or os.path.join(runs.output_dir(config, "retrieval"), PICTURE_FILE)
-    loaded = runs.load_backbone(config)
-    d = runs.resolve_data(config, loaded)
-    bank_f, bank_y = evaluation.extract_features(loaded.backbone, d.labelled(d.split),
+    path = config.out or os.path.join(common.output_dir(config, "retrieval"), PICTURE_FILE)
+    loaded = common.load_backbone(config)
+    d = common.resolve_data(config, loaded)
+    bank_f, bank_y = knn.extract_features(loaded.backbone, d.labelled(d.split),
                                                  verbose=verbose)
-    n_eval = data.train_examples(d.spec, d.eval_split, d.data_dir)
+    n_eval = d.source.num_examples(d.eval_split)
     rng = np.random.default_rng(config.seed)
     queries = np.sort(rng.choice(n_eval, size=min(config.num_queries, n_eval), replace=False))
     query_images, query_labels = _images(d, d.eval_split, queries)
-    query_f, _ = evaluation.extract_features(
+    query_f, _ = knn.extract_features(
         loaded.backbone, tf.data.Dataset.from_tensors((query_images, query_labels)))
     sims, idx = nearest_neighbours(query_f, bank_f, config.k)
     neighbour_images, _ = _images(d, d.split, idx)

@@ -12,38 +12,36 @@ The subset:
   n_c) examples of each class c, at least one), written to
   OUTPUT_DIR/labels_<fraction>_seed<seed>.txt: a header comment naming the
   dataset, split, fraction and seed, then one example index (position in
-  the split, see `data.split_labels`) per line. Pass it back with
+  the split, see `Source.labels`) per line. Pass it back with
   --split_file to fine-tune on the very same examples.
 
 Default hyper-parameters are SwAV's public semi-supervised recipe
 (eval_semisup.py, 10% labels): 20 epochs, batch 256, SGD momentum 0.9, no
 weight decay, backbone lr 0.01, head lr 0.2, both x0.2 at epochs 12 and 16;
 its 1% recipe uses backbone lr 0.02 and head lr 5. Augmentation:
-RandomResizedCrop + flip for training, resize + centre crop for evaluation.
+RandomResizedCrop + flip for training, resize + centre crop for classifier.
 They are a starting point, not the CO2 paper's settings (not published in a
 form checked here).
 """
 
 import dataclasses
 import math
-import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import data, evaluation, runs
+from co2_tf import io
 from co2_tf.errors import UserError
+from co2_tf.evaluation import classifier, common
 
 RESULTS_FILE = "semi_supervised.json"
 MODEL_FILE = "fine_tuned.keras"
-# TFDS configs of the standard ImageNet label subsets, by fraction.
-IMAGENET_SUBSETS = {0.01: "1pct", 0.1: "10pct"}
 _HEADER = "# co2_tf label subset:"
 
 
 @dataclasses.dataclass
-class SemiSupervisedConfig(runs.EvalConfig):
+class SemiSupervisedConfig(common.EvalConfig):
     label_fraction: float = 0.1
     split_file: str = ""
     epochs: int = 20
@@ -64,13 +62,13 @@ class SemiSupervisedConfig(runs.EvalConfig):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise UserError(f"--{name}={value} must be >= 0 (0 freezes those weights)")
-        evaluation.check_sgd_schedule(self)
+        classifier.check_sgd_schedule(self)
         return self
 
 
 HELP = dict(
-    runs.EVAL_HELP,
-    **evaluation.SGD_SCHEDULE_HELP,
+    common.EVAL_HELP,
+    **classifier.SGD_SCHEDULE_HELP,
     label_fraction="fraction of the training labels to fine-tune on, in (0, 1]",
     split_file="fine-tune on the examples listed in this file (written by an earlier run) "
                "instead of drawing a subset",
@@ -101,20 +99,17 @@ def split_file_name(fraction, seed):
 
 def write_split_file(path, indices, *, dataset, split, fraction, seed, total):
     """The subset as text: a header comment, then one example index per line."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(f"{_HEADER} dataset={dataset} split={split} fraction={fraction:g} "
-                f"seed={seed} examples={len(indices)} of={total}\n")
-        f.writelines(f"{int(i)}\n" for i in indices)
+    header = (f"{_HEADER} dataset={dataset} split={split} fraction={fraction:g} "
+              f"seed={seed} examples={len(indices)} of={total}\n")
+    io.write_text_atomic(path, header + "".join(f"{int(i)}\n" for i in indices))
 
 
 def read_split_file(path, *, dataset, split, total):
     """(indices, header fields) of a split file made for this dataset and split."""
-    if not os.path.exists(path):
+    if not io.exists(path):
         raise UserError(f"--split_file={path} does not exist: pass a file an earlier "
                         "semi_supervised run wrote, or omit --split_file to draw a subset")
-    with open(path) as f:
-        lines = f.read().splitlines()
+    lines = io.read_text(path).splitlines()
     header = {}
     if lines and lines[0].startswith(_HEADER):
         header = dict(field.split("=", 1) for field in lines[0][len(_HEADER):].split()
@@ -141,25 +136,23 @@ def read_split_file(path, *, dataset, split, total):
 def label_subset(config, d, out):
     """(training EvalData, indices or None, description) of the labelled subset."""
     if config.split_file:
-        total = data.train_examples(d.spec, d.split, d.data_dir)
-        indices, header = read_split_file(config.split_file, dataset=str(d.spec),
+        total = d.source.num_examples(d.split)
+        indices, header = read_split_file(config.split_file, dataset=str(d.source),
                                           split=d.split, total=total)
-        return d, indices, {"split_file": os.path.abspath(config.split_file),
+        return d, indices, {"split_file": io.absolute(config.split_file),
                             "fraction": float(header.get("fraction", len(indices) / total)),
                             "seed": header.get("seed"), "examples": len(indices)}
-    subset = IMAGENET_SUBSETS.get(config.label_fraction)
-    if (d.spec.kind == "tfds" and d.spec.name == "imagenet2012" and not d.spec.config
-            and subset and d.split == "train"):
-        spec = data.parse_dataset_spec(f"tfds:imagenet2012_subset/{subset}")
-        data.validate(spec, data_dir=d.data_dir, split="train")
-        n = data.train_examples(spec, "train", d.data_dir)
-        return (dataclasses.replace(d, spec=spec, split="train"), None,
-                {"standard_subset": str(spec), "fraction": config.label_fraction,
+    standard = d.source.standard_label_subset(d.split, config.label_fraction)
+    if standard is not None:
+        standard.validate("train")
+        n = standard.num_examples("train")
+        return (dataclasses.replace(d, source=standard, split="train"), None,
+                {"standard_subset": str(standard), "fraction": config.label_fraction,
                  "examples": n})
-    labels = data.split_labels(d.spec, d.split, d.data_dir)
+    labels = d.source.labels(d.split)
     indices = balanced_subset(labels, config.label_fraction, config.seed)
-    path = os.path.join(out, split_file_name(config.label_fraction, config.seed))
-    write_split_file(path, indices, dataset=str(d.spec), split=d.split,
+    path = io.join(out, split_file_name(config.label_fraction, config.seed))
+    write_split_file(path, indices, dataset=str(d.source), split=d.split,
                      fraction=config.label_fraction, seed=config.seed, total=len(labels))
     return d, indices, {"split_file": path, "fraction": config.label_fraction,
                         "seed": config.seed, "examples": len(indices)}
@@ -175,7 +168,7 @@ class FineTuner(keras.Model):
 
     def __init__(self, backbone, num_classes, image_size, seed, backbone_optimizer, **kwargs):
         inputs = keras.Input((image_size, image_size, 3), name="images")
-        head = evaluation.linear_layer(num_classes, seed, name="head")
+        head = classifier.linear_layer(num_classes, seed, name="head")
         super().__init__(inputs, head(backbone(inputs)), **kwargs)
         self.backbone = backbone
         self.head = head
@@ -207,9 +200,9 @@ class FineTuner(keras.Model):
 def fine_tune(config: SemiSupervisedConfig, verbose=1):
     """Runs the semi-supervised fine-tuning `config` describes; returns (and writes) results."""
     config.check()
-    out = runs.output_dir(config, f"semi_supervised_{config.label_fraction:g}")
-    loaded = runs.load_backbone(config)
-    d = runs.resolve_data(config, loaded)
+    out = common.output_dir(config, f"semi_supervised_{config.label_fraction:g}")
+    loaded = common.load_backbone(config)
+    d = common.resolve_data(config, loaded)
     train_d, indices, subset = label_subset(config, d, out)
     n = subset["examples"]
     if n < 1:
@@ -217,8 +210,8 @@ def fine_tune(config: SemiSupervisedConfig, verbose=1):
     steps = config.epochs * math.ceil(n / config.batch_size)
 
     def optimizer(lr):
-        return evaluation.step_optimizer(
-            lr, boundaries=evaluation.parse_boundaries(config.lr_boundaries),
+        return classifier.step_optimizer(
+            lr, boundaries=classifier.parse_boundaries(config.lr_boundaries),
             decay=config.lr_decay, total_steps=steps, momentum=config.momentum,
             weight_decay=config.weight_decay)
 
@@ -228,26 +221,26 @@ def fine_tune(config: SemiSupervisedConfig, verbose=1):
                       optimizer(config.backbone_learning_rate), name="fine_tuner")
     model.compile(optimizer=optimizer(config.head_learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=evaluation.classification_metrics(d.num_classes))
+                  metrics=classifier.classification_metrics(d.num_classes))
     # Slots now, eagerly, and each optimizer only for its own variables.
     model.optimizer.build(model.head.trainable_variables)
     model.backbone_optimizer.build(backbone.trainable_variables)
 
     def train_data(epoch):
-        return train_d.labelled(train_d.split, "linear_train",
+        return train_d.labelled(train_d.split, "classifier_train",
                                 seed=config.seed * 1_000_003 + epoch, indices=indices)
-    metrics = evaluation.train_classifier(
+    metrics = classifier.train_classifier(
         model, train_data, d.labelled(d.eval_split), epochs=config.epochs,
-        eval_every=config.eval_every, log_dir=os.path.join(out, evaluation.LOG_SUBDIR),
+        eval_every=config.eval_every, log_dir=io.join(out, common.LOG_SUBDIR),
         verbose=verbose)
     # A plain functional copy: loads without co2_tf.
     keras.Model(model.inputs, model.outputs, name="fine_tuned").save(
-        os.path.join(out, MODEL_FILE))
+        io.join(out, MODEL_FILE))
     results = dict(metrics, backbone=loaded.as_dict(),
                    data=dict(d.as_dict(), image_size=d.image_size), subset=subset,
-                   model_file=os.path.join(out, MODEL_FILE),
+                   model_file=io.join(out, MODEL_FILE),
                    hyper_parameters={name: getattr(config, name) for name in (
                        "epochs", "batch_size", "backbone_learning_rate", "head_learning_rate",
                        "momentum", "weight_decay", "lr_boundaries", "lr_decay", "seed")})
-    evaluation.write_results(out, RESULTS_FILE, results)
+    common.write_results(out, RESULTS_FILE, results)
     return results

@@ -1,0 +1,36 @@
+"""References the evaluation tests share: the small trained run's settings, NumPy kNN."""
+import numpy as np
+
+from co2_tf import data
+
+# The small run the evaluation and export tests share (tests/conftest.py trains it once).
+SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, train_steps=3, knn_every=0,
+             seed=7)
+
+
+def split_arrays(split, image_size=16):
+    """Centre-cropped images and labels of a builtin split, as NumPy."""
+    batches = list(data.labelled_dataset("builtin", split=split, image_size=image_size,
+                                         batch_size=500))
+    return (np.concatenate([x.numpy() for x, _ in batches]),
+            np.concatenate([y.numpy() for _, y in batches]))
+
+
+def unit(f):
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+
+def numpy_knn(bank_f, bank_y, query_f, classes, k, t):
+    """InstDisc's weighted kNN, written out: class scores [Q, C]."""
+    sims = unit(query_f) @ unit(bank_f).T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    weights = np.exp(np.take_along_axis(sims, top, 1) / t)
+    scores = np.zeros((len(query_f), classes))
+    for c in range(classes):
+        scores[:, c] = (weights * (bank_y[top] == c)).sum(1)
+    return scores
+
+
+def topk(scores, labels, k):
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return float(np.mean(np.any(best == np.asarray(labels)[:, None], axis=1)))

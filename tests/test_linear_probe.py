@@ -1,0 +1,43 @@
+"""Tests for co2_tf.evaluation.linear_probe: the fast and MoCo protocols."""
+import json
+
+import numpy as np
+import pytest
+
+from co2_tf.evaluation import common, knn, linear_probe
+
+
+def test_linear_fast_protocol_and_its_feature_cache(run_dir, reference, tmp_path, monkeypatch):
+    _, ref = reference
+    config = linear_probe.LinearEvalConfig(model_dir=run_dir, protocol="fast", epochs=3,
+                                           output_dir=str(tmp_path / "fast"))
+    results = linear_probe.linear_eval(config, verbose=0)
+    with np.load(tmp_path / "fast" / "features.npz") as cached:
+        np.testing.assert_allclose(cached["train_f"], ref["train"][2], atol=1e-4)
+        np.testing.assert_allclose(cached["eval_f"], ref["test"][2], atol=1e-4)
+        np.testing.assert_array_equal(cached["eval_y"], ref["test"][1])
+    with open(tmp_path / "fast" / "linear_eval.json") as f:
+        on_disk = json.load(f)
+    assert on_disk["top1"] == results["top1"] and 0 < results["top1"] <= results["top5"] <= 1
+    assert on_disk["hyper_parameters"]["learning_rate"] == 0.1  # the fast protocol's default
+    assert on_disk["backbone"]["step"] == 3 and not on_disk["backbone"]["random_init"]
+    assert on_disk["data"]["train_examples"] == 8000
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted again instead of read from the cache")
+    monkeypatch.setattr(knn, "extract_features", no_extraction)
+    again = linear_probe.linear_eval(config, verbose=0)
+    assert again["top1"] == pytest.approx(results["top1"], abs=1e-3)
+
+
+def test_linear_moco_protocol_trains_only_the_classifier(run_dir, tmp_path, monkeypatch):
+    loaded = common.load_backbone(common.EvalConfig(model_dir=run_dir))
+    before = loaded.backbone.get_weights()  # BN moving statistics included
+    monkeypatch.setattr(common, "load_backbone", lambda config: loaded)  # to inspect it after
+    results = linear_probe.linear_eval(linear_probe.LinearEvalConfig(
+        model_dir=run_dir, epochs=1, split="test", batch_size=128,
+        output_dir=str(tmp_path / "moco")), verbose=0)
+    after = loaded.backbone.get_weights()
+    assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert results["protocol"] == "moco" and results["hyper_parameters"]["learning_rate"] == 30
+    assert 0 <= results["top1"] <= results["top5"] <= 1

@@ -1,0 +1,54 @@
+"""Tests for co2_tf.precision: mixed bfloat16 / float16 compute, float32 where it matters."""
+import keras
+import numpy as np
+import tensorflow as tf
+from helpers.models import batches, build, run_steps
+
+
+# ----------------------------------------------------------- mixed precision
+def test_mixed_bfloat16_computes_in_bfloat16_and_keeps_float32_where_it_matters():
+    data = batches(3, seed=1)
+    f32, strategy = build()
+    bf16, _ = build(precision="mixed_bfloat16")
+    assert keras.config.dtype_policy().name == "float32", "the global policy leaked"
+    convs = [l for l in bf16.query_backbone.layers if isinstance(l, keras.layers.Conv2D)]
+    assert convs and all(l.compute_dtype == "bfloat16" for l in convs)
+    assert all(v.dtype == "float32" for v in bf16.weights if v.path != "co2/queue_ptr")
+    assert bf16.query_backbone(data[0][:4], training=False).dtype == "bfloat16"
+    assert bf16.encode_query(data[0][:4]).dtype == tf.float32
+    assert f32.query_backbone(data[0][:4], training=False).dtype == "float32"
+
+    h32 = run_steps(f32, strategy, data)
+    h16 = run_steps(bf16, strategy, data)
+    for a, b in zip(h32, h16, strict=True):
+        assert np.isfinite(b["loss"]) and b["loss"] > 0
+        # Same weights and data: bfloat16's 8-bit mantissa moves the loss by ~1%.
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=0.05)
+    assert bf16.queue.dtype == "float32"
+    queue = bf16.queue.numpy()
+    np.testing.assert_allclose(np.linalg.norm(queue, axis=1), 1.0, rtol=1e-5)
+    assert int(bf16.queue_ptr.numpy()) == 48
+    # The enqueued keys are close to float32's keys (both models saw the same images).
+    np.testing.assert_allclose(queue[:48], f32.queue.numpy()[:48], atol=0.1)
+    assert not np.allclose(queue[:48], queue[48:].mean())
+
+
+def test_mixed_float16_trains_with_loss_scaling():
+    model, strategy = build(precision="mixed_float16")
+    optimizer = model.optimizer
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.query_backbone.layers[-2].compute_dtype == "float16"
+    initial_scale = float(optimizer.dynamic_scale.numpy())
+    weights0 = [v.numpy().copy() for v in model.query_variables]
+    history = run_steps(model, strategy, batches(4, seed=2))
+    assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in history)
+    # Dynamic loss scaling: a step whose float16 gradients overflow is skipped
+    # and halves the scale (Keras starts at 2^15: the first steps overflow).
+    scale = float(optimizer.dynamic_scale.numpy())
+    skipped = int(round(np.log2(initial_scale / scale)))
+    applied = int(optimizer.iterations.numpy())
+    assert applied >= 1 and applied + skipped == 4, (applied, skipped)
+    assert any(np.abs(v.numpy() - w).max() > 1e-4 for v, w in zip(model.query_variables, weights0))
+    assert all(np.isfinite(v.numpy()).all() for v in model.weights)
+    assert model.queue.dtype == "float32"
+    np.testing.assert_allclose(np.linalg.norm(model.queue.numpy(), axis=1), 1.0, rtol=1e-5)
