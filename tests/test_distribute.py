@@ -3,7 +3,7 @@ import logging
 
 import numpy as np
 import tensorflow as tf
-from helpers.models import batches, build, run_steps, state
+from helpers.models import batches, build, find, run_steps, state
 
 
 # ------------------------------------------------------------------------ XLA

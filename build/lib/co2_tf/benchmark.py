@@ -1,0 +1,581 @@
+"""Speed of the CO2 train step and of the input pipeline (library of tools/benchmark.py).
+
+Train step (`benchmark_train_step`): the model is built and compiled by
+`training.build_model` / `training.compile_model`, and the step timed is
+Keras's own train function around `CO2Model.train_step`: the exact code
+`training.train` runs, on synthetic inputs already in memory. The result is
+the median over several timed executions after warm-up.
+
+The machine's ceiling is measured in the same process and interleaved with
+the step: each round times float32 N x N matmuls for about one step's
+duration just before and just after the step, so that the utilisation
+ratio survives a noisy, shared machine: both see the same load.
+
+`--ablate` adds a bare step (the two encoders only: prices the CO2 term,
+EMA and queue) and a convs-only step (the backbones without BN, head or
+anything else: what this machine's conv kernels reach, a ceiling for the
+step that is usually below the matmul's).
+
+FLOPs come from TensorFlow's profiler (`tf.compat.v1.profiler`, float
+operations of the step's graph: every op with registered FLOP statistics,
+i.e. convolutions and their two backward ops, matmuls, and element-wise
+ops), divided by the global batch.
+
+Input pipeline (`benchmark_input`): source images/s of
+`data.pretrain_dataset_fn` (two crops per image), on generated JPEGs of
+ImageNet-like size and on the built-in dataset.
+"""
+
+import dataclasses
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from co2_tf.config import PRECISIONS, STRATEGIES, TrainConfig
+from co2_tf.errors import UserError
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    # the step
+    backbone: str = "resnet18_cifar"
+    image_size: int = 32
+    batch_size: int = 256
+    queue_size: int = 4096
+    dim: int = 128
+    head: str = "mlp"
+    bn: str = "shuffle"
+    bn_groups: int = 0
+    consistency_weight: float = 1.0
+    precision: str = "float32"
+    jit_compile: bool = False
+    strategy: str = "one_device"
+    tpu: str = ""
+    steps_per_execution: int = 1
+    seed: int = 0
+    intra_op_threads: int = 0  # 0 = TF's default (all cores)
+    inter_op_threads: int = 0
+    # timing
+    warmup: int = 2  # untimed executions (tracing, oneDNN kernel selection)
+    repeats: int = 7  # timed executions (rounds)
+    matmul_size: int = 4096
+    ablate: bool = False
+    # input pipeline mode
+    input_only: bool = False
+    num_jpegs: int = 512
+    input_batch_size: int = 64
+    input_window: int = 4  # batches per timed window
+    jpeg_dir: str = ""  # "" = generate in a temp dir
+
+    def check(self):
+        def need(ok, message):
+            if not ok:
+                raise UserError(message)
+        need(self.precision in PRECISIONS,
+             f"unknown --precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        need(self.strategy in STRATEGIES,
+             f"unknown --strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        need(self.intra_op_threads >= 0 and self.inter_op_threads >= 0,
+             "--intra_op_threads and --inter_op_threads must be >= 0 (0 = TF's default)")
+        for name in ("image_size", "batch_size", "queue_size", "repeats", "matmul_size",
+                     "steps_per_execution", "num_jpegs", "input_batch_size", "input_window"):
+            need(getattr(self, name) > 0, f"--{name}={getattr(self, name)} must be > 0")
+        need(self.warmup >= 0, f"--warmup={self.warmup} must be >= 0")
+        self.train_config().check()
+        return self
+
+    def train_config(self):
+        """The TrainConfig whose model and compile settings are benchmarked."""
+        return TrainConfig(
+            model_dir="(benchmark)", image_size=self.image_size, backbone=self.backbone,
+            head=self.head, dim=self.dim, queue_size=self.queue_size, bn=self.bn,
+            bn_groups=self.bn_groups, consistency_weight=self.consistency_weight,
+            batch_size=self.batch_size, strategy=self.strategy, tpu=self.tpu,
+            precision=self.precision, jit_compile=self.jit_compile,
+            steps_per_execution=self.steps_per_execution, seed=self.seed, train_steps=10**6)
+
+
+HELP = {
+    "backbone": "resnet18 | resnet34 | resnet50 | resnet18_cifar | tiny",
+    "image_size": "side of the square crops",
+    "batch_size": "global batch size",
+    "queue_size": "K, number of negative keys (a multiple of --batch_size)",
+    "dim": "projection dimension",
+    "head": "projection head: linear | mlp",
+    "bn": "key encoder BN: shuffle | sync | local",
+    "bn_groups": "shuffle-BN groups per replica (0 = 1 per replica, 4 on one replica)",
+    "consistency_weight": "alpha of the CO2 term",
+    "precision": "float32 | mixed_bfloat16 | mixed_float16",
+    "jit_compile": "XLA-compile the train step",
+    "strategy": "auto | one_device | mirrored | multi_worker | tpu",
+    "tpu": "TPU name or address (local on a TPU VM)",
+    "steps_per_execution": "train steps per host call",
+    "intra_op_threads": "TF threads per op (0 = TF's default: all cores); the matmul "
+                        "ceiling then runs cores / intra_op_threads matmuls at once",
+    "inter_op_threads": "TF ops run at once (0 = TF's default)",
+    "seed": "seed of weights and synthetic inputs",
+    "warmup": "untimed executions before timing",
+    "repeats": "timed executions (the median is reported)",
+    "matmul_size": "N of the float32 N x N matmul that measures the ceiling",
+    "ablate": "also time a bare step (encoders only) to price CO2 term + EMA + queue, "
+              "and the backbones' convs alone (no BN) for the ceiling of the step",
+    "input_only": "benchmark the input pipeline instead of the train step",
+    "num_jpegs": "--input_only: JPEGs generated (400-500 x 300-375 px)",
+    "input_batch_size": "--input_only: batch size of the pipeline",
+    "input_window": "--input_only: batches per timed window",
+    "jpeg_dir": "--input_only: use this folder:PATH image folder instead of generated JPEGs",
+}
+
+
+# ------------------------------------------------------------------- helpers
+def _median(values):
+    return float(statistics.median(values))
+
+
+def _sig(x, digits=6):
+    """x rounded to `digits` significant digits.
+
+    Significant digits, not decimals: the fields must agree with each other
+    (utilisation = gflops_per_sec / matmul_gflops_per_sec) to 0.1% at any
+    scale, a tiny test model's 10 ms step as well as a ResNet's 5 s one.
+    """
+    return float(f"{x:.{digits}g}")
+
+
+def cores_available():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def environment():
+    """What the numbers depend on: versions, cores, load."""
+    import keras
+    import tensorflow as tf
+    return {"tensorflow": tf.__version__, "keras": keras.__version__,
+            "cores": cores_available(), "machine": platform.machine(),
+            "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
+def matmul_timer(n, parallel=1):
+    """A callable run(count) timing `count` calls; returns seconds per call.
+
+    A call is `parallel` independent float32 n x n matmuls (TF runs them
+    concurrently on its inter-op threads): 2 n^3 * parallel FLOPs. With one
+    intra-op thread per op, it takes one matmul per core to use the machine.
+    The results are reduced to a scalar inside the call: no copy to the host
+    is timed.
+    """
+    import tensorflow as tf
+    pairs = [(tf.random.stateless_normal([n, n], seed=[1, i]),
+              tf.random.stateless_normal([n, n], seed=[2, i])) for i in range(parallel)]
+
+    @tf.function
+    def matmul(pairs):
+        return tf.add_n([tf.reduce_sum(tf.matmul(a, b)) for a, b in pairs])
+
+    def run(count=1):
+        start = time.perf_counter()
+        for _ in range(count):
+            matmul(pairs).numpy()
+        return (time.perf_counter() - start) / count
+    run()  # trace and warm up
+    return run
+
+
+def _exact_conv_backprop_flops(op):
+    """2 x the multiply-adds of the forward conv whose gradient `op` computes.
+
+    Both backward ops of a conv do exactly its forward multiply-adds. TF's
+    registered formulas (input area / stride^2) overcount convs whose padding
+    is explicit, e.g. the stride-2 3x3 convs of torchvision ResNets
+    (34^2 / 4 = 289 positions for 16^2 = 256 outputs).
+    """
+    out_backprop = op.inputs[2].shape.as_list()  # the forward conv's output
+    if op.type == "Conv2DBackpropInput":
+        kh, kw, in_depth, _ = op.inputs[1].shape.as_list()
+    else:  # Conv2DBackpropFilter: inputs are (image, filter_sizes, out_backprop)
+        kh, kw, in_depth, _ = op.outputs[0].shape.as_list()
+    return 2 * int(np.prod(out_backprop)) * kh * kw * in_depth
+
+
+def _live_ops(graph):
+    """Ops a call of the function graph runs: what its outputs and side effects need."""
+    pending = [t.op for t in graph.outputs] + list(graph.control_outputs)
+    live = set()
+    while pending:
+        op = pending.pop()
+        if op not in live:
+            live.add(op)
+            pending.extend(t.op for t in op.inputs)
+            pending.extend(op.control_inputs)
+    return live
+
+
+def matmul_parallelism():
+    """Concurrent matmuls that use every core: cores / intra-op threads (0 = all cores)."""
+    import tensorflow as tf
+    intra = tf.config.threading.get_intra_op_parallelism_threads()
+    return max(1, cores_available() // intra) if intra else 1
+
+
+def set_threads(intra_op, inter_op):
+    """TF's thread pools (0 = TF's default); only before TF runs its first op."""
+    import tensorflow as tf
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
+def count_flops(fn, *specs):
+    """Float ops of one call of tf.function `fn`: (exact, by op type, TF profiler total).
+
+    Per op, TF's registered FLOP statistics (what tf.compat.v1.profiler's
+    float_operation view sums: 2 per multiply-add in convolutions, their two
+    backward ops and matmuls; 1 per element in element-wise ops), with two
+    corrections that make it exact: a conv's two backward ops count the
+    multiply-adds of the forward conv, and ops whose outputs nothing reads
+    (e.g. the first conv's input gradient, which the gradient function emits
+    and Grappler prunes) are not run, so not counted. The profiler's own total
+    is returned too.
+    """
+    import collections
+
+    import tensorflow as tf
+    from tensorflow.python.framework import ops as tf_ops
+    from tensorflow.python.util import deprecation
+    graph = fn.get_concrete_function(*specs).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    breakdown = collections.Counter()
+    with deprecation.silence():  # the profiler's v1 shape helpers warn on every use
+        profiler_total = int(tf.compat.v1.profiler.profile(graph=graph,
+                                                           options=options).total_float_ops)
+        live = _live_ops(graph)
+        for op in graph.get_operations():
+            if op not in live:
+                continue  # pruned before running
+            if op.type in ("Conv2DBackpropInput", "Conv2DBackpropFilter"):
+                breakdown[op.type] += _exact_conv_backprop_flops(op)
+                continue
+            try:
+                flops = tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value
+            except (ValueError, TypeError):  # no statistics registered, or unknown shapes
+                flops = None
+            if flops:
+                breakdown[op.type] += int(flops)
+    return sum(breakdown.values()), dict(breakdown), profiler_total
+
+
+# ------------------------------------------------------------ the train step
+def _synthetic_dataset_fn(config):
+    """Two fixed crops per image, in memory: the input costs nothing."""
+    import tensorflow as tf
+    rng = np.random.RandomState(config.seed)
+    shape = (config.batch_size, config.image_size, config.image_size, 3)
+    x_q = rng.rand(*shape).astype("float32")
+    x_k = rng.rand(*shape).astype("float32")
+
+    def dataset_fn(context):
+        b = context.get_per_replica_batch_size(config.batch_size)
+        start = context.input_pipeline_id * b
+        ds = tf.data.Dataset.from_tensors((x_q[start:start + b], x_k[start:start + b]))
+        return ds.repeat()
+    return dataset_fn
+
+
+def bare_step_fn(model, shuffle_bn):
+    """A train step with only the two encoders: what CO2's extras are priced against.
+
+    Query forward + backward + optimizer update and key forward (with the
+    model's shuffle-BN if `shuffle_bn`, else one plain batch); no InfoNCE, no
+    CO2 term, no EMA, no queue update. The loss is -mean(q . k).
+    """
+    import tensorflow as tf
+
+    def step(data):
+        x_q, x_k = data
+        ctx = tf.distribute.get_replica_context()
+        global_b = tf.cast(tf.shape(x_q)[0] * ctx.num_replicas_in_sync, tf.float32)
+        if shuffle_bn:
+            keys, _ = model.encode_keys(x_k, model.optimizer.iterations)
+        else:
+            keys = tf.stop_gradient(model._encode_key_groups(x_k, 1))
+        qvars = model.query_variables
+        with tf.GradientTape() as tape:
+            q = model.encode_query(x_q, training=True)
+            loss = -tf.reduce_sum(q * keys) / global_b
+            scaled = model.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, qvars)
+        model.optimizer.apply_gradients(zip(grads, qvars))
+        return {"loss": ctx.all_reduce("sum", loss)}
+    return step
+
+
+def convs_only_step(config):
+    """The step's convolutions with nothing around them: a ceiling for the step.
+
+    Query-backbone forward + backward and key-backbone forward of the same
+    backbone built without normalisation (bn="none"), on one device, with
+    no head, loss terms, optimizer, EMA or queue. Its utilisation is what
+    this machine's conv kernels reach on this network; the step cannot do
+    better, and the gap between the two is BN, ReLU, residual adds and the
+    rest of the step. Returns (tf.function of (x_q, x_k), its FLOPs).
+    """
+    import tensorflow as tf
+    from co2_tf import backbones
+    query = backbones.build_backbone(config.backbone, config.image_size, bn="none",
+                                     seed=config.seed)
+    key = backbones.build_backbone(config.backbone, config.image_size, bn="none",
+                                   seed=config.seed + 1)
+
+    @tf.function
+    def step(x_q, x_k):
+        k = tf.stop_gradient(key(x_k, training=True))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(query(x_q, training=True) * k, tf.float32))
+        grads = tape.gradient(loss, query.trainable_variables)
+        # Every gradient is used, so no conv backward op is pruned.
+        return {"loss": tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])}
+
+    spec = tf.TensorSpec([config.batch_size, config.image_size, config.image_size, 3],
+                         tf.float32)
+    flops, _, _ = count_flops(step, spec, spec)
+    return step, flops
+
+
+def _executor(model, step_fn=None):
+    """Keras's train-function harness (the one fit uses) around `step_fn`."""
+    if step_fn is None:
+        model.make_train_function()
+        return model.train_function
+    make = getattr(model, "_make_function", None)
+    if make is None:
+        raise UserError("this Keras version has no Trainer._make_function: run without --ablate")
+    return make(step_fn)
+
+
+def _timer(function, iterator):
+    def run():
+        start = time.perf_counter()
+        logs = function(iterator)
+        float(logs["loss"])  # waits for the execution to finish
+        return time.perf_counter() - start
+    return run
+
+
+def _make_strategy(config):
+    from co2_tf import distribute
+    return distribute.make_strategy(config.strategy, config.tpu or None)
+
+
+def benchmark_train_step(config, strategy=None):
+    """Times CO2Model.train_step as training.train runs it; returns the JSON dict."""
+    import tensorflow as tf
+    from co2_tf import training
+
+    config.check()
+    env_before = environment()
+    strategy = strategy or _make_strategy(config)
+    replicas = strategy.num_replicas_in_sync
+    train_config = config.train_config()
+    groups = train_config.check_replicas(replicas)
+    with strategy.scope():
+        model = training.build_model(train_config, groups)
+        optimizer = training.build_optimizer(train_config, steps_per_epoch=1000,
+                                             total_steps=10**6)
+        training.compile_model(model, optimizer, train_config)
+
+    # FLOPs of one global step, from the graph of the step on every replica.
+    b = config.batch_size // replicas
+    spec = tf.TensorSpec([b, config.image_size, config.image_size, 3], tf.float32)
+    flop_method = ("TF profiler FLOP statistics per op of the train_step graph (fwd+bwd "
+                   "query, fwd key, losses, EMA, queue), conv backward ops recounted "
+                   "exactly, unused ops excluded; see co2_tf.benchmark.count_flops")
+    profiler_flop_per_image = None
+    try:
+        step_graph = tf.function(lambda x_q, x_k: strategy.run(model.train_step,
+                                                               args=((x_q, x_k),)))
+        with strategy.scope():
+            total_flops, by_op, profiler_flops = count_flops(step_graph, spec, spec)
+        if not total_flops:  # e.g. TPUStrategy: the step is one opaque TPU op here
+            raise ValueError("no FLOP statistics in this strategy's step graph")
+        flop_per_image = total_flops / config.batch_size
+        profiler_flop_per_image = profiler_flops / config.batch_size
+    except Exception as e:  # report the time anyway
+        flop_per_image, by_op = None, {}
+        flop_method = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+
+    iterator = iter(strategy.distribute_datasets_from_function(_synthetic_dataset_fn(config)))
+    timers = {"step": _timer(_executor(model), iterator)}
+    if config.ablate:
+        timers["bare"] = _timer(_executor(model, bare_step_fn(model, False)), iterator)
+        if config.bn == "shuffle":
+            timers["bare_shuffle"] = _timer(_executor(model, bare_step_fn(model, True)),
+                                            iterator)
+        if replicas == 1:
+            convs_fn, convs_flops = convs_only_step(config)
+            rng = np.random.RandomState(config.seed)
+            shape = (config.batch_size, config.image_size, config.image_size, 3)
+            convs_inputs = [tf.constant(rng.rand(*shape).astype("float32")) for _ in "qk"]
+            timers["convs_only"] = _timer(lambda _: convs_fn(*convs_inputs), None)
+    parallel = matmul_parallelism()
+    matmul = matmul_timer(config.matmul_size, parallel)
+    warm = {name: [run() for _ in range(config.warmup)] for name, run in timers.items()}
+    # The ceiling is timed over about as long as one step, just before and
+    # just after it: this machine's speed drifts (shared host), and a matmul
+    # burst much shorter than the step would sample another moment.
+    step_guess = min(warm["step"]) if warm["step"] else timers["step"]()
+    matmuls = max(1, round(step_guess / matmul(2)))
+    samples = {name: [] for name in timers}
+    samples["matmul"] = []
+    matmul_pairs = []
+    for _ in range(config.repeats):
+        # Interleaved, so that every timer sees the same load.
+        before = matmul(matmuls)
+        samples["step"].append(timers["step"]())
+        after = matmul(matmuls)
+        samples["matmul"] += [before, after]
+        matmul_pairs.append((before, after))
+        for name in ("bare", "bare_shuffle", "convs_only"):
+            if name in timers:
+                samples[name].append(timers[name]())
+
+    spe = config.steps_per_execution
+    step_s = _median(samples["step"]) / spe
+    matmul_flops = 2 * config.matmul_size ** 3 * parallel
+    matmul_gflops = matmul_flops / _median(samples["matmul"]) / 1e9
+    result = {
+        "benchmark": "train_step",
+        "backbone": config.backbone, "image_size": config.image_size,
+        "batch_size": config.batch_size, "queue_size": config.queue_size,
+        "precision": config.precision, "jit_compile": bool(model.jit_compile),
+        "jit_compile_requested": config.jit_compile,
+        "strategy": type(strategy).__name__, "replicas": replicas, "bn": config.bn,
+        "bn_groups": groups, "steps_per_execution": spe,
+        "images_per_sec": _sig(config.batch_size / step_s, 4),
+        "step_ms": _sig(1000 * step_s, 4),
+        "step_ms_samples": [_sig(1000 * t / spe, 4) for t in samples["step"]],
+        "gflop_per_image": None if flop_per_image is None else _sig(flop_per_image / 1e9),
+        "flop_count_method": flop_method,
+        "gflop_per_image_by_op": {k: _sig(v / config.batch_size / 1e9) for k, v in
+                                  sorted(by_op.items(), key=lambda kv: -kv[1])},
+        "matmul_size": config.matmul_size,
+        "matmul_gflops_per_sec": _sig(matmul_gflops, 4),
+        "matmuls_per_sample": matmuls,
+        "matmul_parallel": parallel,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "warmup_executions": config.warmup, "timed_executions": config.repeats,
+    }
+    if flop_per_image is not None:
+        gflops = flop_per_image * config.batch_size / step_s / 1e9
+        result["gflops_per_sec"] = _sig(gflops, 4)
+        result["utilisation"] = _sig(gflops / matmul_gflops, 4)
+        # Round by round: the step against the matmuls just before and after
+        # it; the median of these ratios is the figure least moved by load.
+        ratios = [flop_per_image * config.batch_size / (t / spe)
+                  / (matmul_flops / (sum(pair) / 2))
+                  for t, pair in zip(samples["step"], matmul_pairs)]
+        result["utilisation_per_round"] = [round(r, 3) for r in ratios]
+        result["utilisation_paired_median"] = round(_median(ratios), 3)
+        result["gflop_per_image_tf_profiler_total"] = _sig(profiler_flop_per_image / 1e9)
+    if config.ablate:
+        bare = _median(samples["bare"]) / spe
+        result["step_ms_bare"] = _sig(1000 * bare, 4)
+        result["overhead_fraction"] = round(step_s / bare - 1, 4)
+        if "bare_shuffle" in samples:
+            bare_shuffle = _median(samples["bare_shuffle"]) / spe
+            result["step_ms_bare_shuffle_bn"] = _sig(1000 * bare_shuffle, 4)
+            result["overhead_fraction_vs_shuffle_bn"] = round(step_s / bare_shuffle - 1, 4)
+        if "convs_only" in samples:
+            convs_s = _median(samples["convs_only"])
+            result["step_ms_convs_only"] = _sig(1000 * convs_s, 4)
+            result["gflop_per_image_convs_only"] = _sig(convs_flops / config.batch_size / 1e9)
+            result["utilisation_convs_only"] = _sig(
+                convs_flops / convs_s / 1e9 / matmul_gflops, 4)
+    env = environment()
+    env["load_average_1min_before"] = env_before["load_average_1min"]
+    result.update(env)
+    return result
+
+
+# ----------------------------------------------------------- input pipeline
+def write_jpegs(root, count, seed=0):
+    """`count` JPEGs of ImageNet-like size (400-500 x 300-375 px) in root/<2 classes>/.
+
+    Smooth random colour fields plus mild noise: they compress and decode
+    like photographs (~30-60 KB), unlike pure noise.
+    """
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    for i in range(count):
+        folder = os.path.join(root, f"class_{i % 2}")
+        os.makedirs(folder, exist_ok=True)
+        w, h = rng.randint(400, 501), rng.randint(300, 376)
+        coarse = rng.randint(0, 256, size=(rng.randint(3, 9), rng.randint(3, 9), 3))
+        image = Image.fromarray(coarse.astype("uint8")).resize((w, h), Image.BICUBIC)
+        pixels = np.asarray(image, dtype=np.int16) + rng.randint(-12, 13, size=(h, w, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")).save(
+            os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+    return root
+
+
+def _time_pipeline(spec, config, image_size):
+    from co2_tf import data
+    dataset = data.pretrain_dataset_fn(
+        spec, split="train", image_size=image_size, augment="mocov2", seed=config.seed,
+        global_batch_size=config.input_batch_size)(None)
+    iterator = iter(dataset)
+    for _ in range(max(1, config.warmup)):  # fills the prefetch buffers, warms the threads
+        for _ in range(config.input_window):
+            next(iterator)
+    rates, cpu, wall = [], 0.0, 0.0
+    for _ in range(config.repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for _ in range(config.input_window):
+            v1, _ = next(iterator)
+        v1.numpy()
+        elapsed = time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
+        wall += elapsed
+        rates.append(config.input_window * config.input_batch_size / elapsed)
+    return {"source_images_per_sec": round(_median(rates), 1),
+            "window_images_per_sec": [round(r, 1) for r in rates],
+            "cores_used": round(cpu / wall, 2)}
+
+
+def benchmark_input(config):
+    """Two-crop MoCo v2 source images/s of pretrain_dataset_fn (JPEG folder and builtin)."""
+    from co2_tf import image_files, sources
+    config.check()
+    env_before = environment()
+    result = {"benchmark": "input_pipeline", "augment": "mocov2",
+              "image_size": config.image_size, "batch_size": config.input_batch_size,
+              "window_batches": config.input_window, "timed_windows": config.repeats,
+              "cores_available": cores_available()}
+    with tempfile.TemporaryDirectory(prefix="co2_jpegs_") as tmp:
+        root = config.jpeg_dir or write_jpegs(tmp, config.num_jpegs, config.seed)
+        listing = image_files.list_folder(root)
+        sizes = [os.path.getsize(f) for f in listing.files]
+        result["jpeg"] = dict(_time_pipeline(sources.parse_dataset_spec(f"folder:{root}"), config,
+                                             config.image_size),
+                              files=len(listing.files),
+                              mean_file_kb=round(sum(sizes) / len(sizes) / 1024, 1))
+    result["builtin"] = _time_pipeline(sources.parse_dataset_spec("builtin"), config,
+                                       config.image_size)
+    env = environment()
+    env["load_average_1min_before"] = env_before["load_average_1min"]
+    result.update(env)
+    return result
+
+
+def run(config):
+    """The benchmark the config asks for: a JSON-ready dict."""
+    return benchmark_input(config) if config.input_only else benchmark_train_step(config)

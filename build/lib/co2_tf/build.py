@@ -1,0 +1,83 @@
+"""Building a run's networks and optimizer from its TrainConfig.
+
+Training, evaluation, export and the benchmark all build through here, so a
+model rebuilt for evaluation is exactly the one that was trained. Nothing
+here trains, checkpoints or touches files.
+"""
+
+import dataclasses
+
+from co2_tf import backbones, distribute, fused_batchnorm, optimizers, precision
+from co2_tf.model import CO2Model
+
+
+def in_float32(config):
+    """The run's config computing in float32 (evaluation and export compute exactly)."""
+    return dataclasses.replace(config, precision="float32")
+
+
+def backbone_fn(config):
+    """The builder the model calls for its query and key backbones."""
+    bn = "sync" if config.bn == "sync" else "local"
+
+    def build(model_name):
+        with precision.policy_scope(config.precision):
+            backbone = backbones.build_backbone(config.backbone, config.image_size, bn=bn,
+                                                model_name=model_name, seed=config.seed)
+        # Same BN semantics, one fused op per BN layer (the step's main cost otherwise).
+        return fused_batchnorm.fuse_batch_norm(backbone)
+    return build
+
+
+def build_model(config, bn_groups):
+    """A CO2Model for `config`; call under the strategy's scope.
+
+    The encoders compute in `config.precision` (see co2_tf.precision); the
+    queue, the losses and all variables stay float32.
+    """
+    with precision.policy_scope(config.precision):
+        return CO2Model(
+            backbone_fn(config), image_size=config.image_size, head=config.head, dim=config.dim,
+            queue_size=config.queue_size, ema_momentum=config.ema_momentum,
+            temperature=config.temperature,
+            consistency_temperature=config.consistency_temperature,
+            consistency_weight=config.consistency_weight, bn=config.bn, bn_groups=bn_groups,
+            seed=config.seed, name="co2")
+
+
+def build_optimizer(config, steps_per_epoch, total_steps):
+    """The pretraining optimizer and its learning-rate schedule."""
+    schedule = optimizers.make_lr_schedule(
+        config.schedule, base_learning_rate=config.learning_rate, total_steps=total_steps,
+        warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)))
+    optimizer = optimizers.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
+                                          weight_decay=config.weight_decay)
+    # mixed_float16: dynamic loss scaling (train_step calls optimizer.scale_loss).
+    return precision.wrap_optimizer(optimizer, config.precision)
+
+
+def compile_model(model, optimizer, config):
+    """Compiles for our custom train_step and creates the optimizer's slots now.
+
+    The optimizer is built on the query encoder only: the key encoder is
+    trainable (for BN batch statistics) but never receives gradients.
+    --jit_compile where XLA cannot work (several replicas on CPU devices)
+    falls back to no XLA with a one-line warning (distribute.resolve_jit_compile).
+    """
+    jit_compile = distribute.resolve_jit_compile(config.jit_compile, model.distribute_strategy)
+    model.compile(optimizer=optimizer, jit_compile=jit_compile,
+                  steps_per_execution=config.steps_per_execution)
+    optimizer.build(model.query_variables)
+
+
+def any_size_copy(run_config, backbone):
+    """A float32 copy of a run's backbone with local BN that takes any image size.
+
+    Rebuilt rather than reused: the copy depends neither on the training's
+    strategy, BN mode or precision nor on its input size, and is named after
+    its architecture.
+    """
+    copy = backbones.build_backbone(run_config.backbone, None, bn="local",
+                                    model_name=run_config.backbone)
+    copy.set_weights(backbone.get_weights())
+    return copy

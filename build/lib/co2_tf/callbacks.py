@@ -1,0 +1,214 @@
+"""What runs beside Keras's fit during pretraining.
+
+- checkpoints every N steps, at epoch ends and on SIGTERM (preemption),
+  refusing a non-finite loss or non-finite weights;
+- the checkpoint manager of a non-chief worker of a multi-worker run;
+- Keras's TensorBoard callback with batch summaries at the global step;
+- the weighted kNN monitor of the query backbone.
+"""
+
+import contextlib
+import logging
+import signal
+import threading
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from co2_tf import build, data, keras_compat
+from co2_tf.errors import UserError
+from co2_tf.evaluation import knn as knn_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(Exception):
+    """The loss or the weights became NaN or Inf; the last good checkpoint is kept."""
+
+    def __init__(self, step, last_checkpoint_step, what="the loss is"):
+        self.step = step
+        super().__init__(
+            f"{what} not finite at step {step}; stopped without saving it. The last good "
+            f"checkpoint (step {last_checkpoint_step}) is intact: lower --learning_rate or "
+            "check the data, then rerun to resume from it")
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of the current step was written."""
+
+    def __init__(self, step):
+        self.step = step
+        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint written, rerun the "
+                         "same command to resume")
+
+
+class PreemptionWatcher(contextlib.AbstractContextManager):
+    """Turns SIGTERM into a flag that the checkpoint callback acts on at a step end."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves every N steps, at epoch ends and on SIGTERM; refuses non-finite losses.
+
+    Keras calls it once per execution: with --steps_per_execution=k the step
+    advances by k between calls, so "every N steps" means at the first
+    execution end at or past each multiple of N, and the loss checked is the
+    one of the execution's last step.
+    """
+
+    def __init__(self, manager, every_steps, preemption):
+        super().__init__()
+        self.manager = manager
+        self.every_steps = every_steps
+        self.preemption = preemption
+        self.last_saved_step = None
+        self.preempted_at = None
+        self._previous_step = 0
+
+    def on_train_begin(self, logs=None):
+        self._previous_step = self._step()
+
+    def _step(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def save(self, step):
+        if step == self.last_saved_step:
+            return
+        # A finite loss does not prove finite weights: BN moving statistics
+        # overflow a step before the loss does. Checked only when saving.
+        if not all(bool(tf.reduce_all(tf.math.is_finite(w)))
+                   for w in self.model.weights if keras.backend.is_float_dtype(w.dtype)):
+            raise NonFiniteLoss(step, self.last_saved_step or 0, what="the weights are")
+        self.manager.save(checkpoint_number=step)
+        self.last_saved_step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._step()
+        previous, self._previous_step = self._previous_step, step
+        loss = float(logs["loss"]) if logs and "loss" in logs else 0.0
+        if not np.isfinite(loss):
+            raise NonFiniteLoss(step, self.last_saved_step or 0)
+        if self.preemption.requested:
+            self.save(step)
+            self.preempted_at = step
+            self.model.stop_training = True
+        elif step // self.every_steps > previous // self.every_steps:
+            self.save(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.preempted_at is None:
+            self.save(self._step())
+
+
+class WorkerCheckpointManager:
+    """What a non-chief worker of a multi-worker run saves with and restores from.
+
+    Its saves are scratch (written to `scratch_dir`, deleted at once: the
+    chief's copy of the same values is the checkpoint); `latest_checkpoint`
+    is the chief's, so a restarted worker resumes from the same step as the
+    chief. The model dir must be shared by all workers (gs://, NFS).
+    """
+
+    def __init__(self, checkpoint, chief_dir, scratch_dir):
+        self.checkpoint = checkpoint
+        self.chief_dir = chief_dir
+        self.scratch_dir = scratch_dir
+
+    @property
+    def latest_checkpoint(self):
+        return tf.train.latest_checkpoint(self.chief_dir)
+
+    def save(self, checkpoint_number=None):
+        path = tf.train.CheckpointManager(self.checkpoint, self.scratch_dir, max_to_keep=1).save(
+            checkpoint_number=checkpoint_number)
+        tf.io.gfile.rmtree(self.scratch_dir)
+        return path
+
+
+class GlobalStepTensorBoard(keras.callbacks.TensorBoard):
+    """Keras's TensorBoard callback, with batch summaries at the global step.
+
+    Keras numbers batch summaries from 0 at every fit() call; a resumed run
+    would then draw over its own curves.
+    """
+
+    def _global_step(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        keras_compat.set_tensorboard_batch_step(self, self._global_step())
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # One call runs steps_per_execution steps: label with the last of them.
+        keras_compat.set_tensorboard_batch_step(
+            self, keras_compat.tensorboard_batch_step(self) + self.model.steps_per_execution - 1)
+        super().on_train_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.steps_per_execution > 1:  # a last, shorter execution
+            keras_compat.set_tensorboard_batch_step(self, self._global_step())
+        super().on_train_batch_end(batch, logs)
+
+
+class KnnMonitor(keras.callbacks.Callback):
+    """Weighted kNN top-1 of the query backbone every N epochs, into the epoch logs."""
+
+    def __init__(self, evaluate, every_epochs):
+        super().__init__()
+        self.evaluate = evaluate
+        self.every_epochs = every_epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every_epochs and (epoch + 1) % self.every_epochs == 0 and logs is not None:
+            # Logs is the dict every callback sees: TensorBoard (later in the
+            # list) writes it as epoch_knn_top1.
+            logs["knn_top1"] = self.evaluate(self.model.query_backbone)
+
+
+def knn_evaluator(config, source):
+    """A function backbone -> kNN top-1 on the held-out split, or None if there is none.
+
+    The held-out split is --eval_split, else the dataset's usual one
+    (`Source.default_eval_split`); without one the monitor is off (one log line).
+    """
+    try:
+        eval_split = config.eval_split or source.default_eval_split()
+    except UserError as e:
+        log.warning("kNN monitor off: %s", e)
+        return None
+    common = dict(image_size=config.image_size, batch_size=256, transform="eval")
+    bank = data.labelled_dataset(source, split=config.split, **common)
+    queries = data.labelled_dataset(source, split=eval_split, **common)
+    classes = len(source.class_names(config.split))
+    local_copy = []
+
+    def evaluate(backbone):
+        if isinstance(backbone.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras's predict under MultiWorkerMirroredStrategy gathers every
+            # worker's outputs (twice the features for the labels): evaluate a
+            # copy made outside the strategy, on this worker's values.
+            if not local_copy:
+                local_copy.append(build.backbone_fn(config)("knn_backbone"))
+            local_copy[0].set_weights(backbone.get_weights())
+            backbone = local_copy[0]
+        return knn_lib.knn_top1(backbone, bank, queries, classes, k=config.knn_k,
+                                temperature=config.knn_temperature)
+    return evaluate

@@ -1,0 +1,113 @@
+"""Choosing and creating the tf.distribute strategy.
+
+co2_tf only uses tf.distribute's own engines: one device, MirroredStrategy
+(one host, several GPUs), MultiWorkerMirroredStrategy (several hosts, cluster
+from TF_CONFIG) and TPUStrategy (a TPU VM or pod slice).
+"""
+
+import json
+import logging
+import os
+
+import tensorflow as tf
+
+from co2_tf.config import STRATEGIES
+from co2_tf.errors import UserError
+
+
+def resolve_kind(kind, tpu=None):
+    """What `auto` means here: TPU when an address is given, mirrored with >1 GPU."""
+    if kind not in STRATEGIES:
+        raise UserError(f"unknown --strategy={kind!r}: use one of {', '.join(STRATEGIES)}")
+    if kind != "auto":
+        return kind
+    if tpu:
+        return "tpu"
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return "mirrored"
+    return "one_device"
+
+
+def make_strategy(kind="auto", tpu=None):
+    """Creates the strategy. Must run before any other TF op touches devices."""
+    kind = resolve_kind(kind, tpu)
+    if kind == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if kind == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        cpus = tf.config.list_logical_devices("CPU")
+        # With no GPU, mirror over logical CPU devices (how tests and CPU
+        # proxies run real multi-replica code).
+        return tf.distribute.MirroredStrategy([d.name for d in (gpus or cpus)])
+    if kind == "multi_worker":
+        _check_tf_config()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    # TPU VM: tpu="local"; a remote TPU: its name or grpc:// address.
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, tf.errors.OpError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot reach TPU {tpu or 'local'!r} ({first}): check --tpu "
+                        "(use --tpu=local on a TPU VM) or use another --strategy") from None
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def _check_tf_config():
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise UserError("--strategy=multi_worker needs the cluster in the TF_CONFIG environment "
+                        "variable (see README, 'Several hosts')")
+    try:
+        cfg = json.loads(raw)
+        cfg["cluster"]["worker"], cfg["task"]["index"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError("TF_CONFIG is not valid: it needs {\"cluster\": {\"worker\": [...]}, "
+                        "\"task\": {\"type\": \"worker\", \"index\": N}}") from None
+
+
+def xla_problem(strategy):
+    """Why XLA cannot compile the train step under `strategy`, or None if it can.
+
+    With several replicas on CPU devices (MirroredStrategy over logical CPUs,
+    MultiWorkerMirroredStrategy on CPU hosts) XLA fails deep in TF: a replica
+    reads variables placed on another device ("Trying to access resource ...
+    located in device CPU:1 from device CPU:0"), and XLA on CPU has no
+    collective ops for the cross-worker all-reduce.
+    """
+    if strategy.num_replicas_in_sync > 1 and any(
+            "CPU" in device.upper() for device in strategy.extended.worker_devices):
+        return (f"XLA cannot compile a train step replicated over "
+                f"{strategy.num_replicas_in_sync} replicas on CPU devices")
+    return None
+
+
+def resolve_jit_compile(requested, strategy):
+    """The jit_compile to give Keras: False where XLA would fail, with one warning line.
+
+    TPUStrategy compiles every step with XLA by itself: Keras's flag is not
+    needed there (and is left off so that the step is not compiled twice).
+    """
+    if not requested:
+        return False
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return False
+    problem = xla_problem(strategy)
+    if problem:
+        logging.getLogger(__name__).warning(
+            "--jit_compile ignored: %s; training without XLA (XLA works with one replica, "
+            "on GPUs and on TPU)", problem)
+        return False
+    return True
+
+
+def is_chief(strategy):
+    """Whether this process writes checkpoints, summaries and reports."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type in (None, "chief") or (task_type == "worker" and task_id == 0
+                                            and "chief" not in resolver.cluster_spec().as_dict())

@@ -1,0 +1,217 @@
+"""What every evaluation tool shares: the representation, the data, where results go.
+
+`EvalConfig` holds the common flags: where the representation comes from (a
+run dir's latest checkpoint, a named checkpoint, or an exported
+backbone.keras, see co2_tf.rundir and co2_tf.export) and which labelled data
+to evaluate it on. `load_backbone` and `resolve_data` turn it into a backbone
+and a checked dataset description; `output_dir` and `write_results` place the
+results.
+"""
+
+import dataclasses
+
+import keras
+
+from co2_tf import build, data, io, rundir
+from co2_tf.errors import UserError
+from co2_tf.sources import make_source
+
+LOG_SUBDIR = "logs"  # TensorBoard, in a tool's output dir
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """What every evaluation tool shares: the representation and the data."""
+    # the representation: a run dir (latest checkpoint), a checkpoint, or an export
+    model_dir: str = ""
+    checkpoint: str = ""
+    keras_model: str = ""
+    random_init: bool = False
+    # the data ("" = what the run was pretrained on)
+    dataset: str = ""
+    data_dir: str = ""
+    split: str = ""
+    eval_split: str = ""
+    image_size: int = 0
+    batch_size: int = 256
+    output_dir: str = ""
+    seed: int = 0
+
+    def check(self):
+        """Static checks (no TF, no files): raises UserError on the first problem."""
+        if self.keras_model and (self.model_dir or self.checkpoint):
+            raise UserError("pass either --keras_model or --model_dir/--checkpoint, not both")
+        if not (self.keras_model or self.model_dir or self.checkpoint):
+            raise UserError("nothing to evaluate: pass --model_dir=RUN_DIR (its latest "
+                            "checkpoint), --checkpoint=RUN_DIR/checkpoints/ckpt-N or "
+                            "--keras_model=EXPORT_DIR/backbone.keras")
+        if self.image_size < 0:
+            raise UserError(f"--image_size={self.image_size} must be > 0 (0 = the run's)")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch_size={self.batch_size} must be > 0")
+        return self
+
+
+EVAL_HELP = {
+    "model_dir": "pretraining run dir: evaluates its latest checkpoint",
+    "checkpoint": "a checkpoint of a run: RUN_DIR/checkpoints/ckpt-N, or ckpt-N with --model_dir",
+    "keras_model": "an exported backbone (EXPORT_DIR/backbone.keras) instead of a run",
+    "random_init": "evaluate the same architecture with fresh random weights (a baseline)",
+    "dataset": "builtin | tfds:NAME[/CONFIG] | folder:PATH ('' = the run's dataset)",
+    "data_dir": "TFDS data_dir ('' = the run's)",
+    "split": "labelled training split ('' = the run's, else train)",
+    "eval_split": "labelled held-out split ('' = the run's, else test / validation)",
+    "image_size": "input side in pixels (0 = the run's pretraining size)",
+    "batch_size": "batch size",
+    "output_dir": "where results go ('' = a subdirectory of the run dir; required with "
+                  "--keras_model)",
+    "seed": "seed of classifier init, data order and augmentation",
+}
+
+
+@dataclasses.dataclass
+class LoadedBackbone:
+    """A backbone to evaluate: images in [0, 1] -> pooled features, and where it came from."""
+    backbone: keras.Model
+    architecture: str
+    image_size: int
+    source: str  # the checkpoint or .keras file
+    step: int | None = None
+    run_dir: str | None = None
+    run_config: object = None  # the run's TrainConfig
+    head: keras.Model | None = None  # the query projection head (runs only)
+    random_init: bool = False
+    export_info: dict | None = None  # export.json beside a .keras file
+
+    def as_dict(self):
+        return {"source": self.source, "step": self.step, "architecture": self.architecture,
+                "random_init": self.random_init, "image_size": self.image_size}
+
+
+# ----------------------------------------------------------- exported models
+def load_keras_backbone(path):
+    """A backbone saved as .keras (e.g. by tools/export.py); UserError if unusable."""
+    if not path.endswith(".keras"):
+        raise UserError(f"--keras_model={path} is not a .keras file: pass "
+                        "EXPORT_DIR/backbone.keras (tools/export.py writes it)")
+    if not io.exists(path):
+        raise UserError(f"--keras_model={path} does not exist: run tools/export.py first")
+    try:
+        model = keras.models.load_model(path)
+    except Exception as e:  # noqa: BLE001 (Keras raises many types for bad files)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {path} ({first}): pass a backbone written by "
+                        "tools/export.py") from None
+    if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
+        raise UserError(f"{path} does not map images to pooled features [N, F]: pass a "
+                        "backbone written by tools/export.py")
+    return model
+
+
+# -------------------------------------------------------------- the backbone
+def load_backbone(config: EvalConfig):
+    """The backbone `config` names, restored (or freshly initialised with random_init)."""
+    config.check()
+    if config.keras_model:
+        model = load_keras_backbone(config.keras_model)
+        info = rundir.read_export_info(config.keras_model) or {}
+        if config.random_init:
+            # Same layers and initializer seeds, fresh weights.
+            model = keras.models.clone_model(model)
+        image_size = (config.image_size or info.get("image_size")
+                      or model.inputs[0].shape[1])
+        if not image_size:
+            raise UserError(f"{config.keras_model} accepts any image size and has no "
+                            f"{rundir.EXPORT_FILE} beside it: pass --image_size")
+        return LoadedBackbone(
+            backbone=model, architecture=info.get("backbone", model.name),
+            image_size=int(image_size), source=io.absolute(config.keras_model),
+            step=info.get("step"), random_init=config.random_init, export_info=info)
+    run = rundir.load_run(config.model_dir, config.checkpoint,
+                          restore_weights=not config.random_init)
+    backbone = run.model.query_backbone
+    if config.random_init:
+        # What training's summary calls knn_top1_random_init: the same builder.
+        backbone = build.backbone_fn(build.in_float32(run.config))("random_init_backbone")
+    if config.image_size and config.image_size != run.config.image_size:
+        backbone = build.any_size_copy(run.config, backbone)  # the run's takes its size only
+    return LoadedBackbone(
+        backbone=backbone, architecture=run.config.backbone,
+        image_size=config.image_size or run.config.image_size,
+        source=io.absolute(run.checkpoint or run.run_dir), step=run.step,
+        run_dir=run.run_dir, run_config=run.config, head=run.model.query_head,
+        random_init=config.random_init)
+
+
+# -------------------------------------------------------------------- the data
+@dataclasses.dataclass
+class EvalData:
+    """A checked, labelled dataset to evaluate on."""
+    source: object  # co2_tf.sources.base.Source
+    split: str
+    eval_split: str
+    image_size: int
+    class_names: list
+    batch_size: int
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def labelled(self, split, transform="eval", seed=0, indices=None):
+        """(images, labels) batches of `split` (see data.labelled_dataset)."""
+        return data.labelled_dataset(
+            self.source, split=split, image_size=self.image_size,
+            batch_size=self.batch_size, transform=transform, seed=seed, indices=indices)
+
+    def as_dict(self):
+        return {"dataset": str(self.source), "split": self.split, "eval_split": self.eval_split,
+                "num_classes": self.num_classes}
+
+
+def pretraining_data(loaded):
+    """dataset / data_dir / split / eval_split the representation was pretrained with."""
+    if loaded.run_config is not None:
+        return {name: getattr(loaded.run_config, name)
+                for name in ("dataset", "data_dir", "split", "eval_split")}
+    return dict((loaded.export_info or {}).get("pretraining", {}))
+
+
+def resolve_data(config: EvalConfig, loaded: LoadedBackbone):
+    """The labelled train / eval splits to use, checked; UserError without labels.
+
+    Flags left empty inherit the pretraining run's values when the dataset is
+    the run's own.
+    """
+    pretrained = pretraining_data(loaded)
+    dataset = config.dataset or pretrained.get("dataset", "")
+    if not dataset:
+        raise UserError("which dataset? pass --dataset=builtin|tfds:NAME|folder:PATH")
+    inherited = pretrained if dataset == pretrained.get("dataset") else {}
+    source = make_source(dataset, config.data_dir or inherited.get("data_dir") or None)
+    split = config.split or inherited.get("split") or "train"
+    source.validate(split)  # first: names an unprepared dataset
+    eval_split = (config.eval_split or inherited.get("eval_split")
+                  or source.default_eval_split())
+    source.validate(eval_split)
+    names = source.class_names(split)  # UserError for unlabelled data
+    return EvalData(source=source, split=split, eval_split=eval_split,
+                    image_size=config.image_size or loaded.image_size, class_names=names,
+                    batch_size=config.batch_size)
+
+
+def output_dir(config: EvalConfig, default_name):
+    """config.output_dir, or RUN_DIR/default_name[_random_init] for a run."""
+    if config.output_dir:
+        return config.output_dir
+    if config.keras_model:  # an export is an artifact: results do not go into it
+        raise UserError("--output_dir is required with --keras_model: where to write results")
+    return io.join(rundir.run_dir_of(config.model_dir, config.checkpoint),
+                        default_name + ("_random_init" if config.random_init else ""))
+
+
+def write_results(output_dir, filename, results):
+    """Writes results as JSON (output_dir/filename) and returns its path."""
+    path = io.join(output_dir, filename)
+    io.write_json_atomic(path, results)
+    return path

@@ -1,0 +1,136 @@
+"""Features and the weighted kNN classifier; the kNN evaluation tool.
+
+The kNN classifier is InstDisc's (Wu et al. 2018), the usual monitor of
+MoCo-style pretraining: cosine similarity to a memory bank of training
+features, the k nearest neighbours vote for their class with weight
+exp(similarity / t). `knn_top1` is what the pretraining monitor reports;
+`knn_eval(KnnConfig)` is tools/knn_eval.py: the same classifier (memory
+bank: the training split, queries: the held-out split, both centre-cropped)
+from a run dir, a checkpoint or an exported backbone.keras, optionally with
+the held-out embeddings for TensorBoard's projector.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from co2_tf.errors import UserError
+from co2_tf.evaluation import common, projector
+
+
+def extract_features(backbone, dataset, normalize=True, verbose=0):
+    """Features (L2-normalised unless normalize=False) and labels of a finite dataset.
+
+    `dataset` yields (images, labels) batches; verbose=1 shows a progress bar.
+    """
+    features, labels = [], []
+    steps = int(dataset.cardinality())
+    progress = keras.utils.Progbar(steps if steps >= 0 else None, verbose=verbose,
+                                   unit_name="batch")
+    for images, y in dataset:
+        progress.add(1)
+        # Keras's own compiled predict function, traced once per model.
+        f = tf.cast(backbone.predict_on_batch(images), tf.float32)
+        features.append(tf.math.l2_normalize(f, -1) if normalize else f)
+        labels.append(tf.cast(y, tf.int32))
+    return tf.concat(features, 0), tf.concat(labels, 0)
+
+
+def knn_predict_scores(train_features, train_labels, test_features, num_classes, k=200,
+                       temperature=0.1, chunk=512):
+    """Class scores [N_test, C] of the weighted kNN vote.
+
+    Features must be L2-normalised. Test examples are processed in chunks so
+    that the [chunk, N_train] similarity matrix stays small.
+    """
+    k = min(k, int(train_features.shape[0]))
+    scores = []
+    for start in range(0, int(test_features.shape[0]), chunk):
+        sims = tf.matmul(test_features[start:start + chunk], train_features, transpose_b=True)
+        top_sims, top_idx = tf.math.top_k(sims, k=k)
+        weights = tf.exp(top_sims / temperature)
+        votes = tf.one_hot(tf.gather(train_labels, top_idx), num_classes) * weights[..., None]
+        scores.append(tf.reduce_sum(votes, axis=1))
+    return tf.concat(scores, 0)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=200,
+                 temperature=0.1):
+    """Top-1 accuracy (a fraction) of the weighted kNN classifier."""
+    scores = knn_predict_scores(train_features, train_labels, test_features, num_classes, k,
+                                temperature)
+    predicted = np.argmax(scores.numpy(), axis=-1)
+    return float(np.mean(predicted == np.asarray(test_labels)))
+
+
+def knn_top1(backbone, train_dataset, test_dataset, num_classes, k=200, temperature=0.1):
+    """kNN top-1 of `backbone` features: memory bank from train, queries from test."""
+    train_f, train_y = extract_features(backbone, train_dataset)
+    test_f, test_y = extract_features(backbone, test_dataset)
+    return knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature)
+
+
+RESULTS_FILE = "knn_eval.json"
+
+
+@dataclasses.dataclass
+class KnnConfig(common.EvalConfig):
+    k: int = 200
+    temperature: float = 0.1
+    projector_dir: str = ""
+    projector_points: int = 2000
+
+    def check(self):
+        super().check()
+        if self.k <= 0:
+            raise UserError(f"--k={self.k} must be > 0")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise UserError(f"--temperature={self.temperature} must be > 0")
+        if self.projector_points <= 0:
+            raise UserError(f"--projector_points={self.projector_points} must be > 0")
+        return self
+
+
+HELP = dict(
+    common.EVAL_HELP,
+    k="neighbours that vote",
+    temperature="vote weight exp(cosine / temperature)",
+    projector_dir="also write held-out embeddings for TensorBoard's projector here",
+    projector_points="at most this many held-out examples in the projector (the first ones)",
+)
+
+
+def knn_eval(config: KnnConfig, verbose=1):
+    """kNN top-1 / top-5 of the backbone `config` names; returns (and writes) the results."""
+    config.check()
+    out = common.output_dir(config, "knn_eval")
+    loaded = common.load_backbone(config)
+    d = common.resolve_data(config, loaded)
+    bank_f, bank_y = extract_features(loaded.backbone, d.labelled(d.split),
+                                                 verbose=verbose)
+    query_f, query_y = extract_features(loaded.backbone, d.labelled(d.eval_split),
+                                                   verbose=verbose)
+    scores = knn_predict_scores(bank_f, bank_y, query_f, d.num_classes, config.k,
+                                           config.temperature).numpy()
+    truth = query_y.numpy()
+    top5 = np.argsort(-scores, axis=1)[:, :min(5, d.num_classes)]
+    results = {
+        "top1": float(np.mean(np.argmax(scores, axis=1) == truth)),
+        "top5": float(np.mean(np.any(top5 == truth[:, None], axis=1))),
+        "k": config.k, "temperature": config.temperature,
+        "backbone": loaded.as_dict(),
+        "data": dict(d.as_dict(), image_size=d.image_size, bank_examples=int(bank_f.shape[0]),
+                     query_examples=int(query_f.shape[0])),
+    }
+    if config.projector_dir:
+        n = min(config.projector_points, int(query_f.shape[0]))
+        images = np.concatenate([x.numpy() for x, _ in d.labelled(d.eval_split).take(
+            math.ceil(n / d.batch_size))])[:n]
+        projector.write_projector(config.projector_dir, query_f[:n].numpy(), truth[:n],
+                                   d.class_names, images)
+        results["projector_dir"] = config.projector_dir
+    common.write_results(out, RESULTS_FILE, results)
+    return results

@@ -1,0 +1,212 @@
+"""Exporting the pretrained query backbone for use outside co2_tf.
+
+`export(ExportConfig(model_dir=..., export_dir=...))` writes, from a run's
+latest (or a named) checkpoint:
+
+- ``backbone.keras``: the query backbone as a plain functional Keras model
+  (built-in layers only: `keras.models.load_model` needs no co2_tf code). Its
+  weights are trainable and its BatchNormalization trains normally when
+  fine-tuned.
+- ``saved_model/``: a SavedModel written with `keras.export.ExportArchive`,
+  with endpoints (also signatures)
+    - ``serve``: float32 images [N, H, W, 3] in [0, 1] -> pooled features
+      [N, F], BN in inference mode (also ``serving_default``);
+    - ``serve_training``: the same with BN in training mode (batch statistics,
+      moving averages updated), for fine-tuning with
+      ``keras.layers.TFSMLayer(..., call_training_endpoint="serve_training")``;
+    - ``projection``: the L2-normalised query projection [N, D].
+  The model normalises its input itself (ImageNet mean / std). Any H, W
+  works; the backbone was pretrained at export.json's ``image_size``. The
+  loaded object's ``trainable_variables`` are exactly the backbone's.
+  Keras 3.15 caveat: an optimizer with slots (momentum, Adam) fails on
+  TFSMLayer weights ("'conv1_kernel:0_momentum' is not a valid scope name":
+  the layer keeps TF's ":0" in weight names). Build the optimizer on the
+  underlying tf.Variables first: ``optimizer.build([w.value for w in
+  model.trainable_weights])``, then compile and fit.
+- ``export.json``: what the export is (backbone, sizes, preprocessing, step,
+  source checkpoint, endpoints).
+
+Writes go to a temporary directory beside the target (a local path),
+renamed into place at the end: a failure leaves nothing half-written.
+"""
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import co2_tf
+from co2_tf import backbones, build, io, rundir
+from co2_tf.errors import UserError
+
+KERAS_FILE = "backbone.keras"
+SAVED_MODEL_DIR = "saved_model"
+EXPORT_FILE = rundir.EXPORT_FILE
+# Largest output difference between the export and the in-memory model that
+# the post-write check accepts.
+TOLERANCE = 1e-5
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    model_dir: str = ""
+    checkpoint: str = ""
+    export_dir: str = ""
+    overwrite: bool = False
+
+    def check(self):
+        if not (self.model_dir or self.checkpoint):
+            raise UserError("--model_dir is required: the pretraining run to export "
+                            "(or --checkpoint=RUN_DIR/checkpoints/ckpt-N)")
+        if not self.export_dir:
+            raise UserError("--export_dir is required: the directory to write the export to")
+        return self
+
+
+HELP = {
+    "model_dir": "pretraining run dir: exports its latest checkpoint",
+    "checkpoint": "export this checkpoint instead: RUN_DIR/checkpoints/ckpt-N (or ckpt-N)",
+    "export_dir": "output directory (backbone.keras, saved_model/, export.json)",
+    "overwrite": "replace a non-empty --export_dir",
+}
+
+
+def check_target(export_dir, overwrite=False):
+    """UserError if export_dir cannot or must not be written (before any work)."""
+    if os.path.exists(export_dir):
+        if not os.path.isdir(export_dir):
+            raise UserError(f"--export_dir={export_dir} is a file: pass a directory path")
+        if os.listdir(export_dir) and not overwrite:
+            raise UserError(f"--export_dir={export_dir} is not empty: pass --overwrite to "
+                            "replace it, or another --export_dir")
+
+
+def _export_archive(backbone, head, path):
+    """Writes the SavedModel with its three endpoints."""
+    images = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+    archive = keras.export.ExportArchive()
+    # Tracking only the backbone makes the loaded object's trainable_variables
+    # the backbone's; the head's weights are saved with the endpoint using them.
+    archive.track(backbone)
+    archive.add_endpoint("serve", lambda x: backbone(x, training=False),
+                         input_signature=[images])
+    archive.add_endpoint("serve_training", lambda x: backbone(x, training=True),
+                         input_signature=[images])
+    archive.add_endpoint(
+        "projection",
+        lambda x: tf.math.l2_normalize(head(backbone(x, training=False)), axis=-1),
+        input_signature=[images])
+    archive.write_out(path, verbose=False)
+
+
+def _verify(tmp, model, image_size):
+    """Reloads both artifacts and compares them with the in-memory model."""
+    x = np.random.default_rng(0).random((4, image_size, image_size, 3), np.float32)
+    features = model.query_backbone(x, training=False).numpy()
+    projection = model.encode_query(x, training=False).numpy()
+    reloaded = keras.models.load_model(os.path.join(tmp, KERAS_FILE))
+    saved = tf.saved_model.load(os.path.join(tmp, SAVED_MODEL_DIR))
+    diffs = {
+        "keras": np.abs(reloaded(x, training=False).numpy() - features).max(),
+        "serve": np.abs(saved.serve(x).numpy() - features).max(),
+        "projection": np.abs(saved.projection(x).numpy() - projection).max(),
+    }
+    bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
+    if bad:  # a bug, not bad input
+        raise RuntimeError(f"the export does not reproduce the model: max differences {bad}")
+    return {k: float(v) for k, v in diffs.items()}
+
+
+def export_info(run, feature_dim):
+    """The contents of export.json."""
+    config = run.config
+    return {
+        "format": "co2_tf backbone export",
+        "co2_tf_version": co2_tf.__version__,
+        "backbone": config.backbone,
+        "feature_dim": feature_dim,
+        "head": config.head,
+        "projection_dim": config.dim,
+        "image_size": config.image_size,
+        "input": {
+            "dtype": "float32", "shape": ["N", "H", "W", 3], "layout": "NHWC, RGB",
+            "range": [0.0, 1.0],
+            "normalization": {"where": "inside the model", "mean": list(backbones.IMAGENET_MEAN),
+                              "std": list(backbones.IMAGENET_STD)},
+        },
+        "preprocessing": {
+            "eval": f"resize the shorter side to round({config.image_size} * 256 / 224) "
+                    f"(bilinear, antialiased), centre crop {config.image_size}, scale to [0, 1]",
+            "fine_tune_train": f"random resized crop (scale 0.08-1) to {config.image_size} "
+                               "+ horizontal flip, scale to [0, 1]",
+        },
+        "step": run.step,
+        "checkpoint": os.path.abspath(run.checkpoint),
+        "run_dir": os.path.abspath(run.run_dir),
+        "pretraining": {name: getattr(config, name)
+                        for name in ("dataset", "data_dir", "split", "eval_split", "augment",
+                                     "consistency_weight", "consistency_temperature",
+                                     "temperature", "bn")},
+        "files": {"keras": KERAS_FILE, "saved_model": SAVED_MODEL_DIR},
+        "endpoints": {
+            "serve": "images -> pooled features [N, feature_dim], BN inference",
+            "serve_training": "images -> pooled features, BN training mode (batch statistics, "
+                              "moving averages updated)",
+            "projection": "images -> L2-normalised query projection [N, projection_dim]",
+        },
+    }
+
+
+def _publish(tmp, export_dir):
+    """Moves the finished tmp dir to export_dir, replacing what was there."""
+    old = None
+    if os.path.exists(export_dir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(export_dir)}.old-",
+                               dir=os.path.dirname(export_dir))
+        os.rename(export_dir, os.path.join(old, "dir"))
+    try:
+        os.rename(tmp, export_dir)
+    except OSError:
+        if old:  # put the previous export back
+            os.rename(os.path.join(old, "dir"), export_dir)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(run, export_dir, *, overwrite=False):
+    """Writes the export of a loaded `rundir.Run` to export_dir; returns export.json's dict."""
+    export_dir = os.path.abspath(export_dir)
+    check_target(export_dir, overwrite)
+    parent = os.path.dirname(export_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(export_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    try:
+        backbone = build.any_size_copy(run.config, run.model.query_backbone)
+        head = keras.models.clone_model(run.model.query_head)
+        head.set_weights(run.model.query_head.get_weights())
+        backbone.save(os.path.join(tmp, KERAS_FILE))
+        _export_archive(backbone, head, os.path.join(tmp, SAVED_MODEL_DIR))
+        info = export_info(run, backbone.output_shape[-1])
+        info["verified_max_abs_diff"] = _verify(tmp, run.model, run.config.image_size)
+        io.write_json_atomic(os.path.join(tmp, EXPORT_FILE), info)
+        _publish(tmp, export_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def export(config: ExportConfig):
+    """tools/export.py: checks, loads the run's checkpoint, writes the export."""
+    config.check()
+    check_target(os.path.abspath(config.export_dir), config.overwrite)  # before loading
+    run = rundir.load_run(config.model_dir, config.checkpoint)
+    return export_run(run, config.export_dir, overwrite=config.overwrite)

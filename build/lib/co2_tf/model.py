@@ -1,0 +1,261 @@
+"""CO2Model: MoCo's query encoder, EMA key encoder and queue, trained with CO2's loss.
+
+One Keras model holds everything that MoCo's `builder.py` holds: the query
+encoder (backbone + projection head), the key encoder (same architecture,
+updated by an exponential moving average of the query encoder), and the queue
+of keys with its pointer, as tracked Keras weights so that `.weights.h5`,
+`tf.train.Checkpoint` and tf.distribute all see them.
+
+Distribution semantics (MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrategy):
+- the loss of each replica is its sum of per-example losses divided by the
+  *global* batch; Keras's optimizer sums the gradients over replicas;
+- the keys of all replicas are all-gathered and the whole global batch is
+  enqueued, in global order, so every replica holds the identical queue
+  (its variables also use aggregation "only_first_replica", which broadcasts
+  replica 0's value);
+- the EMA runs in a merge call through `strategy.extended.update`, as
+  Keras's own optimizer applies its updates.
+"""
+
+import keras
+import tensorflow as tf
+
+from co2_tf import keras_compat, losses
+from co2_tf.config import BN_MODES, HEADS
+
+
+def projection_head(kind, in_dim, dim, name, seed=0):
+    """MoCo v1's linear head or MoCo v2's 2-layer MLP (hidden = backbone width).
+
+    Weights start as PyTorch's nn.Linear does, U(+-1/sqrt(fan_in)), seeded so
+    that two builds with the same seed are identical.
+    """
+    def init(offset):
+        return keras.initializers.VarianceScaling(
+            1.0 / 3.0, mode="fan_in", distribution="uniform", seed=seed * 1009 + offset)
+
+    inputs = keras.Input((in_dim,))
+    x = inputs
+    if kind == "mlp":
+        x = keras.layers.Dense(in_dim, activation="relu", kernel_initializer=init(1),
+                               name="hidden")(x)
+    x = keras.layers.Dense(dim, kernel_initializer=init(2), name="projection")(x)
+    return keras.Model(inputs, x, name=name)
+
+
+class _UnitRows(keras.initializers.Initializer):
+    """Random unit vectors: MoCo's initial queue (randn, normalised per key)."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        rows = tf.random.stateless_normal(shape, seed=[self.seed, 0x51EE], dtype=tf.float32)
+        return tf.cast(tf.math.l2_normalize(rows, axis=-1), dtype or tf.float32)
+
+    def get_config(self):
+        return {"seed": self.seed}
+
+
+def _keras_reduces_logs_along_axis_0(strategy):
+    """Whether Keras reduces the step's logs with strategy.reduce("MEAN", v, axis=0).
+
+    Keras does so for MultiWorkerMirroredStrategy across several workers,
+    which fails on scalars; logs of shape [1] come out of it as scalars.
+    """
+    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and in_multi_worker_mode is not None and in_multi_worker_mode())
+
+
+class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
+    """MoCo + CO2.
+
+    Args:
+      backbone_fn: callable(model_name) -> keras.Model mapping images to pooled
+        features [B, F]. Called twice (query and key encoder); it must build
+        the same architecture each time.
+      image_size: side of the square input images.
+      head: "linear" (MoCo v1) or "mlp" (MoCo v2).
+      dim: projection dimension D.
+      queue_size: K, a multiple of the global batch size.
+      ema_momentum: m in theta_k <- m theta_k + (1 - m) theta_q.
+      temperature: tau of InfoNCE.
+      consistency_temperature: tau_con of the consistency term.
+      consistency_weight: alpha; 0 is exactly MoCo.
+      bn: how the key encoder's batch statistics are formed: "shuffle"
+        (MoCo's shuffle-BN), "sync" (the backbone has synchronized BN) or
+        "local" (plain per-replica BN).
+      bn_groups: with bn="shuffle", each replica encodes its shard of
+        shuffled keys in this many groups with their own BN statistics; on one
+        device this is what gives shuffle-BN its effect.
+      seed: seeds the queue and the shuffle permutation of every step.
+    """
+
+    def __init__(self, backbone_fn, *, image_size, head="mlp", dim=128, queue_size=65536,
+                 ema_momentum=0.999, temperature=0.2, consistency_temperature=0.04,
+                 consistency_weight=1.0, bn="shuffle", bn_groups=1, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        if bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.image_size = image_size
+        self.dim = dim
+        self.queue_size = queue_size
+        self.ema_momentum = ema_momentum
+        self.temperature = temperature
+        self.consistency_temperature = consistency_temperature
+        self.consistency_weight = consistency_weight
+        self.bn = bn
+        self.bn_groups = bn_groups
+        self.seed = seed
+
+        self.query_backbone = backbone_fn("query_backbone")
+        self.key_backbone = backbone_fn("key_backbone")
+        feat = self.query_backbone.output_shape[-1]
+        self.query_head = projection_head(head, feat, dim, "query_head", seed)
+        self.key_head = projection_head(head, feat, dim, "key_head", seed)
+        # Tracked weights (not raw tf.Variables) so .weights.h5 saves them too.
+        # "only_first_replica": replicas assign identical values; this makes
+        # that a guarantee rather than a hope.
+        self.queue = self.add_weight(
+            name="queue", shape=(queue_size, dim), dtype="float32",
+            initializer=_UnitRows(seed), trainable=False, aggregation="only_first_replica")
+        self.queue_ptr = self.add_weight(
+            name="queue_ptr", shape=(), dtype="int64", initializer="zeros",
+            trainable=False, aggregation="only_first_replica")
+        # The key encoder must stay trainable=True: Keras 3 BN with
+        # trainable=False runs in inference mode, and MoCo's keys use batch
+        # statistics. It is excluded from gradients by construction instead.
+        self._copy_query_to_key()
+        self.built = True
+
+    # ----------------------------------------------------------------- weights
+    @property
+    def query_variables(self):
+        """What the optimizer trains: the query backbone and head."""
+        return self.query_backbone.trainable_weights + self.query_head.trainable_weights
+
+    @property
+    def key_variables(self):
+        """The EMA targets, in the same order as `query_variables`."""
+        return self.key_backbone.trainable_weights + self.key_head.trainable_weights
+
+    def _copy_query_to_key(self):
+        for k, q in zip(self.key_variables, self.query_variables, strict=True):
+            if k.shape != q.shape:
+                raise ValueError(f"key/query encoder mismatch: {k.path} {k.shape} vs {q.path} {q.shape}")
+            k.assign(q)
+
+    # ---------------------------------------------------------------- encoders
+    def call(self, images, training=False):
+        """Pooled query-backbone features: what evaluation and export use."""
+        return self.query_backbone(images, training=training)
+
+    def encode_query(self, images, training=True):
+        z = self.query_head(self.query_backbone(images, training=training), training=training)
+        return tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
+
+    def _encode_key_groups(self, images, groups):
+        parts = tf.split(images, groups, axis=0) if groups > 1 else [images]
+        z = [self.key_head(self.key_backbone(p, training=True), training=True) for p in parts]
+        z = tf.concat(z, axis=0) if groups > 1 else z[0]
+        return tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
+
+    def encode_keys(self, images, step):
+        """Keys of this replica's images and of the global batch, without gradient.
+
+        Returns (local_keys [b, D], global_keys [B, D]); global_keys is in
+        global batch order (replica 0's examples first) whatever the shuffle.
+        Must run in a replica context (the default one is fine).
+        """
+        ctx = tf.distribute.get_replica_context()
+        n = ctx.num_replicas_in_sync
+        images = tf.stop_gradient(images)
+        if self.bn != "shuffle":
+            local = self._encode_key_groups(images, 1)
+            everyone = ctx.all_gather(local, axis=0) if n > 1 else local
+            return tf.stop_gradient(local), tf.stop_gradient(everyone)
+
+        # MoCo's shuffle-BN: gather all key images, apply one permutation that
+        # every replica draws identically (stateless, seeded by the step),
+        # encode this replica's shard in `bn_groups` BN groups, gather the
+        # keys and undo the permutation.
+        all_images = ctx.all_gather(images, axis=0) if n > 1 else images
+        b = tf.shape(images)[0]
+        total = tf.shape(all_images)[0]
+        noise = tf.random.stateless_uniform(
+            [total], seed=tf.stack([tf.cast(self.seed, tf.int64), tf.cast(step, tf.int64)]))
+        perm = tf.argsort(noise, stable=True)
+        shuffled = tf.gather(all_images, perm)
+        if n > 1:
+            shard = tf.reshape(shuffled, tf.concat([[n, b], tf.shape(images)[1:]], 0))
+            shard = tf.gather(shard, ctx.replica_id_in_sync_group)
+            shard = tf.ensure_shape(shard, images.shape)
+        else:
+            shard = shuffled
+        keys = self._encode_key_groups(shard, self.bn_groups)
+        all_keys = ctx.all_gather(keys, axis=0) if n > 1 else keys
+        all_keys = tf.gather(all_keys, tf.math.invert_permutation(perm))
+        if n > 1:
+            local = tf.gather(tf.reshape(all_keys, [n, b, self.dim]), ctx.replica_id_in_sync_group)
+        else:
+            local = all_keys
+        return tf.stop_gradient(local), tf.stop_gradient(all_keys)
+
+    # ------------------------------------------------------------------- train
+    def train_step(self, data):
+        x_q, x_k = data
+        ctx = tf.distribute.get_replica_context()
+        n = ctx.num_replicas_in_sync
+        step = self.optimizer.iterations
+        lr = self.optimizer.learning_rate
+        local_b = tf.shape(x_q)[0]
+        global_b = tf.cast(local_b * n, tf.float32)
+
+        keys, all_keys = self.encode_keys(x_k, step)
+        qvars = self.query_variables
+        with tf.GradientTape() as tape:
+            q = self.encode_query(x_q, training=True)
+            terms = losses.co2_loss(q, keys, self.queue, self.temperature,
+                                    self.consistency_temperature, self.consistency_weight)
+            # Per-replica share of the global mean: the optimizer sums over replicas.
+            loss = tf.reduce_sum(terms["loss"]) / global_b
+            scaled = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, qvars)
+        self.optimizer.apply_gradients(zip(grads, qvars))
+        self._momentum_update()
+        self._enqueue(all_keys)
+
+        # Logs are this step's global means (not running averages), identical
+        # on every replica, so TensorBoard shows true per-step values.
+        logs = {name: ctx.all_reduce("sum", tf.reduce_sum(v)) / global_b
+                for name, v in terms.items()}
+        logs["lr"] = tf.cast(lr, tf.float32)
+        if _keras_reduces_logs_along_axis_0(tf.distribute.get_strategy()):
+            logs = {name: v[None] for name, v in logs.items()}
+        return logs
+
+    def _momentum_update(self):
+        m = self.ema_momentum
+        pairs = [(k.value, q.value) for k, q in zip(self.key_variables, self.query_variables)]
+
+        def ema(key_var, query_var):
+            return key_var.assign(m * key_var + (1.0 - m) * tf.cast(query_var, key_var.dtype))
+
+        def merge_fn(strategy, pairs):
+            for key_var, query_var in pairs:
+                strategy.extended.update(key_var, ema, args=(query_var,), group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            merge_fn, tf.distribute.get_strategy(), pairs)
+
+    def _enqueue(self, all_keys):
+        """Write the global batch of keys at the pointer (K % B == 0: never wraps)."""
+        batch = tf.shape(all_keys, out_type=tf.int64)[0]
+        ptr = tf.convert_to_tensor(self.queue_ptr)
+        rows = ptr + tf.range(batch, dtype=tf.int64)
+        self.queue.assign(tf.tensor_scatter_nd_update(
+            tf.convert_to_tensor(self.queue), rows[:, None], tf.cast(all_keys, tf.float32)))
+        self.queue_ptr.assign((ptr + batch) % self.queue_size)

@@ -1,0 +1,100 @@
+"""What every data source answers: the interface the pipelines in co2_tf.data use.
+
+One class per dataset kind (builtin, folder, tfds), in the shape of
+big_vision's `datasets/core.py` DataSource. A source knows its splits' sizes,
+class names and labels, its usual held-out split, and how to read its images
+as uint8 RGB [h, w, 3]; `co2_tf.data` builds the pretraining and labelled
+pipelines from that, never asking which kind it has.
+
+Two ways of reading:
+
+- indexed sources (``indexed = True``: builtin, folder) give example i of a
+  split as a function of i: the pretraining pipeline's index contract (exact
+  resume, replica-count independence) needs that;
+- streaming sources (tfds) give a sharded, file-shuffled stream.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from co2_tf import image_files
+from co2_tf.errors import UserError
+
+
+class Source:
+    """A dataset of one kind; `spec` is its parsed `DatasetSpec`."""
+
+    indexed = True
+    # Everything in memory: the end-of-training kNN summary costs seconds, so
+    # training reports it even with --knn_every=0.
+    in_memory = False
+    # Whether reading an example can fail at run time (a damaged file):
+    # labelled pipelines then drop it.
+    may_fail = False
+    # Held-out split names tried, in order, by default_eval_split.
+    eval_split_candidates = ()
+
+    def __init__(self, spec, data_dir=None):
+        self.spec = spec
+        self.data_dir = data_dir or None
+
+    def __str__(self):
+        return str(self.spec)
+
+    # ------------------------------------------------------------- queries
+    def validate(self, split="train"):
+        """Cheap checks that `split` can be read; raises UserError."""
+        raise NotImplementedError
+
+    def num_examples(self, split="train"):
+        """Number of examples in `split`."""
+        raise NotImplementedError
+
+    def class_names(self, split="train"):
+        """Class names, index = label; UserError for unlabelled data."""
+        raise NotImplementedError
+
+    def labels(self, split):
+        """int32 labels of every example of `split`, in the order indices use. No decoding."""
+        raise NotImplementedError
+
+    def default_eval_split(self):
+        """The dataset's usual labelled held-out split; UserError naming the fix if none."""
+        for name in self.eval_split_candidates:
+            try:
+                self.validate(name)
+                return name
+            except UserError:
+                continue
+        raise UserError(f"--dataset={self.spec} has no {', '.join(self.eval_split_candidates)} "
+                        "split: pass --eval_split")
+
+    def standard_label_subset(self, split, fraction):
+        """A Source of the published label subset for `fraction` of `split`, or None."""
+        return None
+
+    # ------------------------------------------------------- indexed reading
+    def example_fn(self, split, image_size):
+        """fn(position: int64 tensor) -> (uint8 RGB image [h, w, 3], int32 label)."""
+        raise NotImplementedError
+
+    def image_stream(self, split, source_of, image_size, num_parallel_calls):
+        """(image, c) for c = 0, 1, 2, ...: example source_of(c), in order, never missing."""
+        example = self.example_fn(split, image_size)
+        return tf.data.Dataset.counter(0, 1, dtype=tf.int64).map(
+            image_files.no_autograph(lambda c: (example(source_of(c))[0], c)),
+            num_parallel_calls=num_parallel_calls, deterministic=True)
+
+    def images(self, split, positions, image_size):
+        """uint8 RGB images of these positions (eager, e.g. for a preview)."""
+        example = self.example_fn(split, image_size)
+        return [example(tf.constant(int(p), tf.int64))[0] for p in positions]
+
+    # ----------------------------------------------------- streaming reading
+    def stream(self, split, *, input_context=None, shuffle_files=False, seed=0):
+        """(uint8 RGB image, int32 label) examples (streaming sources)."""
+        raise NotImplementedError
+
+
+def as_int32(labels):
+    return np.asarray(labels, np.int32)

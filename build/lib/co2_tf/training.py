@@ -1,0 +1,207 @@
+"""Pretraining: from a TrainConfig to a trained, checkpointed CO2Model.
+
+`train(config)` is what `tools/train.py` calls. It checks everything it can
+before it writes anything, then runs Keras's `fit` with co2_tf's callbacks:
+
+- checkpoints (`tf.train.CheckpointManager`, in DIR/checkpoints): the whole
+  model (key encoder, queue and pointer included) and the optimizer (whose
+  `iterations` is the global step), every `checkpoint_every` steps, at each
+  epoch end, and when SIGTERM arrives (preemption);
+- resume: rerunning the same command restores the latest checkpoint and goes
+  on from its step. The input pipeline of the built-in and folder datasets is
+  a pure function of the step, so a resumed run sees exactly the batches an
+  uninterrupted one would have seen;
+- a non-finite loss stops the run before anything is saved at that step;
+- TensorBoard in DIR/logs: per-step scalars, the augmented view pairs at the
+  start, kNN accuracy per epoch.
+
+What it builds comes from co2_tf.build, the callbacks from co2_tf.callbacks,
+the run dir's file names from co2_tf.rundir.
+"""
+
+import os
+import sys
+
+import tensorflow as tf
+
+from co2_tf import data, distribute, rundir
+from co2_tf.build import backbone_fn, build_model, build_optimizer, compile_model
+from co2_tf.callbacks import (
+    CheckpointCallback,
+    GlobalStepTensorBoard,
+    KnnMonitor,
+    NonFiniteLoss,
+    Preempted,
+    PreemptionWatcher,
+    WorkerCheckpointManager,
+    knn_evaluator,
+)
+from co2_tf.config import TrainConfig, check_compatible
+from co2_tf.errors import UserError
+from co2_tf.sources import make_source
+
+# What tools/train.py catches (defined with the callback that raises them).
+__all__ = ["NonFiniteLoss", "Preempted", "train", "epoch_segments", "execution_segments"]
+
+
+def epoch_segments(step, total_steps, steps_per_epoch):
+    """Splits [step, total) into fit() calls of (initial_epoch, epochs, steps_per_epoch).
+
+    Keras's fit counts whole epochs of a fixed length; a resume mid-epoch or a
+    --train_steps that is not a multiple of the epoch needs a shorter call.
+    """
+    segments = []
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        if step % steps_per_epoch == 0 and total_steps - step >= steps_per_epoch:
+            full = (total_steps - step) // steps_per_epoch
+            segments.append((epoch, epoch + full, steps_per_epoch))
+            step += full * steps_per_epoch
+        else:
+            end = min((epoch + 1) * steps_per_epoch, total_steps)
+            segments.append((epoch, epoch + 1, end - step))
+            step = end
+    return segments
+
+
+def write_view_pairs(log_dir, views1, views2, max_pairs=8):
+    """An image summary of augmented view pairs: what the model is trained on."""
+    pairs = tf.concat([views1[:max_pairs], views2[:max_pairs]], axis=2)  # side by side
+    with tf.summary.create_file_writer(os.path.join(log_dir, "train")).as_default():
+        tf.summary.image("augmented_view_pairs", pairs, step=0, max_outputs=max_pairs)
+
+
+def execution_segments(segments, steps_per_execution):
+    """fit() calls for --steps_per_execution=k > 1: one epoch (or part) per call.
+
+    Keras runs whole executions of k steps, across epoch ends: a call of
+    several epochs whose length is not a multiple of k would drift past its
+    epoch boundaries. Each call's dataset is cut to its steps instead (see
+    train), so its last execution ends early, exactly at the call's end.
+    """
+    if steps_per_execution == 1:
+        return segments
+    return [(epoch, epoch + 1, steps) for first, end, steps in segments
+            for epoch in range(first, end)]
+
+
+def _restore(checkpoint, manager, model_dir):
+    latest = manager.latest_checkpoint
+    if not latest:
+        return
+    try:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"the checkpoint in {model_dir} does not fit this model ({first}): "
+                        "use a new --model_dir or the flags it was made with") from None
+
+
+def _take_steps(dataset_fn, steps):
+    """dataset_fn cut to `steps` global batches (each pipeline feeds its replicas in turn)."""
+    def cut(input_context):
+        local = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        return dataset_fn(input_context).take(steps * local)
+    return cut
+
+
+def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
+    """Pretrains (or resumes) the run in config.model_dir; returns the summary dict.
+
+    Raises UserError for bad input before anything is written, NonFiniteLoss
+    and Preempted as described above.
+    """
+    config.check()
+    if verbose is None:  # a progress bar on a terminal, a line per epoch in logs
+        verbose = 1 if sys.stdout.isatty() else 2
+    source = make_source(config.dataset, config.data_dir or None)
+    source.validate(config.split)
+    saved = rundir.load_run_config(config.model_dir)
+    if saved is not None:
+        check_compatible(saved, config)
+    strategy = strategy or distribute.make_strategy(config.strategy, config.tpu or None)
+    bn_groups = config.check_replicas(strategy.num_replicas_in_sync)
+    chief = distribute.is_chief(strategy)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    steps_per_epoch = data.steps_per_epoch(source, split=config.split,
+                                           global_batch_size=config.batch_size)
+    if steps_per_epoch < 1:
+        raise UserError(f"the training split has fewer examples than one batch of "
+                        f"{config.batch_size}: lower --batch_size")
+    total_steps = config.train_steps or config.epochs * steps_per_epoch
+    # The end-of-run kNN costs seconds on in-memory data: reported even with --knn_every=0.
+    knn = knn_evaluator(config, source) if config.knn_every or source.in_memory else None
+
+    with strategy.scope():
+        model = build_model(config, bn_groups)
+        optimizer = build_optimizer(config, steps_per_epoch, total_steps)
+        compile_model(model, optimizer, config)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    # Non-chief workers of a multi-worker run must take part in saving (the
+    # variables are read collectively) but write to a scratch dir; every
+    # worker restores the chief's checkpoints (see WorkerCheckpointManager).
+    ckpt_dir = rundir.checkpoint_dir(config.model_dir)
+    if chief:
+        manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
+                                             max_to_keep=config.keep_checkpoints)
+    else:
+        manager = WorkerCheckpointManager(checkpoint, ckpt_dir, os.path.join(
+            config.model_dir, f".worker_{strategy.cluster_resolver.task_id}"))
+    _restore(checkpoint, manager, config.model_dir)
+
+    # Everything is checked: from here on the run dir is written.
+    tf.io.gfile.makedirs(config.model_dir)
+    if chief and saved is None:
+        rundir.write_run_config(config.model_dir, config)
+        names = source.class_names(config.split)
+        if names:
+            rundir.write_class_names(config.model_dir, names)
+
+    step = int(optimizer.iterations.numpy())
+    log_dir = rundir.log_dir(config.model_dir)
+    if step == 0 and chief:
+        preview = data.pretrain_dataset_fn(
+            source, split=config.split, image_size=config.image_size,
+            augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
+        )(tf.distribute.InputContext())
+        views1, views2 = next(iter(preview))
+        write_view_pairs(log_dir, views1, views2)
+
+    with PreemptionWatcher() as preemption:
+        saver = CheckpointCallback(manager, config.checkpoint_every, preemption)
+        saver.last_saved_step = step if manager.latest_checkpoint else None
+        cbs = [saver]
+        if knn is not None and config.knn_every:
+            cbs.append(KnnMonitor(knn, config.knn_every))
+        if chief:
+            cbs.append(GlobalStepTensorBoard(log_dir, update_freq=config.log_every,
+                                             write_graph=False))
+        cbs.extend(callbacks)
+        segments = execution_segments(epoch_segments(step, total_steps, steps_per_epoch),
+                                      config.steps_per_execution)
+        for initial_epoch, epochs, steps in segments:
+            start = int(optimizer.iterations.numpy())
+            dataset_fn = data.pretrain_dataset_fn(
+                source, split=config.split, image_size=config.image_size,
+                augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
+                start_step=start)
+            if config.steps_per_execution > 1:
+                dataset_fn = _take_steps(dataset_fn, steps)
+            dataset = strategy.distribute_datasets_from_function(dataset_fn)
+            model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs,
+                      steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
+            if saver.preempted_at is not None:
+                raise Preempted(saver.preempted_at)
+        step = int(optimizer.iterations.numpy())
+        saver.save(step)
+
+    summary = {"steps": step}
+    if knn is not None:
+        summary["knn_top1"] = knn(model.query_backbone)
+        random_init = backbone_fn(config)("random_init_backbone")
+        summary["knn_top1_random_init"] = knn(random_init)
+    if chief:
+        rundir.write_summary(config.model_dir, summary)
+    return summary
