@@ -269,7 +269,7 @@ def resized_crop(image, crop, image_size):
     """Crops (top, left, h, w) and resizes to [image_size, image_size].
 
     Bilinear with antialias=False: antialiasing costs ~28% of the pipeline's
-    throughput here (STACK.md) while MoCo's crops are mostly upscaled or mildly
+    throughput (measured on 2 cores) while MoCo's crops are mostly upscaled or mildly
     downscaled; torchvision's PIL path is antialiased, a small known deviation.
     """
     image = tf.convert_to_tensor(image)
