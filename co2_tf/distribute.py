@@ -30,17 +30,17 @@ def resolve_kind(kind, tpu=None):
 
 def make_strategy(kind="auto", tpu=None):
     """Creates the strategy. Must run before any other TF op touches devices."""
-    kind = resolve_kind(kind, tpu)
-    if kind == "one_device":
+    name = resolve_kind(kind, tpu)
+    if name == "one_device":
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    if kind == "mirrored":
+    if name == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
         cpus = tf.config.list_logical_devices("CPU")
         # With no GPU, mirror over logical CPU devices (how tests and CPU
         # proxies run real multi-replica code).
         return tf.distribute.MirroredStrategy([d.name for d in (gpus or cpus)])
-    if kind == "multi_worker":
+    if name == "multi_worker":
         _check_tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()
     # TPU VM: tpu="local"; a remote TPU: its name or grpc:// address.
