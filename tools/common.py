@@ -33,21 +33,23 @@ def define_flags(config_cls, help_texts, skip=(), choices=None):
     that --help lists their values.
     """
     choices = choices or {}
+    # Registered as the binary's own flags, so that --help (not only --helpfull) lists them.
+    owner = {"module_name": sys.argv[0]}
     for field in dataclasses.fields(config_cls):
         if field.name in skip:
             continue
         default = field.default
         text = help_texts.get(field.name, field.name)
         if field.name in choices:
-            flags.DEFINE_enum(field.name, default, list(choices[field.name]), text)
+            flags.DEFINE_enum(field.name, default, list(choices[field.name]), text, **owner)
         elif isinstance(default, bool):
-            flags.DEFINE_boolean(field.name, default, text)
+            flags.DEFINE_boolean(field.name, default, text, **owner)
         elif isinstance(default, int):
-            flags.DEFINE_integer(field.name, default, text)
+            flags.DEFINE_integer(field.name, default, text, **owner)
         elif isinstance(default, float):
-            flags.DEFINE_float(field.name, default, text)
+            flags.DEFINE_float(field.name, default, text, **owner)
         else:
-            flags.DEFINE_string(field.name, default, text)
+            flags.DEFINE_string(field.name, default, text, **owner)
 
 
 def parse_flags(argv):
