@@ -68,6 +68,28 @@ def _check_tf_config():
                         "\"task\": {\"type\": \"worker\", \"index\": N}}") from None
 
 
+def copy_first_replica(variables):
+    """Gives every replica's copy of `variables` replica 0's value; call in a replica context.
+
+    For variables that each replica writes with its own value: Keras creates
+    BN moving statistics with aggregation "none", and each replica averages
+    the statistics of its own batch into its own copy. An all-reduce of
+    replica 0's value and zeros from the others is exact (x + 0 == x), lands
+    identically on every replica and runs under every strategy. The
+    variables must have aggregation "none" (a replica-context assign then
+    writes only the local copy). Nothing to do on one replica.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if not variables or ctx is None or ctx.num_replicas_in_sync == 1:
+        return
+    first = tf.equal(ctx.replica_id_in_sync_group, 0)
+    local = [tf.convert_to_tensor(v) for v in variables]
+    shared = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                            [tf.where(first, x, tf.zeros_like(x)) for x in local])
+    for v, x in zip(variables, shared, strict=True):
+        v.assign(x)
+
+
 def xla_problem(strategy):
     """Why XLA cannot compile the train step under `strategy`, or None if it can.
 

@@ -14,13 +14,19 @@ Distribution semantics (MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrate
   (its variables also use aggregation "only_first_replica", which broadcasts
   replica 0's value);
 - the EMA runs in a merge call through `strategy.extended.update`, as
-  Keras's own optimizer applies its updates.
+  Keras's own optimizer applies its updates;
+- every copy of every variable is bit-identical on all replicas after each
+  step: the updates (optimizer, EMA) compute the same thing from the same
+  inputs on every replica (see co2_tf.optimizers on why that needs care),
+  and the BN moving statistics, which each replica averages from its own
+  batch, are set to replica 0's at the end of the step (replica 0's are what
+  a checkpoint saves; with PyTorch DDP, rank 0's are broadcast likewise).
 """
 
 import keras
 import tensorflow as tf
 
-from co2_tf import keras_compat, losses
+from co2_tf import distribute, keras_compat, losses
 from co2_tf.config import BN_MODES, HEADS
 
 
@@ -142,6 +148,13 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         """The EMA targets, in the same order as `query_variables`."""
         return self.key_backbone.trainable_weights + self.key_head.trainable_weights
 
+    @property
+    def replica_local_variables(self):
+        """Encoder variables each replica writes with its own value: BN moving statistics."""
+        return [v for part in (self.query_backbone, self.query_head, self.key_backbone,
+                               self.key_head)
+                for v in part.non_trainable_weights if v.aggregation == "none"]
+
     def _copy_query_to_key(self):
         for k, q in zip(self.key_variables, self.query_variables, strict=True):
             if k.shape != q.shape:
@@ -227,6 +240,7 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         self.optimizer.apply_gradients(zip(grads, qvars))
         self._momentum_update()
         self._enqueue(all_keys)
+        distribute.copy_first_replica(self.replica_local_variables)
 
         # Logs are this step's global means (not running averages), identical
         # on every replica, so TensorBoard shows true per-step values.
@@ -242,6 +256,8 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         pairs = [(k.value, q.value) for k, q in zip(self.key_variables, self.query_variables)]
 
         def ema(key_var, query_var):
+            # A sum of two terms: any order Grappler gives it is exact, so the
+            # replicas' copies stay identical (see co2_tf.optimizers).
             return key_var.assign(m * key_var + (1.0 - m) * tf.cast(query_var, key_var.dtype))
 
         def merge_fn(strategy, pairs):

@@ -11,6 +11,17 @@
 Under tf.distribute the Keras optimizer SUMS gradients across replicas
 before `update_step` runs: scale each replica's loss by 1 / num_replicas
 (or divide by the global batch) as usual.
+
+Replicas stay bit-identical: every replica runs `update_step` on its own
+copy with the same all-reduced gradient, so the update must not depend on
+the replica. TF's graph optimizer (Grappler) turns a sum of 3 or more terms
+into one AddN whose operands it sorts by node name, and names differ per
+replica ("replica_1/..."): `mu * v + (grad + wd * w)` was summed in another
+order on each replica, and the copies drifted apart by an ulp. So the
+momentum and weight updates run inside TF's fused training kernels
+(ResourceApplyMomentum, ResourceApplyGradientDescent: one kernel, no graph
+to rewrite; XLA and TPU have them too), and the little arithmetic left
+outside them sums at most two terms, which any reordering keeps exact.
 """
 import math
 import numbers
@@ -136,6 +147,24 @@ def make_lr_schedule(kind, *, base_learning_rate, total_steps, warmup_steps=0,
                           decay=decay)
 
 
+def _apply_momentum(variable, slot, lr, grad, momentum, nesterov):
+    """slot = momentum * slot + grad; variable -= lr * (grad + momentum * slot
+    if nesterov else slot); variable -= lr * grad when there is no slot.
+
+    TF's fused kernels, so that Grappler cannot reorder the sums differently
+    on each replica (see the module docstring). Must run where Keras runs
+    `update_step`: on one replica's copy (the slot's handle is then that
+    replica's copy too).
+    """
+    grad = tf.convert_to_tensor(grad)  # IndexedSlices: densified, as before
+    if slot is None:
+        tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=lr, delta=grad)
+    else:
+        tf.raw_ops.ResourceApplyMomentum(
+            var=variable.handle, accum=slot.handle, lr=lr, grad=grad,
+            momentum=tf.cast(momentum, grad.dtype), use_nesterov=nesterov)
+
+
 def _check_hyper(momentum, weight_decay):
     if not _is_number(momentum) or not 0 <= momentum < 1:
         raise UserError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -222,13 +251,10 @@ class PyTorchSGD(_CoupledDecayOptimizer):
         lr = tf.cast(learning_rate, dtype)
         g = tf.cast(gradient, dtype)
         if self._flag(variable):
+            # Two terms: exact whatever order Grappler gives them.
             g = g + tf.cast(self.l2_weight_decay, dtype) * variable
-        v = self._momentum_slot(variable)
-        if v is not None:
-            mu = tf.cast(self.momentum, dtype)
-            self.assign(v, mu * v + g)
-            g = g + mu * v if self.nesterov else v
-        self.assign_sub(variable, lr * g)
+        _apply_momentum(variable, self._momentum_slot(variable), lr, g,
+                        self.momentum, self.nesterov)
 
     def get_config(self):
         config = super().get_config()
@@ -296,13 +322,11 @@ class LARS(_CoupledDecayOptimizer):
                 tf.cast(self.eta, dtype) * w_norm / safe_g_norm,
                 tf.ones([], dtype))
             lr = lr * trust
-        step = lr * g
-        v = self._momentum_slot(variable)
-        if v is not None:
-            mu = tf.cast(self.momentum, dtype)
-            self.assign(v, mu * v + step)
-            step = mu * v + step if self.nesterov else v
-        self.assign_sub(variable, step)
+        # v = mu * v + lr * trust * g (the rate inside the momentum, as in
+        # SimCLR), w -= v: the fused kernel with rate 1 on lr * trust * g.
+        _apply_momentum(variable, self._momentum_slot(variable),
+                        tf.ones([], dtype), lr * g, self.momentum,
+                        self.nesterov)
 
     def get_config(self):
         config = super().get_config()

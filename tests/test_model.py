@@ -6,7 +6,10 @@ import pytest
 import tensorflow as tf
 
 from co2_tf import losses
+from co2_tf.backbones import build_backbone
+from co2_tf.fused_batchnorm import fuse_batch_norm
 from co2_tf.model import CO2Model
+from co2_tf.optimizers import make_optimizer
 
 SIZE = 8
 
@@ -184,6 +187,71 @@ def test_two_replicas_match_one_replica(two_replicas):
     # The training moved something: the comparison is not between two initial states.
     assert h1["loss"][0] > 0
     assert not np.allclose(one.queue.numpy()[:8], make_model().queue.numpy()[:8])
+
+
+class _CompareReplicaCopies(keras.callbacks.Callback):
+    """After every step: every mirrored copy bit-equal to replica 0's."""
+
+    def __init__(self, strategy):
+        super().__init__()
+        self.strategy = strategy
+        self.steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        for v in self.model.weights + self.model.optimizer.variables:
+            copies = [t.numpy() for t in self.strategy.experimental_local_results(v.value)]
+            assert len(copies) == 2, v.path
+            np.testing.assert_array_equal(
+                copies[1], copies[0], err_msg=f"{v.path}: replicas differ after step {self.steps}")
+
+
+@pytest.mark.parametrize("bn", ["shuffle", "local", "sync"])
+def test_mirrored_copies_stay_bit_identical(two_replicas, bn):
+    """The guarantee under tf.distribute: after every step, every copy of every
+    variable (query and key encoders, BN moving statistics, queue and pointer,
+    optimizer state) is bit-identical on all replicas, on any CPU kind.
+
+    The real backbone (BN layers fused as in training) and MoCo's optimizer.
+    With "local" and "shuffle", each replica's BN moving statistics average its
+    own batch: before they were set to replica 0's, every element differed
+    after step 1. Update arithmetic that depends on the replica is caught by
+    test_optimizers' bit-identity tests. Against one device the numbers agree
+    only within a tolerance (test_two_replicas_match_one_replica).
+    """
+    steps, batch = 5, 8
+
+    def backbone(name):
+        return fuse_batch_norm(build_backbone("tiny", SIZE, bn="sync" if bn == "sync" else "local",
+                                              model_name=name, seed=3))
+
+    with two_replicas.scope():
+        model = CO2Model(backbone, image_size=SIZE, head="mlp", dim=4, queue_size=16,
+                         ema_momentum=0.9, bn=bn, bn_groups=1, seed=5)
+        opt = make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=0.05)
+        model.compile(optimizer=opt)
+        opt.build(model.query_variables)
+    initial = {id(w): w.numpy().copy() for w in model.weights}
+    data = (images(steps * batch, 10), images(steps * batch, 11))
+
+    def dataset_fn(context):
+        b = context.get_per_replica_batch_size(batch)
+        return tf.data.Dataset.from_tensor_slices(data).batch(b).repeat()
+
+    compare = _CompareReplicaCopies(two_replicas)
+    model.fit(two_replicas.distribute_datasets_from_function(dataset_fn), epochs=1,
+              steps_per_epoch=steps, verbose=0, callbacks=[compare])
+    assert compare.steps == steps
+
+    def moved(variables):
+        return any(not np.array_equal(v.numpy(), initial[id(v)]) for v in variables)
+
+    # Not a comparison of untouched copies: all of these changed.
+    def stats(m):
+        return [w for w in m.non_trainable_weights if "moving_" in w.path]
+    assert moved(model.query_variables) and moved(model.key_variables)
+    assert moved(stats(model.query_backbone)) and moved(stats(model.key_backbone))
+    assert moved([model.queue])
 
 
 @pytest.mark.parametrize("bad", [dict(bn="ghost"), dict(head="deep")])
