@@ -158,7 +158,8 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
     def _copy_query_to_key(self):
         for k, q in zip(self.key_variables, self.query_variables, strict=True):
             if k.shape != q.shape:
-                raise ValueError(f"key/query encoder mismatch: {k.path} {k.shape} vs {q.path} {q.shape}")
+                raise ValueError(
+                    f"key/query encoder mismatch: {k.path} {k.shape} vs {q.path} {q.shape}")
             k.assign(q)
 
     # ---------------------------------------------------------------- encoders
