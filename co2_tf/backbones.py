@@ -74,6 +74,28 @@ def feature_dim(name):
     return _FEATURE_DIMS[name]
 
 
+def feature_pyramid(name):
+    """The backbone's four stages as a feature pyramid: ((level, layer, stride), ...).
+
+    Levels are named C2..C5 after the stages (ResNet's layer1..layer4, the
+    tiny convnet's four convs), as detection code names them; `layer` is the
+    name of the stage's last layer and `stride` its output stride. Only the
+    ImageNet ResNets have the strides C_k usually implies (2**k: 4, 8, 16,
+    32); the CIFAR stem keeps full resolution (1, 2, 4, 8) and the tiny
+    convnet halves the size at every conv (2, 4, 8, 16).
+    """
+    _check_name(name)
+    if name == "tiny":
+        layers = [f"relu{i + 1}" for i in range(len(_TINY_WIDTHS))]
+        strides = (2, 4, 8, 16)
+    else:
+        layers = [f"layer{stage + 1}_{blocks - 1}_out"
+                  for stage, blocks in enumerate(_RESNET_LAYOUTS[name][1])]
+        strides = (1, 2, 4, 8) if name.endswith("_cifar") else (4, 8, 16, 32)
+    return tuple((f"C{i + 2}", layer, stride)
+                 for i, (layer, stride) in enumerate(zip(layers, strides)))
+
+
 class _Builder:
     """Creates the layers of one backbone with per-layer seeds and names."""
 

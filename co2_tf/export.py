@@ -23,8 +23,14 @@ latest (or a named) checkpoint:
   the layer keeps TF's ":0" in weight names). Build the optimizer on the
   underlying tf.Variables first: ``optimizer.build([w.value for w in
   model.trainable_weights])``, then compile and fit.
+- ``feature_maps.keras``: the backbone's feature pyramid for detection and
+  segmentation heads: the same images -> a dict of the four stages' maps
+  ``C2``..``C5`` (ResNet's layer1..layer4 outputs, NHWC; strides 4, 8, 16,
+  32 for the ImageNet ResNets, 1, 2, 4, 8 for resnet18_cifar, 2, 4, 8, 16
+  for tiny: export.json lists each level's stride, channels and layer). The
+  SavedModel has it too, as the endpoint ``feature_maps``.
 - ``export.json``: what the export is (backbone, sizes, preprocessing, step,
-  source checkpoint, endpoints).
+  source checkpoint, endpoints, pyramid).
 
 Writes go to a temporary directory beside the target (a local path),
 renamed into place at the end: a failure leaves nothing half-written.
@@ -44,6 +50,7 @@ from co2_tf import backbones, build, io, rundir
 from co2_tf.errors import UserError
 
 KERAS_FILE = "backbone.keras"
+FEATURE_MAPS_FILE = "feature_maps.keras"
 SAVED_MODEL_DIR = "saved_model"
 EXPORT_FILE = rundir.EXPORT_FILE
 # Largest output difference between the export and the in-memory model that
@@ -70,7 +77,8 @@ class ExportConfig:
 HELP = {
     "model_dir": "pretraining run dir: exports its latest checkpoint",
     "checkpoint": "export this checkpoint instead: RUN_DIR/checkpoints/ckpt-N (or ckpt-N)",
-    "export_dir": "output directory (backbone.keras, saved_model/, export.json)",
+    "export_dir": "output directory (backbone.keras, feature_maps.keras, saved_model/, "
+                  "export.json)",
     "overwrite": "replace a non-empty --export_dir",
 }
 
@@ -85,8 +93,27 @@ def check_target(export_dir, overwrite=False):
                             "replace it, or another --export_dir")
 
 
-def _export_archive(backbone, head, path):
-    """Writes the SavedModel with its three endpoints."""
+def feature_maps_model(backbone, architecture):
+    """The backbone's pyramid: images -> {"C2": ..., "C5": ...}, sharing its layers."""
+    outputs = {level: backbone.get_layer(layer).output
+               for level, layer, _ in backbones.feature_pyramid(architecture)}
+    return keras.Model(backbone.input, outputs, name="feature_maps")
+
+
+def pyramid_info(architecture, backbone):
+    """export.json's description of the pyramid: per level its stride, channels and layer."""
+    levels = {level: {"stride": stride, "layer": layer,
+                      "channels": int(backbone.get_layer(layer).output.shape[-1])}
+              for level, layer, stride in backbones.feature_pyramid(architecture)}
+    info = {"file": FEATURE_MAPS_FILE, "endpoint": "feature_maps", "levels": levels}
+    if architecture == "tiny" or architecture.endswith("_cifar"):
+        info["note"] = ("levels are the four stages; their strides are not the 4, 8, 16, 32 "
+                        "that C2..C5 have in ImageNet ResNets")
+    return info
+
+
+def _export_archive(backbone, head, path, feature_maps=None):
+    """Writes the SavedModel with its endpoints."""
     images = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
     archive = keras.export.ExportArchive()
     # Tracking only the backbone makes the loaded object's trainable_variables
@@ -100,20 +127,31 @@ def _export_archive(backbone, head, path):
         "projection",
         lambda x: tf.math.l2_normalize(head(backbone(x, training=False)), axis=-1),
         input_signature=[images])
+    if feature_maps is not None:
+        archive.add_endpoint("feature_maps", lambda x: feature_maps(x, training=False),
+                             input_signature=[images])
     archive.write_out(path, verbose=False)
 
 
-def _verify(tmp, model, image_size):
-    """Reloads both artifacts and compares them with the in-memory model."""
+def _verify(tmp, model, image_size, architecture):
+    """Reloads the artifacts and compares them with the in-memory model."""
     x = np.random.default_rng(0).random((4, image_size, image_size, 3), np.float32)
     features = model.query_backbone(x, training=False).numpy()
     projection = model.encode_query(x, training=False).numpy()
+    maps = feature_maps_model(model.query_backbone, architecture)(x, training=False)
     reloaded = keras.models.load_model(os.path.join(tmp, KERAS_FILE))
+    reloaded_maps = keras.models.load_model(os.path.join(tmp, FEATURE_MAPS_FILE))(
+        x, training=False)
     saved = tf.saved_model.load(os.path.join(tmp, SAVED_MODEL_DIR))
+    saved_maps = saved.feature_maps(x)
     diffs = {
         "keras": np.abs(reloaded(x, training=False).numpy() - features).max(),
         "serve": np.abs(saved.serve(x).numpy() - features).max(),
         "projection": np.abs(saved.projection(x).numpy() - projection).max(),
+        "feature_maps_keras": max(np.abs(reloaded_maps[k].numpy() - maps[k].numpy()).max()
+                                  for k in maps),
+        "feature_maps": max(np.abs(saved_maps[k].numpy() - maps[k].numpy()).max()
+                            for k in maps),
     }
     bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
     if bad:  # a bug, not bad input
@@ -151,12 +189,15 @@ def export_info(run, feature_dim):
                         for name in ("dataset", "data_dir", "split", "eval_split", "augment",
                                      "consistency_weight", "consistency_temperature",
                                      "temperature", "bn")},
-        "files": {"keras": KERAS_FILE, "saved_model": SAVED_MODEL_DIR},
+        "files": {"keras": KERAS_FILE, "saved_model": SAVED_MODEL_DIR,
+                  "feature_maps": FEATURE_MAPS_FILE},
         "endpoints": {
             "serve": "images -> pooled features [N, feature_dim], BN inference",
             "serve_training": "images -> pooled features, BN training mode (batch statistics, "
                               "moving averages updated)",
             "projection": "images -> L2-normalised query projection [N, projection_dim]",
+            "feature_maps": "images -> {C2, C3, C4, C5}: the stages' maps [N, H/s, W/s, C] "
+                            "(see feature_pyramid), BN inference",
         },
     }
 
@@ -192,10 +233,14 @@ def export_run(run, export_dir, *, overwrite=False):
         backbone = build.any_size_copy(run.config, run.model.query_backbone)
         head = keras.models.clone_model(run.model.query_head)
         head.set_weights(run.model.query_head.get_weights())
+        pyramid = feature_maps_model(backbone, run.config.backbone)
         backbone.save(os.path.join(tmp, KERAS_FILE))
-        _export_archive(backbone, head, os.path.join(tmp, SAVED_MODEL_DIR))
+        pyramid.save(os.path.join(tmp, FEATURE_MAPS_FILE))
+        _export_archive(backbone, head, os.path.join(tmp, SAVED_MODEL_DIR), pyramid)
         info = export_info(run, backbone.output_shape[-1])
-        info["verified_max_abs_diff"] = _verify(tmp, run.model, run.config.image_size)
+        info["feature_pyramid"] = pyramid_info(run.config.backbone, backbone)
+        info["verified_max_abs_diff"] = _verify(tmp, run.model, run.config.image_size,
+                                                run.config.backbone)
         io.write_json_atomic(os.path.join(tmp, EXPORT_FILE), info)
         _publish(tmp, export_dir)
     except BaseException:

@@ -163,7 +163,37 @@ def test_export_json_describes_the_export(exported, run_dir):
     assert info["input"]["range"] == [0.0, 1.0]
     assert max(info["verified_max_abs_diff"].values()) <= 1e-5
     assert sorted(os.listdir(out)) == sorted(
-        ["backbone.keras", "saved_model", "export.json", "x16.npy", "x24.npy"])
+        ["backbone.keras", "feature_maps.keras", "saved_model", "export.json", "x16.npy",
+         "x24.npy"])
+
+
+def test_feature_maps_are_the_backbones_stage_outputs(exported):
+    """feature_maps.keras and the feature_maps endpoint equal backbone.keras's own activations."""
+    import keras
+    import tensorflow as tf
+    out, info, _, _ = exported
+    pyramid = info["feature_pyramid"]
+    assert pyramid["file"] == "feature_maps.keras" and pyramid["endpoint"] == "feature_maps"
+    assert {k: (v["stride"], v["channels"]) for k, v in pyramid["levels"].items()} == {
+        "C2": (2, 32), "C3": (4, 64), "C4": (8, 128), "C5": (16, 256)}  # tiny's four convs
+    assert "note" in pyramid  # not the 4..32 strides of an ImageNet ResNet
+    assert max(v for k, v in info["verified_max_abs_diff"].items() if "feature" in k) <= 1e-5
+
+    x = np.random.default_rng(3).random((2, 32, 48, 3), np.float32)  # any size, not square
+    backbone = keras.models.load_model(os.path.join(out, "backbone.keras"))
+    maps = keras.models.load_model(os.path.join(out, "feature_maps.keras"))(x, training=False)
+    loaded = tf.saved_model.load(os.path.join(out, "saved_model"))  # keep: owns the variables
+    saved = loaded.feature_maps(x)
+    assert sorted(maps) == sorted(saved) == ["C2", "C3", "C4", "C5"]
+    for level, spec in pyramid["levels"].items():
+        stage = keras.Model(backbone.input, backbone.get_layer(spec["layer"]).output)
+        want = stage(x, training=False).numpy()
+        assert want.shape == (2, 32 // spec["stride"], 48 // spec["stride"], spec["channels"])
+        np.testing.assert_allclose(maps[level].numpy(), want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(saved[level].numpy(), want, rtol=1e-5, atol=1e-5)
+    # The last stage, pooled, is the backbone's output.
+    np.testing.assert_allclose(maps["C5"].numpy().mean(axis=(1, 2)),
+                               backbone(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def _listing(path):
@@ -182,7 +212,8 @@ def test_refuses_a_non_empty_dir_and_overwrites_on_request(run_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp dir left
 
     export.export(export.ExportConfig(model_dir=run_dir, export_dir=str(out), overwrite=True))
-    assert sorted(os.listdir(out)) == ["backbone.keras", "export.json", "saved_model"]
+    assert sorted(os.listdir(out)) == ["backbone.keras", "export.json", "feature_maps.keras",
+                                       "saved_model"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 

@@ -1,4 +1,4 @@
-"""Exports a pretrained backbone: backbone.keras, a SavedModel and export.json.
+"""Exports a pretrained backbone: backbone.keras, feature_maps.keras, a SavedModel, export.json.
 
   python tools/export.py --model_dir=/tmp/co2_demo --export_dir=/tmp/co2_demo_export
   python tools/export.py --checkpoint=/tmp/co2_demo/checkpoints/ckpt-200 \\
@@ -6,7 +6,9 @@
 
 Fine-tune with `keras.models.load_model(".../backbone.keras")` or
 `keras.layers.TFSMLayer(".../saved_model", call_endpoint="serve",
-call_training_endpoint="serve_training", trainable=True)` (see co2_tf/export.py).
+call_training_endpoint="serve_training", trainable=True)` (see co2_tf/export.py);
+feature_maps.keras (and the SavedModel endpoint feature_maps) gives the pyramid C2..C5 for
+detection and segmentation heads.
 """
 
 import common
@@ -24,8 +26,9 @@ def main(argv):
     config = common.config_from_flags(export_lib.ExportConfig)
     info = common.run_guarded(export_lib.export, config)
     print(f"exported {info['backbone']} (features {info['feature_dim']}, step {info['step']}) "
-          f"from {info['checkpoint']} to {config.export_dir}: backbone.keras, saved_model/ "
-          "(endpoints serve, serve_training, projection), export.json")
+          f"from {info['checkpoint']} to {config.export_dir}: backbone.keras, "
+          "feature_maps.keras, saved_model/ (endpoints serve, serve_training, projection, "
+          "feature_maps), export.json")
 
 
 if __name__ == "__main__":
