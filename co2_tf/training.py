@@ -24,7 +24,7 @@ import sys
 
 import tensorflow as tf
 
-from co2_tf import data, distribute, rundir
+from co2_tf import checkpoints, data, distribute, rundir
 from co2_tf.build import backbone_fn, build_model, build_optimizer, compile_model
 from co2_tf.callbacks import (
     CheckpointCallback,
@@ -85,18 +85,6 @@ def execution_segments(segments, steps_per_execution):
             for epoch in range(first, end)]
 
 
-def _restore(checkpoint, manager, model_dir):
-    latest = manager.latest_checkpoint
-    if not latest:
-        return
-    try:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"the checkpoint in {model_dir} does not fit this model ({first}): "
-                        "use a new --model_dir or the flags it was made with") from None
-
-
 def _take_steps(dataset_fn, steps):
     """dataset_fn cut to `steps` global batches (each pipeline feeds its replicas in turn)."""
     def cut(input_context):
@@ -139,17 +127,21 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         optimizer = build_optimizer(config, steps_per_epoch, total_steps)
         compile_model(model, optimizer, config)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    ckpt_dir = rundir.checkpoint_dir(config.model_dir)
+    restored, recovered = checkpoints.restore_newest(
+        lambda with_step: tf.train.Checkpoint(model=model, optimizer=optimizer),
+        ckpt_dir, config.model_dir)
+    if chief and recovered:
+        checkpoints.rewrite_state(ckpt_dir, recovered)
     # Non-chief workers of a multi-worker run must take part in saving (the
     # variables are read collectively) but write to a scratch dir; every
     # worker restores the chief's checkpoints (see WorkerCheckpointManager).
-    ckpt_dir = rundir.checkpoint_dir(config.model_dir)
     if chief:
         manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
                                              max_to_keep=config.keep_checkpoints)
     else:
         manager = WorkerCheckpointManager(checkpoint, ckpt_dir, os.path.join(
             config.model_dir, f".worker_{strategy.cluster_resolver.task_id}"))
-    _restore(checkpoint, manager, config.model_dir)
 
     # Everything is checked: from here on the run dir is written.
     tf.io.gfile.makedirs(config.model_dir)
@@ -171,7 +163,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
 
     with PreemptionWatcher() as preemption:
         saver = CheckpointCallback(manager, config.checkpoint_every, preemption)
-        saver.last_saved_step = step if manager.latest_checkpoint else None
+        saver.last_saved_step = step if restored else None
         cbs = [saver]
         if knn is not None and config.knn_every:
             cbs.append(KnnMonitor(knn, config.knn_every))

@@ -1,0 +1,117 @@
+"""Faults a long run meets: broken checkpoints, unwritable run dirs, Ctrl-C, a second run,
+skipped mixed-precision steps."""
+
+import glob
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from co2_tf import training
+from co2_tf.config import TrainConfig
+from co2_tf.errors import UserError
+
+SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, epochs=1, knn_every=0,
+             log_every=1, seed=3)
+
+
+def small_config(model_dir, **overrides):
+    return TrainConfig(model_dir=str(model_dir), **dict(SMALL, **overrides))
+
+
+def _values(path):
+    reader = tf.train.load_checkpoint(path)
+    values = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+              if "save_counter" not in k}
+    return {k: v for k, v in values.items() if np.issubdtype(np.asarray(v).dtype, np.number)}
+
+
+def _numbers(model_dir):
+    return sorted(int(p.rsplit("-", 1)[1][:-len(".index")])
+                  for p in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index")))
+
+
+class CountSteps(tf.keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+
+# ------------------------------------------------------ checkpoint integrity
+@pytest.fixture(scope="module")
+def twelve_steps(tmp_path_factory):
+    """A finished run of 12 steps, checkpoints 4, 8, 12, and ckpt-12's values."""
+    model_dir = tmp_path_factory.mktemp("twelve") / "run"
+    training.train(small_config(model_dir, train_steps=12, checkpoint_every=4), verbose=0)
+    assert _numbers(str(model_dir)) == [4, 8, 12]
+    return str(model_dir), _values(os.path.join(model_dir, "checkpoints", "ckpt-12"))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "missing_index", "truncated_index"])
+def test_a_broken_latest_checkpoint_is_named_and_the_previous_one_restored(
+        tmp_path, twelve_steps, damage, caplog):
+    source, ckpt12 = twelve_steps
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(source, model_dir)
+    base = os.path.join(model_dir, "checkpoints", "ckpt-12")
+    if damage == "truncated_data":
+        _truncate(base + ".data-00000-of-00001")
+    elif damage == "missing_index":
+        os.remove(base + ".index")
+    else:
+        _truncate(base + ".index")
+    counter = CountSteps()
+    with caplog.at_level(logging.WARNING):
+        summary = training.train(small_config(model_dir, train_steps=12, checkpoint_every=4),
+                                 callbacks=[counter], verbose=0)
+    warnings = [r.getMessage() for r in caplog.records if "ckpt-12" in r.getMessage()]
+    assert len(warnings) == 1 and "unreadable" in warnings[0], warnings
+    # Resumed from ckpt-8: 4 steps, and ckpt-12 rewritten with the values it had.
+    assert counter.batches == 4 and summary["steps"] == 12
+    assert _numbers(model_dir) == [4, 8, 12]
+    again = _values(base)
+    assert again.keys() == ckpt12.keys()
+    for key, value in ckpt12.items():
+        np.testing.assert_allclose(again[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_an_unreadable_state_file_resumes_from_the_files_present(tmp_path, twelve_steps,
+                                                                   caplog):
+    source, _ = twelve_steps
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(source, model_dir)
+    with open(os.path.join(model_dir, "checkpoints", "checkpoint"), "w") as f:
+        f.write("model_checkpoint_path: {{{ not a state file\n")
+    counter = CountSteps()
+    with caplog.at_level(logging.WARNING):
+        summary = training.train(small_config(model_dir, train_steps=16, checkpoint_every=4),
+                                 callbacks=[counter], verbose=0)
+    assert counter.batches == 4 and summary["steps"] == 16  # from step 12, not 0
+    assert any("state file" in r.getMessage() for r in caplog.records)
+    # The recovered state file manages the old checkpoints again (keep 3: 4 went).
+    assert _numbers(model_dir) == [8, 12, 16]
+    state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
+    assert [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths] == [8, 12, 16]
+
+
+def test_no_readable_checkpoint_is_one_error_and_deletes_nothing(tmp_path, twelve_steps):
+    source, _ = twelve_steps
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(source, model_dir)
+    for path in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.data-*")):
+        _truncate(path)
+    before = sorted(glob.glob(os.path.join(model_dir, "**"), recursive=True))
+    with pytest.raises(UserError, match="ckpt-12, ckpt-8, ckpt-4"):
+        training.train(small_config(model_dir, train_steps=16, checkpoint_every=4), verbose=0)
+    assert sorted(glob.glob(os.path.join(model_dir, "**"), recursive=True)) == before
