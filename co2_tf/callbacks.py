@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import build, data, keras_compat
+from co2_tf import build, checkpoints, data, keras_compat
 from co2_tf.errors import UserError
 from co2_tf.evaluation import knn as knn_lib
 
@@ -96,7 +96,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         if not all(bool(tf.reduce_all(tf.math.is_finite(w)))
                    for w in self.model.weights if keras.backend.is_float_dtype(w.dtype)):
             raise NonFiniteLoss(step, self.last_saved_step or 0, what="the weights are")
-        self.manager.save(checkpoint_number=step)
+        try:
+            self.manager.save(checkpoint_number=step)
+        except (OSError, tf.errors.OpError) as e:
+            # TF writes to temporary names and renames: the previous one is intact.
+            raise checkpoints.SaveFailed(self.manager.directory, step, e) from None
         self.last_saved_step = step
 
     def on_train_batch_end(self, batch, logs=None):
@@ -129,6 +133,7 @@ class WorkerCheckpointManager:
     def __init__(self, checkpoint, chief_dir, scratch_dir):
         self.checkpoint = checkpoint
         self.chief_dir = chief_dir
+        self.directory = scratch_dir
         self.scratch_dir = scratch_dir
 
     @property

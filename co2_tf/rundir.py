@@ -17,6 +17,7 @@ Every path goes through co2_tf.io (tf.io.gfile): run dirs may be gs:// URIs.
 import dataclasses
 import gc
 import os
+import uuid
 
 import keras
 import tensorflow as tf
@@ -39,8 +40,12 @@ _STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 def load_run_config(model_dir):
     """The config a run dir was started with, or None for a new dir."""
     path = io.join(model_dir, CONFIG_FILE)
-    if not io.exists(path):
-        return None
+    try:
+        if not io.exists(path):
+            return None
+    except tf.errors.OpError as e:  # an unknown URI scheme, a bucket without access, ...
+        raise UserError(f"cannot access --model_dir={model_dir} ({_first_line(e)}): check "
+                        "the path and its permissions, or choose another --model_dir") from None
     try:
         return TrainConfig.from_dict(io.read_json(path))
     except (ValueError, TypeError, AttributeError) as e:  # bad JSON, not an object, ...
@@ -64,6 +69,28 @@ def read_class_names(model_dir):
 
 def write_summary(model_dir, summary):
     io.write_json_atomic(io.join(model_dir, SUMMARY_FILE), summary)
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def check_writable(model_dir):
+    """UserError unless files can be written in model_dir (made if missing).
+
+    Called before anything is built: an unwritable --model_dir (a read-only
+    mount, a bucket without write access, an unknown URI scheme) is one line
+    at once, not a traceback after minutes of setup.
+    """
+    probe = io.join(model_dir, f".write_probe-{uuid.uuid4().hex[:8]}")
+    try:
+        io.makedirs(model_dir)
+        io.write_text_atomic(probe, "co2_tf checks that it can write here\n")
+        io.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+        raise UserError(f"cannot write to --model_dir={model_dir} ({_first_line(e)}): check "
+                        "the path and its permissions, or choose another --model_dir") from None
 
 
 def checkpoint_dir(model_dir):

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from co2_tf import checkpoints, data, distribute, rundir
 from co2_tf.build import backbone_fn, build_model, build_optimizer, compile_model
+from co2_tf.checkpoints import SaveFailed
 from co2_tf.callbacks import (
     CheckpointCallback,
     GlobalStepTensorBoard,
@@ -41,7 +42,7 @@ from co2_tf.errors import UserError
 from co2_tf.sources import make_source
 
 # What tools/train.py catches (defined with the callback that raises them).
-__all__ = ["NonFiniteLoss", "Preempted", "train", "epoch_segments", "execution_segments"]
+__all__ = ["NonFiniteLoss", "Preempted", "SaveFailed", "train", "epoch_segments", "execution_segments"]
 
 
 def epoch_segments(step, total_steps, steps_per_epoch):
@@ -119,6 +120,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         raise UserError(f"the training split has fewer examples than one batch of "
                         f"{config.batch_size}: lower --batch_size")
     total_steps = config.train_steps or config.epochs * steps_per_epoch
+    rundir.check_writable(config.model_dir)  # before minutes of building and restoring
     # The end-of-run kNN costs seconds on in-memory data: reported even with --knn_every=0.
     knn = knn_evaluator(config, source) if config.knn_every or source.in_memory else None
 
@@ -144,7 +146,6 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
             config.model_dir, f".worker_{strategy.cluster_resolver.task_id}"))
 
     # Everything is checked: from here on the run dir is written.
-    tf.io.gfile.makedirs(config.model_dir)
     if chief and saved is None:
         rundir.write_run_config(config.model_dir, config)
         names = source.class_names(config.split)

@@ -5,6 +5,8 @@ import glob
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from co2_tf import training
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "tools", "train.py")
 SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, epochs=1, knn_every=0,
              log_every=1, seed=3)
 
@@ -115,3 +119,63 @@ def test_no_readable_checkpoint_is_one_error_and_deletes_nothing(tmp_path, twelv
     with pytest.raises(UserError, match="ckpt-12, ckpt-8, ckpt-4"):
         training.train(small_config(model_dir, train_steps=16, checkpoint_every=4), verbose=0)
     assert sorted(glob.glob(os.path.join(model_dir, "**"), recursive=True)) == before
+
+
+# ------------------------------------------------------------- disk faults
+def run_binary(args):
+    return subprocess.run([sys.executable, TRAIN] + args, capture_output=True, text=True,
+                          timeout=600)
+
+
+def assert_one_line(result, code, *fragments):
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def small_flags(**overrides):
+    return [f"--{k}={v}" for k, v in dict(SMALL, **overrides).items()]
+
+
+@pytest.mark.parametrize("kind", ["under_a_file", "unknown_scheme", "read_only"])
+def test_an_unwritable_model_dir_is_one_line_before_anything_is_built(tmp_path, kind):
+    if kind == "under_a_file":
+        (tmp_path / "file.txt").write_text("not a folder")
+        model_dir = str(tmp_path / "file.txt" / "run")
+    elif kind == "unknown_scheme":
+        model_dir = "nosuchfs://bucket/run"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes through chmod 555")
+        os.chmod(tmp_path, 0o555)
+        model_dir = str(tmp_path / "run")
+    result = run_binary([f"--model_dir={model_dir}"] + small_flags(train_steps=2))
+    assert_one_line(result, 1, f"--model_dir={model_dir}")
+    assert not glob.glob(os.path.join(os.getcwd(), "nosuchfs*"))
+
+
+def test_a_failed_save_is_one_error_naming_the_path_and_keeps_the_previous(
+        tmp_path, monkeypatch):
+    real_save = tf.train.CheckpointManager.save
+    calls = []
+
+    def failing_save(self, *args, **kwargs):
+        calls.append(kwargs.get("checkpoint_number"))
+        if len(calls) == 2:
+            raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", failing_save)
+    config = small_config(tmp_path / "run", train_steps=12, checkpoint_every=4)
+    with pytest.raises(training.SaveFailed) as caught:
+        training.train(config, verbose=0)
+    message = str(caught.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert os.path.join(config.model_dir, "checkpoints") in message and "step 8" in message
+    monkeypatch.undo()
+    latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+    assert latest.endswith("ckpt-4") and _values(latest)

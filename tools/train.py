@@ -31,6 +31,8 @@ def main(argv):
         common.fail(str(e), code=3)
     except training.Preempted as e:
         common.fail(str(e), code=143)
+    except training.SaveFailed as e:
+        common.fail(str(e), code=4)
     if "knn_top1" in summary:
         print(f"kNN top-1 (k={config.knn_k}) on the held-out split: "
               f"trained {100 * summary['knn_top1']:.1f}%, "
