@@ -1,6 +1,6 @@
 """What runs beside Keras's fit during pretraining.
 
-- checkpoints every N steps, at epoch ends and on SIGTERM (preemption),
+- checkpoints every N steps, at epoch ends and on SIGTERM or SIGINT (preemption),
   refusing a non-finite loss or non-finite weights;
 - the checkpoint manager of a non-chief worker of a multi-worker run;
 - Keras's TensorBoard callback with batch summaries at the global step;
@@ -35,37 +35,55 @@ class NonFiniteLoss(Exception):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of the current step was written."""
+    """SIGTERM or SIGINT arrived; a checkpoint of the current step was written.
 
-    def __init__(self, step):
+    `exit_code` is the shell's code for the signal: 143 (SIGTERM), 130 (SIGINT).
+    """
+
+    def __init__(self, step, signum=signal.SIGTERM, by_another_worker=False):
         self.step = step
-        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint written, rerun the "
-                         "same command to resume")
+        self.exit_code = 128 + int(signum)
+        cause = ("another worker was stopped" if by_another_worker
+                 else f"stopped by {signal.Signals(signum).name}")
+        super().__init__(f"{cause} at step {step}; checkpoint written, rerun the same command "
+                         "to resume")
 
 
 class PreemptionWatcher(contextlib.AbstractContextManager):
-    """Turns SIGTERM into a flag that the checkpoint callback acts on at a step end."""
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the checkpoint callback acts on at a
+    step end. After the first Ctrl-C, a second one aborts at once (the default handler)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum = None
+        self._previous = {}
+
+    @property
+    def requested(self):
+        return self.signum is not None
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.signum is None:
+            self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            # After a Ctrl-C, the user wants out: a second one still aborts at once.
+            if not (signum == signal.SIGINT == self.signum):
+                signal.signal(signum, previous)
         return False
 
 
 class CheckpointCallback(keras.callbacks.Callback):
-    """Saves every N steps, at epoch ends and on SIGTERM; refuses non-finite losses.
+    """Saves every N steps, at epoch ends and on SIGTERM/SIGINT; refuses non-finite losses.
 
     Keras calls it once per execution: with --steps_per_execution=k the step
     advances by k between calls, so "every N steps" means at the first

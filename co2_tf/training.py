@@ -6,7 +6,7 @@ before it writes anything, then runs Keras's `fit` with co2_tf's callbacks:
 - checkpoints (`tf.train.CheckpointManager`, in DIR/checkpoints): the whole
   model (key encoder, queue and pointer included) and the optimizer (whose
   `iterations` is the global step), every `checkpoint_every` steps, at each
-  epoch end, and when SIGTERM arrives (preemption);
+  epoch end, and when SIGTERM or SIGINT (Ctrl-C) arrives (preemption);
 - resume: rerunning the same command restores the latest checkpoint and goes
   on from its step. The input pipeline of the built-in and folder datasets is
   a pure function of the step, so a resumed run sees exactly the batches an
@@ -42,7 +42,8 @@ from co2_tf.errors import UserError
 from co2_tf.sources import make_source
 
 # What tools/train.py catches (defined with the callback that raises them).
-__all__ = ["NonFiniteLoss", "Preempted", "SaveFailed", "train", "epoch_segments", "execution_segments"]
+__all__ = ["NonFiniteLoss", "Preempted", "SaveFailed", "train", "epoch_segments",
+           "execution_segments"]
 
 
 def epoch_segments(step, total_steps, steps_per_epoch):
@@ -186,7 +187,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
             model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs,
                       steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
             if saver.preempted_at is not None:
-                raise Preempted(saver.preempted_at)
+                raise Preempted(saver.preempted_at, preemption.signum)
         step = int(optimizer.iterations.numpy())
         saver.save(step)
 

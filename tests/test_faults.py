@@ -2,11 +2,14 @@
 skipped mixed-precision steps."""
 
 import glob
+import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -179,3 +182,51 @@ def test_a_failed_save_is_one_error_naming_the_path_and_keeps_the_previous(
     monkeypatch.undo()
     latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
     assert latest.endswith("ckpt-4") and _values(latest)
+
+
+# ------------------------------------------------------------------ Ctrl-C
+def _wait_for_state_file(model_dir, proc, timeout=300):
+    """The first checkpoint, once the state file lists it (its .index comes first)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
+        if state and state.model_checkpoint_path:
+            return int(state.model_checkpoint_path.rsplit("-", 1)[1])
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_ctrl_c_writes_a_checkpoint_at_the_current_step_and_exits_130(tmp_path):
+    model_dir = str(tmp_path / "run")
+    flags = [f"--model_dir={model_dir}"] + small_flags(train_steps=3000, checkpoint_every=5)
+    proc = subprocess.Popen([sys.executable, TRAIN] + flags, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = _wait_for_state_file(model_dir, proc)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGINT at step "), last
+    step = int(last.split("at step ")[1].split(";")[0])
+    assert first < step < 3000
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    assert latest.endswith(f"ckpt-{step}")
+    # Rerun: resumes at that step (a shorter run that ends 3 steps later).
+    result = run_binary(flags[:-len(small_flags())] + small_flags(train_steps=step + 3,
+                                                                  checkpoint_every=5))
+    assert result.returncode == 0, result.stderr
+    assert json.load(open(os.path.join(model_dir, "summary.json")))["steps"] == step + 3
+
+
+def test_after_one_ctrl_c_the_next_one_aborts_at_once():
+    with training.PreemptionWatcher() as watcher:
+        assert signal.getsignal(signal.SIGINT) == watcher._handle
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # Python runs the handler at the next bytecode
+        assert watcher.requested and watcher.signum == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -30,7 +30,10 @@ def main(argv):
     except training.NonFiniteLoss as e:
         common.fail(str(e), code=3)
     except training.Preempted as e:
-        common.fail(str(e), code=143)
+        common.fail(str(e), code=e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        common.fail("interrupted (Ctrl-C) before the first step; nothing written to resume "
+                    "from", code=130)
     except training.SaveFailed as e:
         common.fail(str(e), code=4)
     if "knn_top1" in summary:
