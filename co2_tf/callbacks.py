@@ -104,7 +104,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._previous_step = self._step()
 
     def _step(self):
-        return int(self.model.optimizer.iterations.numpy())
+        return int(self.model.step_counter.numpy())
 
     def save(self, step):
         if step == self.last_saved_step:
@@ -173,7 +173,7 @@ class GlobalStepTensorBoard(keras.callbacks.TensorBoard):
     """
 
     def _global_step(self):
-        return int(self.model.optimizer.iterations.numpy())
+        return int(self.model.step_counter.numpy())
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)

@@ -49,6 +49,13 @@ class SaveFailed(Exception):
                          "space or fix the permissions, then rerun to resume")
 
 
+def training_checkpoint(model, optimizer, with_step=True):
+    """What the trainer saves: the CO2Model, its optimizer and its step counter."""
+    if with_step:
+        return tf.train.Checkpoint(model=model, optimizer=optimizer, step=model.step_counter)
+    return tf.train.Checkpoint(model=model, optimizer=optimizer)  # before the step counter
+
+
 def _first_line(error):
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__

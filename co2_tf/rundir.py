@@ -22,7 +22,7 @@ import uuid
 import keras
 import tensorflow as tf
 
-from co2_tf import build, io
+from co2_tf import build, checkpoints, io
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
 
@@ -32,8 +32,6 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 LOG_SUBDIR = "logs"
 EXPORT_FILE = "export.json"
-# The optimizer's step counter in a training checkpoint.
-_STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 # ------------------------------------------------------------- small files
@@ -154,12 +152,8 @@ def resolve_checkpoint(model_dir="", checkpoint=""):
 
 
 def checkpoint_step(path):
-    """The training step a checkpoint was written at (its optimizer's counter)."""
-    reader = tf.train.load_checkpoint(path)
-    if reader.has_tensor(_STEP_KEY):
-        return int(reader.get_tensor(_STEP_KEY))
-    suffix = path.rsplit("-", 1)[-1]
-    return int(suffix) if suffix.isdigit() else None
+    """The training step a checkpoint was written at (its step counter)."""
+    return checkpoints.step_of(path)
 
 
 def restore(model, path):

@@ -4,8 +4,11 @@
 before it writes anything, then runs Keras's `fit` with co2_tf's callbacks:
 
 - checkpoints (`tf.train.CheckpointManager`, in DIR/checkpoints): the whole
-  model (key encoder, queue and pointer included) and the optimizer (whose
-  `iterations` is the global step), every `checkpoint_every` steps, at each
+  model (key encoder, queue and pointer included), the optimizer and the step
+  counter (`CO2Model.step_counter`: every step, including those mixed_float16's
+  loss scaling skips, which `optimizer.iterations` does not count; it is the
+  data position, the checkpoint number and what --train_steps counts), every
+  `checkpoint_every` steps, at each
   epoch end, and when SIGTERM or SIGINT (Ctrl-C) arrives (preemption);
 - resume: rerunning the same command restores the latest checkpoint and goes
   on from its step. The input pipeline of the built-in and folder datasets is
@@ -129,11 +132,11 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         model = build_model(config, bn_groups)
         optimizer = build_optimizer(config, steps_per_epoch, total_steps)
         compile_model(model, optimizer, config)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    checkpoint = checkpoints.training_checkpoint(model, optimizer)
     ckpt_dir = rundir.checkpoint_dir(config.model_dir)
     restored, recovered = checkpoints.restore_newest(
-        lambda with_step: tf.train.Checkpoint(model=model, optimizer=optimizer),
-        ckpt_dir, config.model_dir)
+        lambda with_step: checkpoints.training_checkpoint(model, optimizer, with_step),
+        ckpt_dir, config.model_dir, model.step_counter, optimizer.iterations)
     if chief and recovered:
         checkpoints.rewrite_state(ckpt_dir, recovered)
     # Non-chief workers of a multi-worker run must take part in saving (the
@@ -153,7 +156,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         if names:
             rundir.write_class_names(config.model_dir, names)
 
-    step = int(optimizer.iterations.numpy())
+    step = int(model.step_counter.numpy())
     log_dir = rundir.log_dir(config.model_dir)
     if step == 0 and chief:
         preview = data.pretrain_dataset_fn(
@@ -176,7 +179,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         segments = execution_segments(epoch_segments(step, total_steps, steps_per_epoch),
                                       config.steps_per_execution)
         for initial_epoch, epochs, steps in segments:
-            start = int(optimizer.iterations.numpy())
+            start = int(model.step_counter.numpy())
             dataset_fn = data.pretrain_dataset_fn(
                 source, split=config.split, image_size=config.image_size,
                 augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
@@ -188,7 +191,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
                       steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
             if saver.preempted_at is not None:
                 raise Preempted(saver.preempted_at, preemption.signum)
-        step = int(optimizer.iterations.numpy())
+        step = int(model.step_counter.numpy())
         saver.save(step)
 
     summary = {"steps": step}

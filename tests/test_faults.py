@@ -230,3 +230,46 @@ def test_after_one_ctrl_c_the_next_one_aborts_at_once():
         assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# ---------------------------------------------------- mixed_float16 steps
+def _ckpt_counters(model_dir):
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    reader = tf.train.load_checkpoint(path)
+    return (int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")),
+            int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")))
+
+
+def test_mixed_float16_skipped_steps_count_for_data_checkpoints_and_train_steps(
+        tmp_path, monkeypatch):
+    """A loss scale of 2**32 overflows float16 gradients: the first steps are
+    skipped (optimizer.iterations stays behind) while the run still takes
+    exactly --train_steps steps, numbers checkpoints by them, and a resumed run
+    continues at the right batch (it ends where the uninterrupted one does)."""
+    import keras
+
+    from co2_tf import precision
+    monkeypatch.setattr(precision, "wrap_optimizer", lambda optimizer, _: (
+        keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0 ** 32)))
+    common = dict(precision="mixed_float16", checkpoint_every=8, keep_checkpoints=5,
+                  deterministic=True)
+    straight = str(tmp_path / "straight")
+    counter = CountSteps()
+    summary = training.train(small_config(straight, train_steps=24, **common),
+                             callbacks=[counter], verbose=0)
+    step, iterations = _ckpt_counters(straight)
+    assert summary["steps"] == 24 and counter.batches == 24 and step == 24
+    assert iterations < 20, "no step was skipped: the test proves nothing"
+    assert _numbers(straight) == [8, 16, 24]
+
+    resumed = str(tmp_path / "resumed")
+    training.train(small_config(resumed, train_steps=12, **common), verbose=0)
+    counter = CountSteps()
+    training.train(small_config(resumed, train_steps=24, **common), callbacks=[counter],
+                   verbose=0)
+    assert counter.batches == 12 and _ckpt_counters(resumed) == (step, iterations)
+    assert _numbers(resumed) == [8, 12, 16, 24]
+    a = _values(os.path.join(straight, "checkpoints", "ckpt-24"))
+    b = _values(os.path.join(resumed, "checkpoints", "ckpt-24"))
+    for key, value in a.items():
+        np.testing.assert_allclose(b[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
