@@ -22,12 +22,13 @@ What it builds comes from co2_tf.build, the callbacks from co2_tf.callbacks,
 the run dir's file names from co2_tf.rundir.
 """
 
+import contextlib
 import os
 import sys
 
 import tensorflow as tf
 
-from co2_tf import checkpoints, data, distribute, rundir
+from co2_tf import checkpoints, data, distribute, rundir, runlock
 from co2_tf.build import backbone_fn, build_model, build_optimizer, compile_model
 from co2_tf.checkpoints import SaveFailed
 from co2_tf.callbacks import (
@@ -124,7 +125,8 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         raise UserError(f"the training split has fewer examples than one batch of "
                         f"{config.batch_size}: lower --batch_size")
     total_steps = config.train_steps or config.epochs * steps_per_epoch
-    rundir.check_writable(config.model_dir)  # before minutes of building and restoring
+    if saved is None:  # a new run dir: writable? (before minutes of building)
+        rundir.check_writable(config.model_dir)
     # The end-of-run kNN costs seconds on in-memory data: reported even with --knn_every=0.
     knn = knn_evaluator(config, source) if config.knn_every or source.in_memory else None
 
@@ -137,68 +139,71 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     restored, recovered = checkpoints.restore_newest(
         lambda with_step: checkpoints.training_checkpoint(model, optimizer, with_step),
         ckpt_dir, config.model_dir, model.step_counter, optimizer.iterations)
-    if chief and recovered:
-        checkpoints.rewrite_state(ckpt_dir, recovered)
-    # Non-chief workers of a multi-worker run must take part in saving (the
-    # variables are read collectively) but write to a scratch dir; every
-    # worker restores the chief's checkpoints (see WorkerCheckpointManager).
-    if chief:
-        manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
-                                             max_to_keep=config.keep_checkpoints)
-    else:
-        manager = WorkerCheckpointManager(checkpoint, ckpt_dir, os.path.join(
-            config.model_dir, f".worker_{strategy.cluster_resolver.task_id}"))
-
-    # Everything is checked: from here on the run dir is written.
-    if chief and saved is None:
-        rundir.write_run_config(config.model_dir, config)
-        names = source.class_names(config.split)
-        if names:
-            rundir.write_class_names(config.model_dir, names)
-
-    step = int(model.step_counter.numpy())
-    log_dir = rundir.log_dir(config.model_dir)
-    if step == 0 and chief:
-        preview = data.pretrain_dataset_fn(
-            source, split=config.split, image_size=config.image_size,
-            augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
-        )(tf.distribute.InputContext())
-        views1, views2 = next(iter(preview))
-        write_view_pairs(log_dir, views1, views2)
-
-    with PreemptionWatcher() as preemption:
-        saver = CheckpointCallback(manager, config.checkpoint_every, preemption)
-        saver.last_saved_step = step if restored else None
-        cbs = [saver]
-        if knn is not None and config.knn_every:
-            cbs.append(KnnMonitor(knn, config.knn_every))
+    # One run per run dir (co2_tf.runlock); for an existing run dir, taking
+    # the lock is also the first write, the test that the dir is writable.
+    with runlock.RunLock(config.model_dir) if chief else contextlib.nullcontext():
+        if chief and recovered:
+            checkpoints.rewrite_state(ckpt_dir, recovered)
+        # Non-chief workers of a multi-worker run must take part in saving (the
+        # variables are read collectively) but write to a scratch dir; every
+        # worker restores the chief's checkpoints (see WorkerCheckpointManager).
         if chief:
-            cbs.append(GlobalStepTensorBoard(log_dir, update_freq=config.log_every,
-                                             write_graph=False))
-        cbs.extend(callbacks)
-        segments = execution_segments(epoch_segments(step, total_steps, steps_per_epoch),
-                                      config.steps_per_execution)
-        for initial_epoch, epochs, steps in segments:
-            start = int(model.step_counter.numpy())
-            dataset_fn = data.pretrain_dataset_fn(
+            manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
+                                                 max_to_keep=config.keep_checkpoints)
+        else:
+            manager = WorkerCheckpointManager(checkpoint, ckpt_dir, os.path.join(
+                config.model_dir, f".worker_{strategy.cluster_resolver.task_id}"))
+
+        # Everything is checked: from here on the run dir is written.
+        if chief and saved is None:
+            rundir.write_run_config(config.model_dir, config)
+            names = source.class_names(config.split)
+            if names:
+                rundir.write_class_names(config.model_dir, names)
+
+        step = int(model.step_counter.numpy())
+        log_dir = rundir.log_dir(config.model_dir)
+        if step == 0 and chief:
+            preview = data.pretrain_dataset_fn(
                 source, split=config.split, image_size=config.image_size,
                 augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
-                start_step=start)
-            if config.steps_per_execution > 1:
-                dataset_fn = _take_steps(dataset_fn, steps)
-            dataset = strategy.distribute_datasets_from_function(dataset_fn)
-            model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs,
-                      steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
-            if saver.preempted_at is not None:
-                raise Preempted(saver.preempted_at, preemption.signum)
-        step = int(model.step_counter.numpy())
-        saver.save(step)
+            )(tf.distribute.InputContext())
+            views1, views2 = next(iter(preview))
+            write_view_pairs(log_dir, views1, views2)
 
-    summary = {"steps": step}
-    if knn is not None:
-        summary["knn_top1"] = knn(model.query_backbone)
-        random_init = backbone_fn(config)("random_init_backbone")
-        summary["knn_top1_random_init"] = knn(random_init)
-    if chief:
-        rundir.write_summary(config.model_dir, summary)
-    return summary
+        with PreemptionWatcher() as preemption:
+            saver = CheckpointCallback(manager, config.checkpoint_every, preemption)
+            saver.last_saved_step = step if restored else None
+            cbs = [saver]
+            if knn is not None and config.knn_every:
+                cbs.append(KnnMonitor(knn, config.knn_every))
+            if chief:
+                cbs.append(GlobalStepTensorBoard(log_dir, update_freq=config.log_every,
+                                                 write_graph=False))
+            cbs.extend(callbacks)
+            segments = execution_segments(epoch_segments(step, total_steps, steps_per_epoch),
+                                          config.steps_per_execution)
+            for initial_epoch, epochs, steps in segments:
+                start = int(model.step_counter.numpy())
+                dataset_fn = data.pretrain_dataset_fn(
+                    source, split=config.split, image_size=config.image_size,
+                    augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
+                    start_step=start)
+                if config.steps_per_execution > 1:
+                    dataset_fn = _take_steps(dataset_fn, steps)
+                dataset = strategy.distribute_datasets_from_function(dataset_fn)
+                model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs,
+                          steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
+                if saver.preempted_at is not None:
+                    raise Preempted(saver.preempted_at, preemption.signum)
+            step = int(model.step_counter.numpy())
+            saver.save(step)
+
+        summary = {"steps": step}
+        if knn is not None:
+            summary["knn_top1"] = knn(model.query_backbone)
+            random_init = backbone_fn(config)("random_init_backbone")
+            summary["knn_top1_random_init"] = knn(random_init)
+        if chief:
+            rundir.write_summary(config.model_dir, summary)
+        return summary

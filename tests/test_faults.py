@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -273,3 +274,73 @@ def test_mixed_float16_skipped_steps_count_for_data_checkpoints_and_train_steps(
     b = _values(os.path.join(resumed, "checkpoints", "ckpt-24"))
     for key, value in a.items():
         np.testing.assert_allclose(b[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+# ------------------------------------------------------ one run per run dir
+def test_a_second_run_on_a_dir_in_use_is_refused_and_the_first_goes_on(tmp_path):
+    model_dir = str(tmp_path / "run")
+    flags = [f"--model_dir={model_dir}"] + small_flags(train_steps=3000, checkpoint_every=5)
+    first = subprocess.Popen([sys.executable, TRAIN] + flags, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _wait_for_state_file(model_dir, first)
+    second = run_binary(flags)
+    last = assert_one_line(second, 1, "in use by another run", f"pid {first.pid}",
+                           socket.gethostname())
+    assert "since" in last
+    assert first.poll() is None, "the first run was harmed"
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 143, err
+    assert not os.path.exists(os.path.join(model_dir, ".lock")), "not released on SIGTERM"
+
+
+def _dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("holder,taken_over", [
+    (dict(host="this", pid="dead", heartbeat=0), True),  # its process is gone
+    (dict(host="other-host", pid=1, heartbeat=-3600), True),  # no heartbeat for an hour
+    (dict(host="other-host", pid=1, heartbeat=-30), False),  # alive elsewhere
+    (dict(host="this", pid="self", heartbeat=-30), False),  # alive here
+])
+def test_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path, holder, taken_over,
+                                                            caplog):
+    from co2_tf import runlock
+    path = tmp_path / ".lock"
+    now = time.time()
+    lock = dict(host=socket.gethostname() if holder["host"] == "this" else holder["host"],
+                pid={"dead": _dead_pid(), "self": os.getpid()}.get(holder["pid"], holder["pid"]),
+                start=now - 7200, heartbeat=now + holder["heartbeat"], token="theirs")
+    path.write_text(json.dumps(lock))
+    if not taken_over:
+        with pytest.raises(UserError, match=f"in use by another run .host {lock['host']}, "
+                                            f"pid {lock['pid']}, since"):
+            runlock.RunLock(str(tmp_path)).__enter__()
+        assert json.loads(path.read_text()) == lock
+        return
+    with caplog.at_level(logging.WARNING):
+        with runlock.RunLock(str(tmp_path), heartbeat_seconds=0.05) as held:
+            mine = json.loads(path.read_text())
+            assert mine["pid"] == os.getpid() and mine["token"] == held.token
+            time.sleep(0.3)
+            assert json.loads(path.read_text())["heartbeat"] > mine["heartbeat"]
+    assert any("stale lock" in r.getMessage() for r in caplog.records)
+    assert not path.exists()
+
+
+def test_the_lock_is_released_after_a_run_and_after_an_error(tmp_path, monkeypatch):
+    config = small_config(tmp_path / "run", train_steps=2)
+    training.train(config, verbose=0)
+    assert not os.path.exists(os.path.join(config.model_dir, ".lock"))
+
+    def failing_save(self, *args, **kwargs):
+        assert os.path.exists(os.path.join(config.model_dir, ".lock"))  # held while running
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", failing_save)
+    with pytest.raises(training.SaveFailed):
+        training.train(small_config(tmp_path / "run", train_steps=4), verbose=0)
+    assert not os.path.exists(os.path.join(config.model_dir, ".lock"))
