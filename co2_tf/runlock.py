@@ -21,7 +21,6 @@ started within the same second. Only the chief of a multi-worker run takes it.
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import socket

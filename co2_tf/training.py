@@ -24,13 +24,13 @@ the run dir's file names from co2_tf.rundir.
 
 import contextlib
 import os
+import signal
 import sys
 
 import tensorflow as tf
 
 from co2_tf import checkpoints, data, distribute, rundir, runlock
 from co2_tf.build import backbone_fn, build_model, build_optimizer, compile_model
-from co2_tf.checkpoints import SaveFailed
 from co2_tf.callbacks import (
     CheckpointCallback,
     GlobalStepTensorBoard,
@@ -39,8 +39,10 @@ from co2_tf.callbacks import (
     Preempted,
     PreemptionWatcher,
     WorkerCheckpointManager,
+    any_worker,
     knn_evaluator,
 )
+from co2_tf.checkpoints import SaveFailed
 from co2_tf.config import TrainConfig, check_compatible
 from co2_tf.errors import UserError
 from co2_tf.sources import make_source
@@ -172,7 +174,8 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
             write_view_pairs(log_dir, views1, views2)
 
         with PreemptionWatcher() as preemption:
-            saver = CheckpointCallback(manager, config.checkpoint_every, preemption)
+            saver = CheckpointCallback(manager, config.checkpoint_every, preemption,
+                                       any_worker(strategy))
             saver.last_saved_step = step if restored else None
             cbs = [saver]
             if knn is not None and config.knn_every:
@@ -195,7 +198,8 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
                 model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs,
                           steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
                 if saver.preempted_at is not None:
-                    raise Preempted(saver.preempted_at, preemption.signum)
+                    raise Preempted(saver.preempted_at, preemption.signum or signal.SIGTERM,
+                                    by_another_worker=preemption.signum is None)
             step = int(model.step_counter.numpy())
             saver.save(step)
 

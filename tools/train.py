@@ -4,8 +4,8 @@
   python tools/train.py --flagfile=flags/imagenet_mocov2_co2.cfg --model_dir=gs://...
 
 Rerunning the same command resumes from the latest checkpoint in --model_dir.
-Exit codes: 0 done, 1 bad input (one line on stderr), 3 non-finite loss,
-143 stopped by SIGTERM after writing a checkpoint (rerun to resume).
+Exit codes (0 done, 1 bad input, 3 non-finite, 4 save failed, 130 SIGINT, 143
+SIGTERM): README.md, "Resume and preemption", lists them with their meaning.
 """
 
 import json
