@@ -28,7 +28,7 @@ import re
 import tensorflow as tf
 
 from co2_tf import io
-from co2_tf.errors import UserError
+from co2_tf.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class SaveFailed(Exception):
     def __init__(self, directory, step, cause):
         self.step = step
         super().__init__(f"could not write the checkpoint of step {step} to {directory} "
-                         f"({_first_line(cause)}); the previous checkpoint is intact: free "
+                         f"({first_line(cause)}); the previous checkpoint is intact: free "
                          "space or fix the permissions, then rerun to resume")
 
 
@@ -54,11 +54,6 @@ def training_checkpoint(model, optimizer, with_step=True):
     if with_step:
         return tf.train.Checkpoint(model=model, optimizer=optimizer, step=model.step_counter)
     return tf.train.Checkpoint(model=model, optimizer=optimizer)  # before the step counter
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _number(path):
@@ -100,7 +95,7 @@ def _unreadable(path):
     try:
         tf.train.load_checkpoint(path)
     except Exception as e:  # noqa: BLE001 - any failure to open the index means unreadable
-        return _first_line(e)
+        return first_line(e)
     return None
 
 
@@ -128,10 +123,10 @@ def restore_newest(make_checkpoint, ckpt_dir, model_dir, step_counter=None, iter
             except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
                 # Read, but other shapes or objects: made with other flags.
                 raise UserError(f"the checkpoint in {model_dir} does not fit this model "
-                                f"({_first_line(e)}): use a new --model_dir or the flags it "
+                                f"({first_line(e)}): use a new --model_dir or the flags it "
                                 "was made with") from None
             except Exception as e:  # noqa: BLE001 - truncated data: IndexError, OpError, ...
-                problem = _first_line(e)
+                problem = first_line(e)
             else:
                 if not has_step and step_counter is not None:
                     step_counter.assign(iterations)

@@ -8,6 +8,7 @@ A run dir (`--model_dir`) holds:
   `tf.train.Checkpoint(model=CO2Model, optimizer=...)`;
 - ``logs/``: TensorBoard (per-step scalars, view pairs, kNN per epoch);
 - ``summary.json``: the final step and kNN accuracies;
+- ``.lock``: while a run trains there (co2_tf.runlock);
 - evaluation tools' output dirs (``knn_eval/``, ``linear_eval_<protocol>/``, ...).
 
 An export dir (tools/export.py) holds ``export.json`` beside ``backbone.keras``.
@@ -24,7 +25,7 @@ import tensorflow as tf
 
 from co2_tf import build, checkpoints, io
 from co2_tf.config import TrainConfig
-from co2_tf.errors import UserError
+from co2_tf.errors import UserError, first_line
 
 CONFIG_FILE = "config.json"
 CLASSES_FILE = "classes.txt"
@@ -42,7 +43,7 @@ def load_run_config(model_dir):
         if not io.exists(path):
             return None
     except tf.errors.OpError as e:  # an unknown URI scheme, a bucket without access, ...
-        raise UserError(f"cannot access --model_dir={model_dir} ({_first_line(e)}): check "
+        raise UserError(f"cannot access --model_dir={model_dir} ({first_line(e)}): check "
                         "the path and its permissions, or choose another --model_dir") from None
     try:
         return TrainConfig.from_dict(io.read_json(path))
@@ -69,11 +70,6 @@ def write_summary(model_dir, summary):
     io.write_json_atomic(io.join(model_dir, SUMMARY_FILE), summary)
 
 
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
 def check_writable(model_dir):
     """UserError unless files can be written in model_dir (made if missing).
 
@@ -87,8 +83,13 @@ def check_writable(model_dir):
         io.write_text_atomic(probe, "co2_tf checks that it can write here\n")
         io.remove(probe)
     except (OSError, tf.errors.OpError) as e:
-        raise UserError(f"cannot write to --model_dir={model_dir} ({_first_line(e)}): check "
-                        "the path and its permissions, or choose another --model_dir") from None
+        raise cannot_write(model_dir, e) from None
+
+
+def cannot_write(model_dir, error):
+    """The UserError for a --model_dir that refuses a write."""
+    return UserError(f"cannot write to --model_dir={model_dir} ({first_line(error)}): check "
+                     "the path and its permissions, or choose another --model_dir")
 
 
 def checkpoint_dir(model_dir):
@@ -168,7 +169,7 @@ def restore(model, path):
         status.assert_existing_objects_matched()
         return None
     except (AssertionError, ValueError, tf.errors.OpError) as e:
-        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return first_line(e)
 
 
 def _collect_quietly():

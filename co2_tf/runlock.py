@@ -30,7 +30,7 @@ import uuid
 
 import tensorflow as tf
 
-from co2_tf import io
+from co2_tf import io, rundir
 from co2_tf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,7 @@ class RunLock(contextlib.AbstractContextManager):
         try:
             self._write()
         except (OSError, tf.errors.OpError) as e:
-            raise UserError(f"cannot write to --model_dir={self.model_dir} "
-                            f"({str(e).strip().splitlines()[0][:200]}): check the path and "
-                            "its permissions, or choose another --model_dir") from None
+            raise rundir.cannot_write(self.model_dir, e) from None
         time.sleep(self.settle_seconds)
         holder = self._read()
         if not holder or holder.get("token") != self.token:

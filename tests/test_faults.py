@@ -15,15 +15,11 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_train import SMALL, TRAIN, assert_one_line_error, run_binary, small_flags
 
 from co2_tf import training
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "tools", "train.py")
-SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, epochs=1, knn_every=0,
-             log_every=1, seed=3)
 
 
 def small_config(model_dir, **overrides):
@@ -126,23 +122,9 @@ def test_no_readable_checkpoint_is_one_error_and_deletes_nothing(tmp_path, twelv
 
 
 # ------------------------------------------------------------- disk faults
-def run_binary(args):
-    return subprocess.run([sys.executable, TRAIN] + args, capture_output=True, text=True,
-                          timeout=600)
-
-
 def assert_one_line(result, code, *fragments):
     assert result.returncode == code, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in last, last
-    return last
-
-
-def small_flags(**overrides):
-    return [f"--{k}={v}" for k, v in dict(SMALL, **overrides).items()]
+    return assert_one_line_error(result, *fragments)
 
 
 @pytest.mark.parametrize("kind", ["under_a_file", "unknown_scheme", "read_only"])

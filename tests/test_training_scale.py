@@ -96,8 +96,8 @@ def _free_ports(n):
     return ports
 
 
-def _launch_workers(config, dumps, timeout=300):
-    """Runs training.train in 2 worker processes (TF_CONFIG on localhost); waits for both."""
+def _start_workers(config, dumps):
+    """Starts training.train in 2 worker processes (TF_CONFIG on localhost)."""
     ports = _free_ports(2)
     procs = []
     for index, dump in enumerate(dumps):
@@ -108,6 +108,12 @@ def _launch_workers(config, dumps, timeout=300):
         procs.append(subprocess.Popen([sys.executable, WORKER, args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
+    return procs
+
+
+def _launch_workers(config, dumps, timeout=300):
+    """Runs training.train in 2 worker processes (TF_CONFIG on localhost); waits for both."""
+    procs = _start_workers(config, dumps)
     deadline = time.time() + timeout
     try:
         # A failed worker leaves the other waiting for collectives: stop at the first failure.
@@ -183,20 +189,6 @@ def test_two_workers_on_localhost_match_one_process_and_resume_from_the_chief(
 def _initial_queue():
     model, _ = build(batch_size=8, queue_size=32)
     return model.queue.numpy()
-
-
-def _start_workers(config, dumps):
-    ports = _free_ports(2)
-    procs = []
-    for index, dump in enumerate(dumps):
-        env = dict(os.environ, TF_CONFIG=json.dumps({
-            "cluster": {"worker": [f"localhost:{p}" for p in ports]},
-            "task": {"type": "worker", "index": index}}), TF_CPP_MIN_LOG_LEVEL="2")
-        args = json.dumps({"config": json.loads(config.to_json()), "dump": dump})
-        procs.append(subprocess.Popen([sys.executable, WORKER, args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    return procs
 
 
 def test_sigterm_on_one_worker_stops_every_worker_at_the_same_saved_step(
