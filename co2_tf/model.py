@@ -131,6 +131,15 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         self.queue_ptr = self.add_weight(
             name="queue_ptr", shape=(), dtype="int64", initializer="zeros",
             trainable=False, aggregation="only_first_replica")
+        # Every step taken, skipped or not: with mixed_float16 the loss scaling
+        # skips steps and optimizer.iterations does not count them, yet the
+        # data position, checkpoint numbers and --train_steps must. Kept out
+        # of the model's weights (object.__setattr__: not tracked), so model
+        # checkpoints and .weights.h5 files keep their layout; the trainer's
+        # checkpoint holds it at its root (co2_tf.checkpoints).
+        object.__setattr__(self, "step_counter", tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="step",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA))
         # The key encoder must stay trainable=True: Keras 3 BN with
         # trainable=False runs in inference mode, and MoCo's keys use batch
         # statistics. It is excluded from gradients by construction instead.
@@ -223,7 +232,7 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         x_q, x_k = data
         ctx = tf.distribute.get_replica_context()
         n = ctx.num_replicas_in_sync
-        step = self.optimizer.iterations
+        step = tf.convert_to_tensor(self.step_counter)
         lr = self.optimizer.learning_rate
         local_b = tf.shape(x_q)[0]
         global_b = tf.cast(local_b * n, tf.float32)
@@ -242,6 +251,7 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         self._momentum_update()
         self._enqueue(all_keys)
         distribute.copy_first_replica(self.replica_local_variables)
+        self.step_counter.assign_add(1)
 
         # Logs are this step's global means (not running averages), identical
         # on every replica, so TensorBoard shows true per-step values.

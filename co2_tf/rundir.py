@@ -8,6 +8,7 @@ A run dir (`--model_dir`) holds:
   `tf.train.Checkpoint(model=CO2Model, optimizer=...)`;
 - ``logs/``: TensorBoard (per-step scalars, view pairs, kNN per epoch);
 - ``summary.json``: the final step and kNN accuracies;
+- ``.lock``: while a run trains there (co2_tf.runlock);
 - evaluation tools' output dirs (``knn_eval/``, ``linear_eval_<protocol>/``, ...).
 
 An export dir (tools/export.py) holds ``export.json`` beside ``backbone.keras``.
@@ -17,13 +18,14 @@ Every path goes through co2_tf.io (tf.io.gfile): run dirs may be gs:// URIs.
 import dataclasses
 import gc
 import os
+import uuid
 
 import keras
 import tensorflow as tf
 
-from co2_tf import build, io
+from co2_tf import build, checkpoints, io
 from co2_tf.config import TrainConfig
-from co2_tf.errors import UserError
+from co2_tf.errors import UserError, first_line
 
 CONFIG_FILE = "config.json"
 CLASSES_FILE = "classes.txt"
@@ -31,16 +33,18 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 LOG_SUBDIR = "logs"
 EXPORT_FILE = "export.json"
-# The optimizer's step counter in a training checkpoint.
-_STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 # ------------------------------------------------------------- small files
 def load_run_config(model_dir):
     """The config a run dir was started with, or None for a new dir."""
     path = io.join(model_dir, CONFIG_FILE)
-    if not io.exists(path):
-        return None
+    try:
+        if not io.exists(path):
+            return None
+    except tf.errors.OpError as e:  # an unknown URI scheme, a bucket without access, ...
+        raise UserError(f"cannot access --model_dir={model_dir} ({first_line(e)}): check "
+                        "the path and its permissions, or choose another --model_dir") from None
     try:
         return TrainConfig.from_dict(io.read_json(path))
     except (ValueError, TypeError, AttributeError) as e:  # bad JSON, not an object, ...
@@ -64,6 +68,28 @@ def read_class_names(model_dir):
 
 def write_summary(model_dir, summary):
     io.write_json_atomic(io.join(model_dir, SUMMARY_FILE), summary)
+
+
+def check_writable(model_dir):
+    """UserError unless files can be written in model_dir (made if missing).
+
+    Called before anything is built: an unwritable --model_dir (a read-only
+    mount, a bucket without write access, an unknown URI scheme) is one line
+    at once, not a traceback after minutes of setup.
+    """
+    probe = io.join(model_dir, f".write_probe-{uuid.uuid4().hex[:8]}")
+    try:
+        io.makedirs(model_dir)
+        io.write_text_atomic(probe, "co2_tf checks that it can write here\n")
+        io.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+        raise cannot_write(model_dir, e) from None
+
+
+def cannot_write(model_dir, error):
+    """The UserError for a --model_dir that refuses a write."""
+    return UserError(f"cannot write to --model_dir={model_dir} ({first_line(error)}): check "
+                     "the path and its permissions, or choose another --model_dir")
 
 
 def checkpoint_dir(model_dir):
@@ -127,12 +153,8 @@ def resolve_checkpoint(model_dir="", checkpoint=""):
 
 
 def checkpoint_step(path):
-    """The training step a checkpoint was written at (its optimizer's counter)."""
-    reader = tf.train.load_checkpoint(path)
-    if reader.has_tensor(_STEP_KEY):
-        return int(reader.get_tensor(_STEP_KEY))
-    suffix = path.rsplit("-", 1)[-1]
-    return int(suffix) if suffix.isdigit() else None
+    """The training step a checkpoint was written at (its step counter)."""
+    return checkpoints.step_of(path)
 
 
 def restore(model, path):
@@ -147,7 +169,7 @@ def restore(model, path):
         status.assert_existing_objects_matched()
         return None
     except (AssertionError, ValueError, tf.errors.OpError) as e:
-        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return first_line(e)
 
 
 def _collect_quietly():

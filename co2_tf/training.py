@@ -4,9 +4,12 @@
 before it writes anything, then runs Keras's `fit` with co2_tf's callbacks:
 
 - checkpoints (`tf.train.CheckpointManager`, in DIR/checkpoints): the whole
-  model (key encoder, queue and pointer included) and the optimizer (whose
-  `iterations` is the global step), every `checkpoint_every` steps, at each
-  epoch end, and when SIGTERM arrives (preemption);
+  model (key encoder, queue and pointer included), the optimizer and the step
+  counter (`CO2Model.step_counter`: every step, including those mixed_float16's
+  loss scaling skips, which `optimizer.iterations` does not count; it is the
+  data position, the checkpoint number and what --train_steps counts), every
+  `checkpoint_every` steps, at each
+  epoch end, and when SIGTERM or SIGINT (Ctrl-C) arrives (preemption);
 - resume: rerunning the same command restores the latest checkpoint and goes
   on from its step. The input pipeline of the built-in and folder datasets is
   a pure function of the step, so a resumed run sees exactly the batches an
@@ -19,12 +22,14 @@ What it builds comes from co2_tf.build, the callbacks from co2_tf.callbacks,
 the run dir's file names from co2_tf.rundir.
 """
 
+import contextlib
 import os
+import signal
 import sys
 
 import tensorflow as tf
 
-from co2_tf import data, distribute, rundir
+from co2_tf import checkpoints, data, distribute, rundir, runlock
 from co2_tf.build import backbone_fn, build_model, build_optimizer, compile_model
 from co2_tf.callbacks import (
     CheckpointCallback,
@@ -34,14 +39,17 @@ from co2_tf.callbacks import (
     Preempted,
     PreemptionWatcher,
     WorkerCheckpointManager,
+    any_worker,
     knn_evaluator,
 )
+from co2_tf.checkpoints import SaveFailed
 from co2_tf.config import TrainConfig, check_compatible
 from co2_tf.errors import UserError
 from co2_tf.sources import make_source
 
 # What tools/train.py catches (defined with the callback that raises them).
-__all__ = ["NonFiniteLoss", "Preempted", "train", "epoch_segments", "execution_segments"]
+__all__ = ["NonFiniteLoss", "Preempted", "SaveFailed", "train", "epoch_segments",
+           "execution_segments"]
 
 
 def epoch_segments(step, total_steps, steps_per_epoch):
@@ -85,18 +93,6 @@ def execution_segments(segments, steps_per_execution):
             for epoch in range(first, end)]
 
 
-def _restore(checkpoint, manager, model_dir):
-    latest = manager.latest_checkpoint
-    if not latest:
-        return
-    try:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"the checkpoint in {model_dir} does not fit this model ({first}): "
-                        "use a new --model_dir or the flags it was made with") from None
-
-
 def _take_steps(dataset_fn, steps):
     """dataset_fn cut to `steps` global batches (each pipeline feeds its replicas in turn)."""
     def cut(input_context):
@@ -131,6 +127,8 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         raise UserError(f"the training split has fewer examples than one batch of "
                         f"{config.batch_size}: lower --batch_size")
     total_steps = config.train_steps or config.epochs * steps_per_epoch
+    if saved is None:  # a new run dir: writable? (before minutes of building)
+        rundir.check_writable(config.model_dir)
     # The end-of-run kNN costs seconds on in-memory data: reported even with --knn_every=0.
     knn = knn_evaluator(config, source) if config.knn_every or source.in_memory else None
 
@@ -138,70 +136,78 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         model = build_model(config, bn_groups)
         optimizer = build_optimizer(config, steps_per_epoch, total_steps)
         compile_model(model, optimizer, config)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    # Non-chief workers of a multi-worker run must take part in saving (the
-    # variables are read collectively) but write to a scratch dir; every
-    # worker restores the chief's checkpoints (see WorkerCheckpointManager).
+    checkpoint = checkpoints.training_checkpoint(model, optimizer)
     ckpt_dir = rundir.checkpoint_dir(config.model_dir)
-    if chief:
-        manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
-                                             max_to_keep=config.keep_checkpoints)
-    else:
-        manager = WorkerCheckpointManager(checkpoint, ckpt_dir, os.path.join(
-            config.model_dir, f".worker_{strategy.cluster_resolver.task_id}"))
-    _restore(checkpoint, manager, config.model_dir)
-
-    # Everything is checked: from here on the run dir is written.
-    tf.io.gfile.makedirs(config.model_dir)
-    if chief and saved is None:
-        rundir.write_run_config(config.model_dir, config)
-        names = source.class_names(config.split)
-        if names:
-            rundir.write_class_names(config.model_dir, names)
-
-    step = int(optimizer.iterations.numpy())
-    log_dir = rundir.log_dir(config.model_dir)
-    if step == 0 and chief:
-        preview = data.pretrain_dataset_fn(
-            source, split=config.split, image_size=config.image_size,
-            augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
-        )(tf.distribute.InputContext())
-        views1, views2 = next(iter(preview))
-        write_view_pairs(log_dir, views1, views2)
-
-    with PreemptionWatcher() as preemption:
-        saver = CheckpointCallback(manager, config.checkpoint_every, preemption)
-        saver.last_saved_step = step if manager.latest_checkpoint else None
-        cbs = [saver]
-        if knn is not None and config.knn_every:
-            cbs.append(KnnMonitor(knn, config.knn_every))
+    restored, recovered = checkpoints.restore_newest(
+        lambda with_step: checkpoints.training_checkpoint(model, optimizer, with_step),
+        ckpt_dir, config.model_dir, model.step_counter, optimizer.iterations)
+    # One run per run dir (co2_tf.runlock); for an existing run dir, taking
+    # the lock is also the first write, the test that the dir is writable.
+    with runlock.RunLock(config.model_dir) if chief else contextlib.nullcontext():
+        if chief and recovered:
+            checkpoints.rewrite_state(ckpt_dir, recovered)
+        # Non-chief workers of a multi-worker run must take part in saving (the
+        # variables are read collectively) but write to a scratch dir; every
+        # worker restores the chief's checkpoints (see WorkerCheckpointManager).
         if chief:
-            cbs.append(GlobalStepTensorBoard(log_dir, update_freq=config.log_every,
-                                             write_graph=False))
-        cbs.extend(callbacks)
-        segments = execution_segments(epoch_segments(step, total_steps, steps_per_epoch),
-                                      config.steps_per_execution)
-        for initial_epoch, epochs, steps in segments:
-            start = int(optimizer.iterations.numpy())
-            dataset_fn = data.pretrain_dataset_fn(
+            manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
+                                                 max_to_keep=config.keep_checkpoints)
+        else:
+            manager = WorkerCheckpointManager(checkpoint, ckpt_dir, os.path.join(
+                config.model_dir, f".worker_{strategy.cluster_resolver.task_id}"))
+
+        # Everything is checked: from here on the run dir is written.
+        if chief and saved is None:
+            rundir.write_run_config(config.model_dir, config)
+            names = source.class_names(config.split)
+            if names:
+                rundir.write_class_names(config.model_dir, names)
+
+        step = int(model.step_counter.numpy())
+        log_dir = rundir.log_dir(config.model_dir)
+        if step == 0 and chief:
+            preview = data.pretrain_dataset_fn(
                 source, split=config.split, image_size=config.image_size,
                 augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
-                start_step=start)
-            if config.steps_per_execution > 1:
-                dataset_fn = _take_steps(dataset_fn, steps)
-            dataset = strategy.distribute_datasets_from_function(dataset_fn)
-            model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs,
-                      steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
-            if saver.preempted_at is not None:
-                raise Preempted(saver.preempted_at)
-        step = int(optimizer.iterations.numpy())
-        saver.save(step)
+            )(tf.distribute.InputContext())
+            views1, views2 = next(iter(preview))
+            write_view_pairs(log_dir, views1, views2)
 
-    summary = {"steps": step}
-    if knn is not None:
-        summary["knn_top1"] = knn(model.query_backbone)
-        random_init = backbone_fn(config)("random_init_backbone")
-        summary["knn_top1_random_init"] = knn(random_init)
-    if chief:
-        rundir.write_summary(config.model_dir, summary)
-    return summary
+        with PreemptionWatcher() as preemption:
+            saver = CheckpointCallback(manager, config.checkpoint_every, preemption,
+                                       any_worker(strategy))
+            saver.last_saved_step = step if restored else None
+            cbs = [saver]
+            if knn is not None and config.knn_every:
+                cbs.append(KnnMonitor(knn, config.knn_every))
+            if chief:
+                cbs.append(GlobalStepTensorBoard(log_dir, update_freq=config.log_every,
+                                                 write_graph=False))
+            cbs.extend(callbacks)
+            segments = execution_segments(epoch_segments(step, total_steps, steps_per_epoch),
+                                          config.steps_per_execution)
+            for initial_epoch, epochs, steps in segments:
+                start = int(model.step_counter.numpy())
+                dataset_fn = data.pretrain_dataset_fn(
+                    source, split=config.split, image_size=config.image_size,
+                    augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
+                    start_step=start)
+                if config.steps_per_execution > 1:
+                    dataset_fn = _take_steps(dataset_fn, steps)
+                dataset = strategy.distribute_datasets_from_function(dataset_fn)
+                model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs,
+                          steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
+                if saver.preempted_at is not None:
+                    raise Preempted(saver.preempted_at, preemption.signum or signal.SIGTERM,
+                                    by_another_worker=preemption.signum is None)
+            step = int(model.step_counter.numpy())
+            saver.save(step)
+
+        summary = {"steps": step}
+        if knn is not None:
+            summary["knn_top1"] = knn(model.query_backbone)
+            random_init = backbone_fn(config)("random_init_backbone")
+            summary["knn_top1_random_init"] = knn(random_init)
+        if chief:
+            rundir.write_summary(config.model_dir, summary)
+        return summary

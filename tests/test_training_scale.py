@@ -7,6 +7,7 @@ one worker of a MultiWorkerMirroredStrategy on localhost, running training.train
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,8 +96,8 @@ def _free_ports(n):
     return ports
 
 
-def _launch_workers(config, dumps, timeout=300):
-    """Runs training.train in 2 worker processes (TF_CONFIG on localhost); waits for both."""
+def _start_workers(config, dumps):
+    """Starts training.train in 2 worker processes (TF_CONFIG on localhost)."""
     ports = _free_ports(2)
     procs = []
     for index, dump in enumerate(dumps):
@@ -107,6 +108,12 @@ def _launch_workers(config, dumps, timeout=300):
         procs.append(subprocess.Popen([sys.executable, WORKER, args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
+    return procs
+
+
+def _launch_workers(config, dumps, timeout=300):
+    """Runs training.train in 2 worker processes (TF_CONFIG on localhost); waits for both."""
+    procs = _start_workers(config, dumps)
     deadline = time.time() + timeout
     try:
         # A failed worker leaves the other waiting for collectives: stop at the first failure.
@@ -182,3 +189,53 @@ def test_two_workers_on_localhost_match_one_process_and_resume_from_the_chief(
 def _initial_queue():
     model, _ = build(batch_size=8, queue_size=32)
     return model.queue.numpy()
+
+
+def test_sigterm_on_one_worker_stops_every_worker_at_the_same_saved_step(
+        tmp_path, folder, two_replicas):
+    """SIGTERM to worker 1 only: both workers save the same step (the chief
+    writes it) and exit 143; restarting both ends where an uninterrupted run does."""
+    model_dir = tmp_path / "multi"
+    dumps = [str(tmp_path / f"worker{i}.npz") for i in range(2)]
+    procs = _start_workers(run_config(model_dir, folder, strategy="multi_worker",
+                                      train_steps=100000, checkpoint_every=3), dumps)
+    try:
+        deadline = time.time() + 300
+        state = None
+        while not (state and state.model_checkpoint_path):  # past a few steps
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, [
+                (p.poll(), p.stdout.read()[-3000:] if p.poll() is not None else "")
+                for p in procs]
+            time.sleep(0.2)
+            state = tf.train.get_checkpoint_state(str(model_dir / "checkpoints"))
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for index, p in enumerate(procs):
+        assert p.returncode == 143, f"worker {index} exit {p.returncode}:\n{outputs[index][-3000:]}"
+    steps = [int(out.split(" at step ")[1].split(";")[0]) for out in outputs]
+    assert "stopped by SIGTERM" in outputs[1] and "another worker was stopped" in outputs[0]
+    assert steps[0] == steps[1] and 3 <= steps[0] < 100000
+    assert _checkpoint_steps(str(model_dir))[-1] == steps[0]
+    assert not glob.glob(str(model_dir / ".worker_*"))
+
+    end = steps[0] + 3
+    _launch_workers(run_config(model_dir, folder, strategy="multi_worker", train_steps=end,
+                               checkpoint_every=3), dumps)
+    workers = [dict(np.load(d)) for d in dumps]
+    reference_dump = str(tmp_path / "reference.npz")
+    training.train(run_config(tmp_path / "single", folder, train_steps=end),
+                   strategy=two_replicas, callbacks=[DumpWeights(reference_dump)], verbose=0)
+    reference = dict(np.load(reference_dump))
+    for index, worker in enumerate(workers):
+        for name, value in worker.items():
+            if (name.startswith("queue_replica") or name == "step"
+                    or (index == 1 and "moving_" in name)):  # per worker: the chief's saved
+                continue
+            np.testing.assert_allclose(value, reference[name], rtol=1e-4, atol=1e-5,
+                                       err_msg=name)
+    np.testing.assert_allclose(find(workers[1], "co2/queue"), reference["queue_replica_1"],
+                               rtol=1e-4, atol=1e-5)

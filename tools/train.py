@@ -4,8 +4,8 @@
   python tools/train.py --flagfile=flags/imagenet_mocov2_co2.cfg --model_dir=gs://...
 
 Rerunning the same command resumes from the latest checkpoint in --model_dir.
-Exit codes: 0 done, 1 bad input (one line on stderr), 3 non-finite loss,
-143 stopped by SIGTERM after writing a checkpoint (rerun to resume).
+Exit codes (0 done, 1 bad input, 3 non-finite, 4 save failed, 130 SIGINT, 143
+SIGTERM): README.md, "Resume and preemption", lists them with their meaning.
 """
 
 import json
@@ -30,7 +30,12 @@ def main(argv):
     except training.NonFiniteLoss as e:
         common.fail(str(e), code=3)
     except training.Preempted as e:
-        common.fail(str(e), code=143)
+        common.fail(str(e), code=e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        common.fail("interrupted (Ctrl-C) before the first step; nothing written to resume "
+                    "from", code=130)
+    except training.SaveFailed as e:
+        common.fail(str(e), code=4)
     if "knn_top1" in summary:
         print(f"kNN top-1 (k={config.knn_k}) on the held-out split: "
               f"trained {100 * summary['knn_top1']:.1f}%, "

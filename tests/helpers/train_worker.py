@@ -24,7 +24,11 @@ def main(args):
     logging.getLogger().setLevel(logging.WARNING)
     spec = json.loads(args)
     config = TrainConfig.from_dict(spec["config"])
-    training.train(config, callbacks=[DumpWeights(spec["dump"])], verbose=0)
+    try:
+        training.train(config, callbacks=[DumpWeights(spec["dump"])], verbose=0)
+    except training.Preempted as e:  # as tools/train.py does
+        print(f"error: {e}", flush=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
