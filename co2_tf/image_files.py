@@ -34,9 +34,11 @@ import os
 
 import tensorflow as tf
 
+from co2_tf import io
 from co2_tf.errors import UserError
 
 log = logging.getLogger(__name__)
+gfile = tf.io.gfile
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp")
 # Composited under transparent pixels (see the module docstring).
@@ -49,12 +51,12 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _file_looks_complete(path):
     """Cheap header/trailer check (see module docstring). Never raises."""
     try:
-        with open(path, "rb") as f:
+        with gfile.GFile(path, "rb") as f:
             head = f.read(16)
-            size = f.seek(0, os.SEEK_END)
+            size = f.size()
             f.seek(max(0, size - 1024))
             tail = f.read()
-    except OSError:
+    except (tf.errors.OpError, OSError):
         return False
     if head.startswith(_JPEG_MAGIC):
         return b"\xff\xd9" in tail
@@ -85,38 +87,59 @@ def _is_image_name(name):
 def list_folder(root):
     """Scans and checks `root/<class>/**/<images>` (cached per process).
 
-    Raises UserError if the folder is missing, has no class folders, or a
-    class folder has no image files.
+    `root` is a local path or a URI (gs://, file://, ram://, ...): listing and
+    checks go through tf.io.gfile. Raises UserError if the folder is missing,
+    has no class folders, or a class folder has no image files.
     """
-    return _list_folder_cached(os.path.abspath(root))
+    return _list_folder_cached(io.absolute(root))
+
+
+def _entries(folder):
+    """(subfolders, files) of a folder, names only, hidden ones left out."""
+    dirs, files = [], []
+    for name in gfile.listdir(folder):
+        if name.endswith("/"):  # object stores mark folders so: no stat needed
+            dirs.append(name.rstrip("/"))
+        elif not name.startswith("."):
+            # An image name is taken as a file without a stat (one per folder entry
+            # would dominate listing a bucket); a folder so named fails the check.
+            if _is_image_name(name):
+                files.append(name)
+            elif gfile.isdir(io.join(folder, name)):
+                dirs.append(name)
+    return [d for d in dirs if not d.startswith(".")], files
+
+
+def _image_files_below(folder):
+    """Every image file at any depth below `folder`, sorted."""
+    found, pending = [], [folder]
+    while pending:
+        current = pending.pop()
+        dirs, files = _entries(current)
+        found.extend(io.join(current, f) for f in files)
+        pending.extend(io.join(current, d) for d in dirs)
+    return sorted(found)
 
 
 @functools.lru_cache(maxsize=16)
 def _list_folder_cached(root):
-    if not os.path.exists(root):
+    if not gfile.exists(root):
         raise UserError(f"image folder {root} does not exist: check the path "
                         "in folder:PATH")
-    if not os.path.isdir(root):
+    if not gfile.isdir(root):
         raise UserError(f"{root} is not a directory: folder:PATH needs a "
                         "directory with one subfolder per class")
-    classes = sorted(e.name for e in os.scandir(root)
-                     if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(_entries(root)[0])
     if not classes:
         raise UserError(f"image folder {root} has no class subfolders: put "
                         "images in PATH/<class_name>/")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(
-                os.path.join(root, name), followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found.extend(os.path.join(dirpath, f) for f in filenames
-                         if _is_image_name(f) and not f.startswith("."))
+        found = _image_files_below(io.join(root, name))
         if not found:
             raise UserError(
-                f"class folder {os.path.join(root, name)} has no image files "
+                f"class folder {io.join(root, name)} has no image files "
                 f"({'/'.join(IMAGE_EXTENSIONS)}): add images or remove it")
-        found.sort()
         files.extend(found)
         labels.extend([label] * len(found))
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -131,7 +154,7 @@ def _list_folder_cached(root):
     for label, name in enumerate(classes):
         if label not in present:
             raise UserError(
-                f"class folder {os.path.join(root, name)} has no readable "
+                f"class folder {io.join(root, name)} has no readable "
                 "image (all are corrupt or truncated): fix or remove it")
     return FolderListing(root=root, class_names=tuple(classes),
                          files=tuple(f for f, _ in kept),

@@ -128,7 +128,9 @@ def resolve_checkpoint(model_dir="", checkpoint=""):
 
 def checkpoint_step(path):
     """The training step a checkpoint was written at (its optimizer's counter)."""
-    reader = tf.train.load_checkpoint(path)
+    # Not tf.train.load_checkpoint: it takes `path` for a folder when gfile.isdir says so,
+    # which TF's ram:// file system does for any prefix of a file name (ckpt-4 of ckpt-4.index).
+    reader = tf.compat.v1.train.NewCheckpointReader(path)
     if reader.has_tensor(_STEP_KEY):
         return int(reader.get_tensor(_STEP_KEY))
     suffix = path.rsplit("-", 1)[-1]

@@ -10,6 +10,7 @@ import sys
 
 # The one path insert: README's commands run `python tools/NAME.py` from a clean
 # checkout, where co2_tf is not installed (after `pip install .` it changes nothing).
+# local-only: the checkout's own code, not a user path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

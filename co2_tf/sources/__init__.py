@@ -15,7 +15,6 @@ kind modules import TensorFlow and are loaded when a source is made.
 
 import dataclasses
 import importlib
-import os
 
 from co2_tf.errors import UserError
 
@@ -47,8 +46,8 @@ class DatasetSpec:
         return f"{self.name}/{self.config}" if self.config else self.name
 
     def folder_root(self, split):
-        """The folder for `split` ({split} in the path replaced)."""
-        return os.path.expanduser(self.path.replace("{split}", split))
+        """The folder for `split` ({split} in the path replaced; '~' is expanded on listing)."""
+        return self.path.replace("{split}", split)
 
 
 def parse_dataset_spec(text):
