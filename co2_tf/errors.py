@@ -2,8 +2,21 @@
 
 Binaries catch `UserError` and print its message as a single line (no
 traceback) before exiting non-zero. Its message names the problem and the fix.
+A UserError raised inside a tf.data pipeline (a py_function) reaches the
+caller as a TF error whose text quotes it: `user_error_in` finds it there.
 """
+import re
+
+_QUOTED = re.compile(r"\bUserError: ([^\n]+)")
 
 
 class UserError(Exception):
     """A bad flag, file, dataset or checkpoint: reported as one line."""
+
+
+def user_error_in(exc):
+    """The message of a UserError that `exc` carries (raised inside TF ops), or None."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    found = _QUOTED.search(str(exc))
+    return found.group(1).strip() if found else None

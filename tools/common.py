@@ -19,7 +19,7 @@ from absl import (
     logging,  # noqa: E402
 )
 
-from co2_tf.errors import UserError  # noqa: E402
+from co2_tf.errors import UserError, user_error_in  # noqa: E402
 
 
 def quiet_logs():
@@ -75,8 +75,14 @@ def fail(message, code=1):
 
 
 def run_guarded(fn, *args, **kwargs):
-    """Runs fn; a UserError becomes one line and exit code 1."""
+    """Runs fn; a UserError (also one raised inside a tf.data pipeline) becomes one line
+    and exit code 1."""
     try:
         return fn(*args, **kwargs)
     except UserError as e:
         fail(str(e))
+    except Exception as e:  # a TF error quoting a UserError from inside the input pipeline
+        message = user_error_in(e)
+        if message is None:
+            raise
+        fail(message)

@@ -72,12 +72,16 @@ def parse_dataset_spec(text):
     raise UserError(f"unknown dataset spec {text!r}: use {SPEC_FORMS}")
 
 
-def make_source(spec, data_dir=None):
-    """The Source for a spec (string or DatasetSpec); a Source is returned as it is."""
+def make_source(spec, data_dir=None, max_image_pixels=None):
+    """The Source for a spec (string or DatasetSpec); a Source is returned as it is.
+
+    max_image_pixels: the image-file pixel limit (None = co2_tf.image_files' default).
+    """
     from co2_tf.sources import base  # noqa: PLC0415 (imports TF)
 
     if isinstance(spec, base.Source):
         return spec
     spec = parse_dataset_spec(spec)
     module, cls = _SOURCE_CLASSES[spec.kind]
-    return getattr(importlib.import_module(f"co2_tf.sources.{module}"), cls)(spec, data_dir)
+    return getattr(importlib.import_module(f"co2_tf.sources.{module}"), cls)(
+        spec, data_dir, max_image_pixels)
