@@ -517,7 +517,7 @@ def write_jpegs(root, count, seed=0):
     rng = np.random.RandomState(seed)
     for i in range(count):
         folder = os.path.join(root, f"class_{i % 2}")
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)  # local-only: a scratch dir made by the benchmark
         w, h = rng.randint(400, 501), rng.randint(300, 376)
         coarse = rng.randint(0, 256, size=(rng.randint(3, 9), rng.randint(3, 9), 3))
         image = Image.fromarray(coarse.astype("uint8")).resize((w, h), Image.BICUBIC)
@@ -553,17 +553,18 @@ def _time_pipeline(spec, config, image_size):
 
 def benchmark_input(config):
     """Two-crop MoCo v2 source images/s of pretrain_dataset_fn (JPEG folder and builtin)."""
-    from co2_tf import image_files, sources
+    from co2_tf import image_files, io, sources
     config.check()
     env_before = environment()
     result = {"benchmark": "input_pipeline", "augment": "mocov2",
               "image_size": config.image_size, "batch_size": config.input_batch_size,
               "window_batches": config.input_window, "timed_windows": config.repeats,
               "cores_available": cores_available()}
+    # local-only: generated JPEGs go to a scratch dir on the benchmark machine's disk
     with tempfile.TemporaryDirectory(prefix="co2_jpegs_") as tmp:
         root = config.jpeg_dir or write_jpegs(tmp, config.num_jpegs, config.seed)
         listing = image_files.list_folder(root)
-        sizes = [os.path.getsize(f) for f in listing.files]
+        sizes = [io.size(f) for f in listing.files]
         result["jpeg"] = dict(_time_pipeline(sources.parse_dataset_spec(f"folder:{root}"), config,
                                              config.image_size),
                               files=len(listing.files),

@@ -79,9 +79,15 @@ def candidates(ckpt_dir):
     return [io.join(ckpt_dir, p) for p in ordered], state
 
 
+def _reader(path):
+    # Not tf.train.load_checkpoint: it takes `path` for a folder when gfile.isdir says so,
+    # which TF's ram:// file system does for any prefix of a file name (ckpt-4 of ckpt-4.index).
+    return tf.compat.v1.train.NewCheckpointReader(path)
+
+
 def step_of(path):
     """The training step a checkpoint was written at (its step counter, else its optimizer's)."""
-    reader = tf.train.load_checkpoint(path)
+    reader = _reader(path)
     for key in (STEP_KEY, _ITERATIONS_KEY):
         if reader.has_tensor(key):
             return int(reader.get_tensor(key))
@@ -93,7 +99,7 @@ def _unreadable(path):
     if not io.exists(path + ".index"):
         return "its .index file is missing"
     try:
-        tf.train.load_checkpoint(path)
+        _reader(path)
     except Exception as e:  # noqa: BLE001 - any failure to open the index means unreadable
         return first_line(e)
     return None
@@ -117,7 +123,7 @@ def restore_newest(make_checkpoint, ckpt_dir, model_dir, step_counter=None, iter
     for path in paths:
         problem = _unreadable(path)
         if problem is None:
-            has_step = tf.train.load_checkpoint(path).has_tensor(STEP_KEY)
+            has_step = _reader(path).has_tensor(STEP_KEY)
             try:
                 make_checkpoint(has_step).restore(path).assert_existing_objects_matched()
             except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:

@@ -41,6 +41,7 @@ class TrainConfig:
     eval_split: str = ""  # "" = the dataset's usual held-out split
     augment: str = "mocov2"
     image_size: int = 32
+    max_image_pixels: int = 40_000_000  # image files: larger JPEGs decoded smaller, others skipped
     # model
     backbone: str = "tiny"
     head: str = "mlp"
@@ -111,6 +112,8 @@ class TrainConfig:
              f"--ema_momentum={self.ema_momentum} must be in [0, 1) (MoCo uses 0.999)")
         need(self.momentum >= 0 and self.weight_decay >= 0,
              "--momentum and --weight_decay must be >= 0")
+        need(self.max_image_pixels >= 0,
+             f"--max_image_pixels={self.max_image_pixels} must be >= 0 (0 = no limit)")
         need(self.bn_groups >= 0, f"--bn_groups={self.bn_groups} must be >= 0 (0 = automatic)")
         need(self.train_steps > 0 or self.epochs > 0,
              "set --epochs or --train_steps to a positive number")
@@ -152,6 +155,8 @@ HELP = {
     "eval_split": "labelled held-out split for kNN ('' = the dataset's usual one)",
     "augment": "two-crop recipe: mocov1 | mocov2",
     "image_size": "side of the square crops",
+    "max_image_pixels": "folder datasets: JPEGs with more pixels are decoded at 1/2, 1/4 or "
+                        "1/8 scale, other image files are skipped (0 = no limit)",
     "backbone": "resnet18 | resnet34 | resnet50 | resnet18_cifar | tiny",
     "head": "projection head: linear (MoCo v1) | mlp (MoCo v2)",
     "dim": "projection dimension",

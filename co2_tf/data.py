@@ -34,6 +34,7 @@ parallelism is explicit (the usable cores) and prefetch is 2 batches. Maps
 are ordered (deterministic=True), which the index contract needs;
 deterministic=False measured no faster here.
 """
+import logging
 import os
 
 import numpy as np
@@ -43,6 +44,8 @@ from co2_tf import augment as _augment
 from co2_tf.errors import UserError
 from co2_tf.image_files import no_autograph
 from co2_tf.sources import make_source
+
+log = logging.getLogger(__name__)
 
 # Shuffle buffer (examples) of streaming sources.
 STREAM_SHUFFLE_BUFFER = 10_000
@@ -55,6 +58,34 @@ def num_parallel_calls():
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
+
+
+def pretraining_data_warnings(source, split, queue_size):
+    """Logs (and returns) one line for each way the data makes the run degenerate.
+
+    Legal, but worth a word: one class (contrastive pretraining is fine, but
+    kNN / linear evaluation on it measure nothing), and a queue at least as
+    large as the split (it then holds older keys of the very images in the
+    batch: each query's negatives include stale keys of its own image).
+    """
+    warnings = []
+    try:
+        names = source.class_names(split)
+    except UserError:  # unlabelled data
+        names = None
+    if names is not None and len(names) == 1:
+        warnings.append(f"--dataset={source} has one class ({names[0]}): contrastive "
+                        "pretraining works, but kNN accuracy and linear / semi-supervised "
+                        "evaluation on it are meaningless (always 100%)")
+    n = source.num_examples(split)
+    if queue_size >= n:
+        warnings.append(f"--queue_size={queue_size} >= the {n} images of split {split!r}: the "
+                        "queue holds older keys of the same images as the batch, so each "
+                        "query's negatives include stale keys of its own image (MoCo assumes "
+                        "K << dataset size); lower --queue_size")
+    for line in warnings:
+        log.warning("%s", line)
+    return warnings
 
 
 def pipeline_options():

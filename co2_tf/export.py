@@ -32,14 +32,13 @@ latest (or a named) checkpoint:
 - ``export.json``: what the export is (backbone, sizes, preprocessing, step,
   source checkpoint, endpoints, pyramid).
 
-Writes go to a temporary directory beside the target (a local path),
-renamed into place at the end: a failure leaves nothing half-written.
+Writes go to a temporary directory beside the target, renamed into place at
+the end: a failure leaves nothing half-written. Every path goes through
+tf.io.gfile, so --export_dir may be a gs:// (or file://, ram://) URI: Keras's
+`.keras` saving and SavedModel writing both take such URIs themselves.
 """
 
 import dataclasses
-import os
-import shutil
-import tempfile
 
 import keras
 import numpy as np
@@ -85,10 +84,10 @@ HELP = {
 
 def check_target(export_dir, overwrite=False):
     """UserError if export_dir cannot or must not be written (before any work)."""
-    if os.path.exists(export_dir):
-        if not os.path.isdir(export_dir):
+    if io.exists(export_dir):
+        if not io.isdir(export_dir):
             raise UserError(f"--export_dir={export_dir} is a file: pass a directory path")
-        if os.listdir(export_dir) and not overwrite:
+        if io.listdir(export_dir) and not overwrite:
             raise UserError(f"--export_dir={export_dir} is not empty: pass --overwrite to "
                             "replace it, or another --export_dir")
 
@@ -139,10 +138,10 @@ def _verify(tmp, model, image_size, architecture):
     features = model.query_backbone(x, training=False).numpy()
     projection = model.encode_query(x, training=False).numpy()
     maps = feature_maps_model(model.query_backbone, architecture)(x, training=False)
-    reloaded = keras.models.load_model(os.path.join(tmp, KERAS_FILE))
-    reloaded_maps = keras.models.load_model(os.path.join(tmp, FEATURE_MAPS_FILE))(
+    reloaded = keras.models.load_model(io.join(tmp, KERAS_FILE))
+    reloaded_maps = keras.models.load_model(io.join(tmp, FEATURE_MAPS_FILE))(
         x, training=False)
-    saved = tf.saved_model.load(os.path.join(tmp, SAVED_MODEL_DIR))
+    saved = tf.saved_model.load(io.join(tmp, SAVED_MODEL_DIR))
     saved_maps = saved.feature_maps(x)
     diffs = {
         "keras": np.abs(reloaded(x, training=False).numpy() - features).max(),
@@ -183,8 +182,8 @@ def export_info(run, feature_dim):
                                "+ horizontal flip, scale to [0, 1]",
         },
         "step": run.step,
-        "checkpoint": os.path.abspath(run.checkpoint),
-        "run_dir": os.path.abspath(run.run_dir),
+        "checkpoint": io.absolute(run.checkpoint),
+        "run_dir": io.absolute(run.run_dir),
         "pretraining": {name: getattr(config, name)
                         for name in ("dataset", "data_dir", "split", "eval_split", "augment",
                                      "consistency_weight", "consistency_temperature",
@@ -203,48 +202,50 @@ def export_info(run, feature_dim):
 
 
 def _publish(tmp, export_dir):
-    """Moves the finished tmp dir to export_dir, replacing what was there."""
+    """Moves the finished tmp dir to export_dir, replacing what was there.
+
+    Local disks rename a directory at once. On object stores (gs://, s3://)
+    a "directory" rename is a copy of every object and a delete (io.move_tree):
+    a reader may see a partial export while it runs, but a failure before it
+    (the export itself, its check) still leaves export_dir as it was.
+    """
     old = None
-    if os.path.exists(export_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(export_dir)}.old-",
-                               dir=os.path.dirname(export_dir))
-        os.rename(export_dir, os.path.join(old, "dir"))
+    if io.exists(export_dir):
+        old = io.temporary_name(export_dir, "old")
+        io.move_tree(export_dir, old)
     try:
-        os.rename(tmp, export_dir)
-    except OSError:
+        io.move_tree(tmp, export_dir)
+    except BaseException:
         if old:  # put the previous export back
-            os.rename(os.path.join(old, "dir"), export_dir)
+            io.remove(export_dir)
+            io.move_tree(old, export_dir)
         raise
     if old:
-        shutil.rmtree(old, ignore_errors=True)
+        io.remove(old)
 
 
 def export_run(run, export_dir, *, overwrite=False):
     """Writes the export of a loaded `rundir.Run` to export_dir; returns export.json's dict."""
-    export_dir = os.path.abspath(export_dir)
+    export_dir = io.absolute(export_dir)
     check_target(export_dir, overwrite)
-    parent = os.path.dirname(export_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(export_dir)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    tmp = io.temporary_name(export_dir)
     try:
+        io.makedirs(tmp)
         backbone = build.any_size_copy(run.config, run.model.query_backbone)
         head = keras.models.clone_model(run.model.query_head)
         head.set_weights(run.model.query_head.get_weights())
         pyramid = feature_maps_model(backbone, run.config.backbone)
-        backbone.save(os.path.join(tmp, KERAS_FILE))
-        pyramid.save(os.path.join(tmp, FEATURE_MAPS_FILE))
-        _export_archive(backbone, head, os.path.join(tmp, SAVED_MODEL_DIR), pyramid)
+        backbone.save(io.join(tmp, KERAS_FILE))
+        pyramid.save(io.join(tmp, FEATURE_MAPS_FILE))
+        _export_archive(backbone, head, io.join(tmp, SAVED_MODEL_DIR), pyramid)
         info = export_info(run, backbone.output_shape[-1])
         info["feature_pyramid"] = pyramid_info(run.config.backbone, backbone)
         info["verified_max_abs_diff"] = _verify(tmp, run.model, run.config.image_size,
                                                 run.config.backbone)
-        io.write_json_atomic(os.path.join(tmp, EXPORT_FILE), info)
+        io.write_json_atomic(io.join(tmp, EXPORT_FILE), info)
         _publish(tmp, export_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        io.remove(tmp)
         raise
     return info
 
@@ -252,6 +253,6 @@ def export_run(run, export_dir, *, overwrite=False):
 def export(config: ExportConfig):
     """tools/export.py: checks, loads the run's checkpoint, writes the export."""
     config.check()
-    check_target(os.path.abspath(config.export_dir), config.overwrite)  # before loading
+    check_target(io.absolute(config.export_dir), config.overwrite)  # before loading
     run = rundir.load_run(config.model_dir, config.checkpoint)
     return export_run(run, config.export_dir, overwrite=config.overwrite)

@@ -42,12 +42,29 @@ def parent(path):
     return os.path.dirname(str(path).rstrip("/"))
 
 
+def local_path(path):
+    """The OS path behind a plain path or a file:// URI; None on other file systems."""
+    path = str(path)
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if is_remote(path) else path
+
+
+def basename(path):
+    return os.path.basename(str(path).rstrip("/"))
+
+
 def exists(path):
     return gfile.exists(path)
 
 
 def isdir(path):
     return gfile.isdir(path)
+
+
+def size(path):
+    """A file's size in bytes."""
+    return gfile.stat(path).length
 
 
 def makedirs(path):
@@ -66,6 +83,30 @@ def remove(path):
         gfile.remove(path)
 
 
+def move_tree(src, dst):
+    """Moves folder src to dst (which must not exist).
+
+    On a local disk (plain paths, file://) one rename, atomic. Elsewhere a
+    copy of every file, then a delete: object stores (gs://, s3://) have no
+    folder rename (TF's own gs:// rename is such a copy), and ram:// renames
+    only an entry of that exact name, not the files below it.
+    """
+    if local_path(src) is not None:
+        gfile.rename(src, dst)
+        return
+    pending = [(str(src).rstrip("/"), str(dst).rstrip("/"))]
+    while pending:
+        source, target = pending.pop()
+        gfile.makedirs(target)
+        for name in gfile.listdir(source):
+            name = name.rstrip("/")
+            if gfile.isdir(join(source, name)):
+                pending.append((join(source, name), join(target, name)))
+            else:
+                gfile.copy(join(source, name), join(target, name))
+    remove(src)
+
+
 def read_bytes(path):
     with gfile.GFile(path, "rb") as f:
         return f.read()
@@ -80,9 +121,9 @@ def read_json(path):
     return json.loads(read_text(path))
 
 
-def _temporary_name(path):
-    head, tail = os.path.split(str(path))
-    return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
+def temporary_name(path, kind="tmp"):
+    """A fresh hidden name beside `path` (same folder, so a rename stays on one file system)."""
+    return join(parent(path), f".{basename(path)}.{kind}-{uuid.uuid4().hex[:8]}")
 
 
 def write_bytes_atomic(path, content):
@@ -90,7 +131,7 @@ def write_bytes_atomic(path, content):
     folder = parent(path)
     if folder:
         gfile.makedirs(folder)
-    tmp = _temporary_name(path)
+    tmp = temporary_name(path)
     try:
         with gfile.GFile(tmp, "wb") as f:
             f.write(content)

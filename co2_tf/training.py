@@ -110,8 +110,9 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     config.check()
     if verbose is None:  # a progress bar on a terminal, a line per epoch in logs
         verbose = 1 if sys.stdout.isatty() else 2
-    source = make_source(config.dataset, config.data_dir or None)
+    source = make_source(config.dataset, config.data_dir or None, config.max_image_pixels)
     source.validate(config.split)
+    data.pretraining_data_warnings(source, config.split, config.queue_size)
     saved = rundir.load_run_config(config.model_dir)
     if saved is not None:
         check_compatible(saved, config)

@@ -6,9 +6,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from co2_tf import backbones, export, rundir
 from co2_tf.errors import UserError
@@ -269,3 +271,22 @@ def test_tool_errors_are_one_line(run_dir, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "--overwrite" in last, result.stderr
     assert os.listdir(out) == ["x"]
+
+
+def test_export_to_a_uri_and_a_failure_there(run_dir, tmp_path, monkeypatch):
+    """ram:// (TF's in-memory file system) stands in for gs://: no local staging anywhere."""
+    monkeypatch.chdir(tmp_path)
+    out = f"ram://export_{uuid.uuid4().hex[:8]}/out"
+    export.export(export.ExportConfig(model_dir=run_dir, export_dir=out))
+    assert sorted(tf.io.gfile.listdir(out)) == ["backbone.keras", "export.json", "saved_model"]
+    first = tf.io.gfile.GFile(f"{out}/export.json").read()
+    monkeypatch.setattr(export, "_export_archive",
+                        lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        export.export(export.ExportConfig(model_dir=run_dir, export_dir=out, overwrite=True))
+    parent = out.rsplit("/", 1)[0]
+    assert tf.io.gfile.listdir(parent) == ["out"]  # no temp dir left
+    assert tf.io.gfile.GFile(f"{out}/export.json").read() == first  # the old export intact
+    saved = tf.saved_model.load(f"{out}/saved_model")  # kept: .serve needs its variables
+    assert saved.serve(np.zeros((1, 16, 16, 3), np.float32)).shape[0] == 1
+    assert os.listdir(tmp_path) == []

@@ -10,6 +10,7 @@ import sys
 
 # The one path insert: README's commands run `python tools/NAME.py` from a clean
 # checkout, where co2_tf is not installed (after `pip install .` it changes nothing).
+# local-only: the checkout's own code, not a user path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -18,7 +19,7 @@ from absl import (
     logging,  # noqa: E402
 )
 
-from co2_tf.errors import UserError  # noqa: E402
+from co2_tf.errors import UserError, user_error_in  # noqa: E402
 
 
 def quiet_logs():
@@ -74,8 +75,14 @@ def fail(message, code=1):
 
 
 def run_guarded(fn, *args, **kwargs):
-    """Runs fn; a UserError becomes one line and exit code 1."""
+    """Runs fn; a UserError (also one raised inside a tf.data pipeline) becomes one line
+    and exit code 1."""
     try:
         return fn(*args, **kwargs)
     except UserError as e:
         fail(str(e))
+    except Exception as e:  # a TF error quoting a UserError from inside the input pipeline
+        message = user_error_in(e)
+        if message is None:
+            raise
+        fail(message)

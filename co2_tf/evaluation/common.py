@@ -188,7 +188,8 @@ def resolve_data(config: EvalConfig, loaded: LoadedBackbone):
     if not dataset:
         raise UserError("which dataset? pass --dataset=builtin|tfds:NAME|folder:PATH")
     inherited = pretrained if dataset == pretrained.get("dataset") else {}
-    source = make_source(dataset, config.data_dir or inherited.get("data_dir") or None)
+    source = make_source(dataset, config.data_dir or inherited.get("data_dir") or None,
+                         getattr(loaded.run_config, "max_image_pixels", None))
     split = config.split or inherited.get("split") or "train"
     source.validate(split)  # first: names an unprepared dataset
     eval_split = (config.eval_split or inherited.get("eval_split")

@@ -9,11 +9,12 @@ class is the query's and red when it is not.
 """
 
 import dataclasses
-import os
+import io as stdio
 
 import numpy as np
 import tensorflow as tf
 
+from co2_tf import io
 from co2_tf.errors import UserError
 from co2_tf.evaluation import common, knn
 
@@ -136,7 +137,7 @@ def _images(d, split, indices):
 def retrieval_picture(config: RetrievalConfig, verbose=1):
     """Writes the retrieval grid PNG; returns a dict with its path and the neighbours."""
     config.check()
-    path = config.out or os.path.join(common.output_dir(config, "retrieval"), PICTURE_FILE)
+    path = config.out or io.join(common.output_dir(config, "retrieval"), PICTURE_FILE)
     loaded = common.load_backbone(config)
     d = common.resolve_data(config, loaded)
     bank_f, bank_y = knn.extract_features(loaded.backbone, d.labelled(d.split),
@@ -152,10 +153,11 @@ def retrieval_picture(config: RetrievalConfig, verbose=1):
     neighbour_labels = bank_y.numpy()[idx]
     grid = retrieval_grid(query_images, query_labels.tolist(), neighbour_images,
                           neighbour_labels.tolist(), sims, d.class_names, config.thumb_size)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    buffer = stdio.BytesIO()
     try:
-        grid.save(path)
-    except (OSError, ValueError) as e:
+        grid.save(buffer, format="PNG")  # --out is checked to end in .png
+        io.write_bytes_atomic(path, buffer.getvalue())
+    except (OSError, ValueError, tf.errors.OpError) as e:
         raise UserError(f"cannot write {path} ({e}): pass a writable --out") from None
     return {"picture": path, "queries": queries.tolist(), "neighbours": idx.tolist(),
             "similarities": sims.tolist(), "backbone": loaded.as_dict()}

@@ -15,7 +15,6 @@ kind modules import TensorFlow and are loaded when a source is made.
 
 import dataclasses
 import importlib
-import os
 
 from co2_tf.errors import UserError
 
@@ -47,8 +46,8 @@ class DatasetSpec:
         return f"{self.name}/{self.config}" if self.config else self.name
 
     def folder_root(self, split):
-        """The folder for `split` ({split} in the path replaced)."""
-        return os.path.expanduser(self.path.replace("{split}", split))
+        """The folder for `split` ({split} in the path replaced; '~' is expanded on listing)."""
+        return self.path.replace("{split}", split)
 
 
 def parse_dataset_spec(text):
@@ -73,12 +72,16 @@ def parse_dataset_spec(text):
     raise UserError(f"unknown dataset spec {text!r}: use {SPEC_FORMS}")
 
 
-def make_source(spec, data_dir=None):
-    """The Source for a spec (string or DatasetSpec); a Source is returned as it is."""
+def make_source(spec, data_dir=None, max_image_pixels=None):
+    """The Source for a spec (string or DatasetSpec); a Source is returned as it is.
+
+    max_image_pixels: the image-file pixel limit (None = co2_tf.image_files' default).
+    """
     from co2_tf.sources import base  # noqa: PLC0415 (imports TF)
 
     if isinstance(spec, base.Source):
         return spec
     spec = parse_dataset_spec(spec)
     module, cls = _SOURCE_CLASSES[spec.kind]
-    return getattr(importlib.import_module(f"co2_tf.sources.{module}"), cls)(spec, data_dir)
+    return getattr(importlib.import_module(f"co2_tf.sources.{module}"), cls)(
+        spec, data_dir, max_image_pixels)

@@ -20,7 +20,7 @@ class FolderSource(base.Source):
     eval_split_candidates = ("val", "validation", "test")
 
     def listing(self, split):
-        return image_files.list_folder(self.spec.folder_root(split))
+        return image_files.list_folder(self.spec.folder_root(split), self.max_image_pixels)
 
     def validate(self, split="train"):
         self.listing(split)
@@ -45,10 +45,12 @@ class FolderSource(base.Source):
         listing = self.listing(split)
         paths = tf.constant(list(listing.files))
         labels = tf.constant(listing.labels, tf.int32)
-        return lambda i: (image_files.read_and_decode(tf.gather(paths, i)),
+        return lambda i: (image_files.read_and_decode(tf.gather(paths, i), listing.max_pixels),
                           tf.gather(labels, i))
 
     def image_stream(self, split, source_of, image_size, num_parallel_calls):
         # Damaged files become gray stand-ins, so element c is still example source_of(c).
-        return image_files.decoded_stream(tf.constant(list(self.listing(split).files)),
-                                          source_of, num_parallel_calls)
+        listing = self.listing(split)
+        return image_files.decoded_stream(tf.constant(list(listing.files)), source_of,
+                                          num_parallel_calls, folder=listing.root,
+                                          max_pixels=listing.max_pixels)

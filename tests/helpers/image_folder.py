@@ -55,3 +55,25 @@ def make_image_folder(root):
 GOOD = {"cats": ["cmyk.jpeg", "gray.JPG", "prog.jpg", "rgb.jpg"],
         "dogs": ["la.PNG", "l.png", "palette.png", "rgb.png", "rgba.png"],
         "zebras": ["anim.gif", "pic.bmp", "sixteen.png", "ünïcødé 猫.jpg"]}
+
+
+def write_split_folders(root, classes=3, per_class=8, size=20, splits=("train", "val")):
+    """root/<split>/c<k>/<i>.png through tf.io.gfile: root may be a file:// or ram:// URI.
+
+    Class k's images are noise around a grey level of its own, so a feature
+    extractor can tell the classes apart.
+    """
+    import tensorflow as tf  # noqa: PLC0415 (only this helper needs TF)
+
+    rng = np.random.RandomState(0)
+    for split in splits:
+        for k in range(classes):
+            folder = f"{root}/{split}/c{k}"
+            tf.io.gfile.makedirs(folder)
+            for i in range(per_class):
+                pixels = 40 + 80 * k + rng.randint(0, 40, (size, size, 3))
+                buf = io.BytesIO()
+                Image.fromarray(pixels.astype(np.uint8)).save(buf, "PNG")
+                with tf.io.gfile.GFile(f"{folder}/{i}.png", "wb") as f:
+                    f.write(buf.getvalue())
+    return root

@@ -1,0 +1,109 @@
+"""The whole chain on URIs: train, resume, export, kNN, linear probe, semi-supervised.
+
+Every path is a URI (file:///abs/... in subprocesses, ram:// in one process),
+run from an empty working directory, which must stay empty: a path handled
+with open/os.* instead of tf.io.gfile would create ./file:/... or ./ram:/...
+there (what gs:// run dirs used to get).
+"""
+
+import os
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import tensorflow as tf
+from helpers.image_folder import write_split_folders
+
+from co2_tf import export, training
+from co2_tf.config import TrainConfig
+from co2_tf.evaluation import knn, linear_probe, semi_supervised
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
+# Tiny convnet, 16 px, 3 classes x 8 images per split, a queue of 2 batches.
+SMALL = dict(image_size=16, batch_size=8, queue_size=16, dim=16, knn_every=0, log_every=1,
+             seed=3)
+RUN_FILES = ["checkpoints", "classes.txt", "config.json", "logs", "summary.json"]
+EXPORT_FILES = ["backbone.keras", "export.json", "saved_model"]
+
+
+def _tool(name, cwd, **flags):
+    args = [sys.executable, os.path.join(TOOLS, f"{name}.py")]
+    args += [f"--{k}={v}" for k, v in flags.items()]
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+    return result.stdout
+
+
+def _listdir(uri):
+    return sorted(name.rstrip("/") for name in tf.io.gfile.listdir(uri))
+
+
+def test_tools_on_file_uris_write_nothing_in_the_working_directory(tmp_path):
+    cwd = tmp_path / "scratch"
+    cwd.mkdir()
+    base = f"file://{tmp_path}"
+    data = write_split_folders(f"{base}/data")
+    run, out = f"{base}/run", f"{base}/out"
+    flags = dict(SMALL, model_dir=run, dataset=f"folder:{data}/{{split}}")
+    _tool("train", cwd, train_steps=2, **flags)
+    stdout = _tool("train", cwd, train_steps=4, **flags)  # resumes
+    assert "done: 4 steps" in stdout
+    assert _listdir(run) == RUN_FILES
+    assert tf.train.latest_checkpoint(f"{run}/checkpoints").endswith("ckpt-4")
+    _tool("export", cwd, model_dir=run, export_dir=f"{out}/export")
+    assert _listdir(f"{out}/export") == EXPORT_FILES
+    _tool("knn_eval", cwd, keras_model=f"{out}/export/backbone.keras",
+          output_dir=f"{out}/knn", k=5)
+    _tool("linear_eval", cwd, model_dir=run, protocol="fast", epochs=2,
+          output_dir=f"{out}/linear")
+    _tool("semi_supervised", cwd, model_dir=run, label_fraction=0.5, epochs=1,
+          output_dir=f"{out}/semi")
+    split_file = f"{out}/semi/labels_0.5_seed0.txt"
+    _tool("semi_supervised", cwd, model_dir=run, label_fraction=0.5, epochs=1,
+          split_file=split_file, output_dir=f"{out}/semi_again")
+    assert _listdir(f"{out}/knn") == ["knn_eval.json"]
+    assert "linear_eval.json" in _listdir(f"{out}/linear")
+    assert {"fine_tuned.keras", "labels_0.5_seed0.txt", "semi_supervised.json"} <= set(
+        _listdir(f"{out}/semi"))
+    again = tf.io.gfile.GFile(f"{out}/semi_again/semi_supervised.json").read()
+    assert split_file in again  # recorded as given: the URI, not ./file:/...
+    assert os.listdir(cwd) == []
+
+
+def test_library_chain_on_ram_uris(tmp_path, monkeypatch):
+    """ram:// is TF's in-memory file system: one process, nothing on any disk."""
+    monkeypatch.chdir(tmp_path)
+    base = f"ram://chain_{uuid.uuid4().hex[:8]}"
+    data = write_split_folders(f"{base}/data")
+    run, out = f"{base}/run", f"{base}/out"
+    config = TrainConfig(model_dir=run, dataset=f"folder:{data}/{{split}}", train_steps=2,
+                         **SMALL)
+    training.train(config, verbose=0)
+    config.train_steps = 4
+    assert training.train(config, verbose=0)["steps"] == 4  # resumed
+    assert _listdir(run) == RUN_FILES
+    assert tf.io.gfile.glob(f"{run}/logs/train/events.out.tfevents.*")  # TensorBoard too
+    info = export.export(export.ExportConfig(model_dir=run, export_dir=f"{out}/export"))
+    assert info["run_dir"] == run and info["checkpoint"] == f"{run}/checkpoints/ckpt-4"
+    assert _listdir(f"{out}/export") == EXPORT_FILES
+    reloaded = tf.saved_model.load(f"{out}/export/saved_model")
+    assert reloaded.serve(np.zeros((1, 16, 16, 3), np.float32)).shape == (1, 256)
+    knn.knn_eval(knn.KnnConfig(keras_model=f"{out}/export/backbone.keras",
+                               output_dir=f"{out}/knn", k=5), verbose=0)
+    linear_probe.linear_eval(linear_probe.LinearEvalConfig(
+        model_dir=run, protocol="fast", epochs=2), verbose=0)
+    first = semi_supervised.fine_tune(semi_supervised.SemiSupervisedConfig(
+        model_dir=run, label_fraction=0.5, epochs=1), verbose=0)
+    split_file = first["subset"]["split_file"]
+    assert split_file.startswith(f"{run}/semi_supervised_0.5/")
+    again = semi_supervised.fine_tune(semi_supervised.SemiSupervisedConfig(
+        model_dir=run, label_fraction=0.5, epochs=1, split_file=split_file,
+        output_dir=f"{out}/semi"), verbose=0)
+    assert again["subset"]["split_file"] == split_file
+    assert again["subset"]["examples"] == first["subset"]["examples"]
+    assert _listdir(f"{out}/knn") == ["knn_eval.json"]
+    assert {"linear_eval_fast", "semi_supervised_0.5"} <= set(_listdir(run))
+    assert "fine_tuned.keras" in _listdir(f"{out}/semi")
+    assert os.listdir(tmp_path) == []
