@@ -18,19 +18,28 @@ def test_mixed_bfloat16_computes_in_bfloat16_and_keeps_float32_where_it_matters(
     assert bf16.encode_query(data[0][:4]).dtype == tf.float32
     assert f32.query_backbone(data[0][:4], training=False).dtype == "float32"
 
+    initial_queue = bf16.queue.numpy()
+    np.testing.assert_array_equal(f32.queue.numpy(), initial_queue)  # same seed, same start
     h32 = run_steps(f32, strategy, data)
     h16 = run_steps(bf16, strategy, data)
     for a, b in zip(h32, h16, strict=True):
         assert np.isfinite(b["loss"]) and b["loss"] > 0
-        # Same weights and data: bfloat16's 8-bit mantissa moves the loss by ~1%.
-        np.testing.assert_allclose(b["loss"], a["loss"], rtol=0.05)
+        # Same weights and data: bfloat16's 8-bit mantissa moved the loss by 0.1-0.6%
+        # over 3 data seeds x 3 steps (float32 loss math, bfloat16 features).
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-2)
     assert bf16.queue.dtype == "float32"
-    queue = bf16.queue.numpy()
+    queue, queue32 = bf16.queue.numpy(), f32.queue.numpy()
     np.testing.assert_allclose(np.linalg.norm(queue, axis=1), 1.0, rtol=1e-5)
     assert int(bf16.queue_ptr.numpy()) == 48
-    # The enqueued keys are close to float32's keys (both models saw the same images).
-    np.testing.assert_allclose(queue[:48], f32.queue.numpy()[:48], atol=0.1)
-    assert not np.allclose(queue[:48], queue[48:].mean())
+    # The 3 batches of keys replaced rows 0-47 and left the rest as they were.
+    np.testing.assert_array_equal(queue[48:], initial_queue[48:])
+    # Each enqueued key is float32's key of the same image (cosine >= 0.9987 measured,
+    # max abs difference <= 0.03), and far from the row it replaced (cosine <= 0.57).
+    cos32 = np.sum(queue[:48] * queue32[:48], axis=1)
+    cos_before = np.sum(queue[:48] * initial_queue[:48], axis=1)
+    assert cos32.min() > 0.995, cos32.min()
+    assert cos_before.max() < 0.9, cos_before.max()
+    np.testing.assert_allclose(queue[:48], queue32[:48], atol=0.05)
 
 
 def test_mixed_float16_trains_with_loss_scaling():
