@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers.references import numpy_knn, topk, unit
+from helpers.references import SMALL, numpy_knn, topk, unit
 
 from co2_tf import export
 from co2_tf.evaluation import knn
@@ -34,12 +34,22 @@ def test_knn_tool_matches_numpy_the_monitor_and_the_export(run_dir, reference, t
     _, train_y, train_f = ref["train"]
     test_images, test_y, test_f = ref["test"]
     scores = numpy_knn(train_f, train_y, test_f, 10, 200, 0.1)
-    assert results["top1"] == pytest.approx(topk(scores, test_y, 1), abs=1e-3)
-    assert results["top5"] == pytest.approx(topk(scores, test_y, 5), abs=1e-3)
+    top1, top5 = topk(scores, test_y, 1), topk(scores, test_y, 5)
+    assert top1 < top5  # else top-5 could stand in for top-1 unnoticed
+    assert results["top1"] == pytest.approx(top1, abs=1e-3)
+    assert results["top5"] == pytest.approx(top5, abs=1e-3)
     with open(os.path.join(run_dir, "summary.json")) as f:  # the pretraining monitor's value
         assert results["top1"] == json.load(f)["knn_top1"]
+    # What the file says, against NumPy and the data, not against the returned dict.
     with open(tmp_path / "knn" / "knn_eval.json") as f:
-        assert json.load(f)["top1"] == results["top1"]
+        on_disk = json.load(f)
+    assert on_disk["top1"] == pytest.approx(top1, abs=1e-3)
+    assert on_disk["top5"] == pytest.approx(top5, abs=1e-3)
+    assert on_disk["k"] == 200 and on_disk["temperature"] == 0.1
+    assert on_disk["data"]["bank_examples"] == len(train_y) == 8000
+    assert on_disk["data"]["query_examples"] == len(test_y) == 2000
+    assert on_disk["backbone"]["step"] == SMALL["train_steps"]
+    assert not on_disk["backbone"]["random_init"]
 
     # Projector: the first 50 held-out embeddings, their classes, thumbnails.
     projector = tmp_path / "projector"

@@ -3,25 +3,43 @@ import json
 
 import numpy as np
 import pytest
+from helpers.references import SMALL, topk
 
-from co2_tf.evaluation import common, knn, linear_probe
+from co2_tf.evaluation import classifier, common, knn, linear_probe
 
 
 def test_linear_fast_protocol_and_its_feature_cache(run_dir, reference, tmp_path, monkeypatch):
     _, ref = reference
     config = linear_probe.LinearEvalConfig(model_dir=run_dir, protocol="fast", epochs=3,
                                            output_dir=str(tmp_path / "fast"))
+    trained, train_classifier = [], classifier.train_classifier
+
+    def keep_the_classifier(model, *args, **kwargs):  # to recompute its accuracy
+        trained.append(model)
+        return train_classifier(model, *args, **kwargs)
+    monkeypatch.setattr(classifier, "train_classifier", keep_the_classifier)
     results = linear_probe.linear_eval(config, verbose=0)
     with np.load(tmp_path / "fast" / "features.npz") as cached:
         np.testing.assert_allclose(cached["train_f"], ref["train"][2], atol=1e-4)
         np.testing.assert_allclose(cached["eval_f"], ref["test"][2], atol=1e-4)
         np.testing.assert_array_equal(cached["eval_y"], ref["test"][1])
+        train_f, eval_f, eval_y = cached["train_f"], cached["eval_f"], cached["eval_y"]
+    # top-1 / top-5 of the trained classifier on the held-out features, in NumPy:
+    # standardised with the TRAINING split's statistics, then the linear layer.
+    kernel, bias = trained[0].get_layer("classifier").get_weights()
+    standardised = (eval_f - train_f.mean(0)) / np.sqrt(train_f.var(0) + 1e-6)
+    scores = standardised.astype(np.float64) @ kernel + bias
+    top1, top5 = topk(scores, eval_y, 1), topk(scores, eval_y, 5)
+    assert 0.1 < top1 < top5  # better than chance (10 classes), and top-5 is not top-1
     with open(tmp_path / "fast" / "linear_eval.json") as f:
         on_disk = json.load(f)
-    assert on_disk["top1"] == results["top1"] and 0 < results["top1"] <= results["top5"] <= 1
+    assert on_disk["top1"] == pytest.approx(top1, abs=1e-3)
+    assert on_disk["top5"] == pytest.approx(top5, abs=1e-3)
     assert on_disk["hyper_parameters"]["learning_rate"] == 0.1  # the fast protocol's default
-    assert on_disk["backbone"]["step"] == 3 and not on_disk["backbone"]["random_init"]
-    assert on_disk["data"]["train_examples"] == 8000
+    assert on_disk["hyper_parameters"]["epochs"] == 3
+    assert on_disk["backbone"]["step"] == SMALL["train_steps"]
+    assert not on_disk["backbone"]["random_init"]
+    assert on_disk["data"]["train_examples"] == len(train_f) == 8000
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("features were extracted again instead of read from the cache")

@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers.references import numpy_knn, split_arrays, topk
 
-from co2_tf import training
+from co2_tf import build, rundir, training
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
 
@@ -100,13 +101,22 @@ def test_incompatible_checkpoint_is_named_not_restored(finished_run, flag, name)
 
 # ------------------------------------------------------- summaries and logs
 def test_summary_and_tensorboard(finished_run):
-    config, summary = finished_run
-    assert summary["steps"] == 12
+    config, _ = finished_run
     with open(os.path.join(config.model_dir, "summary.json")) as f:
         on_disk = json.load(f)
-    assert on_disk == summary
     assert set(on_disk) >= {"knn_top1", "knn_top1_random_init", "steps"}
-    assert 0 <= on_disk["knn_top1"] <= 1 and 0 <= on_disk["knn_top1_random_init"] <= 1
+    assert on_disk["steps"] == config.train_steps
+    # Both kNN values, recomputed in NumPy from the features of the saved backbone
+    # and of a fresh one (the seed fixes its weights). abs=1e-3: 2 of 2000 held-out
+    # images may flip on a near-tie (features from another batch size).
+    train_x, train_y = split_arrays("train", config.image_size)
+    test_x, test_y = split_arrays("test", config.image_size)
+    fresh = build.backbone_fn(config)("fresh_backbone")
+    saved = rundir.load_run(config.model_dir).model.query_backbone
+    for key, backbone in (("knn_top1", saved), ("knn_top1_random_init", fresh)):
+        bank, query = (backbone.predict(x, batch_size=500, verbose=0) for x in (train_x, test_x))
+        scores = numpy_knn(bank, train_y, query, 10, config.knn_k, config.knn_temperature)
+        assert on_disk[key] == pytest.approx(topk(scores, test_y, 1), abs=1e-3), key
 
     tags, images = {}, set()
     for path in glob.glob(os.path.join(config.model_dir, "logs", "train", "events*")):
@@ -123,6 +133,20 @@ def test_summary_and_tensorboard(finished_run):
     assert "augmented_view_pairs" in images
     ckpt = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
     assert ckpt.endswith("-12")
+
+
+def test_training_beats_random_init(tmp_path):
+    """160 steps of the demo's settings lift kNN top-1 well above random init.
+
+    Measured (kNN top-1 trained vs random init): seed 0 0.579 vs 0.497, seed 1
+    0.590 vs 0.449. (The 12-step 16 px run above is BELOW random init, ~0.20 vs
+    ~0.37 over seeds 3-5, and stays there for 200+ steps: too small to learn.)
+    """
+    config = TrainConfig(model_dir=str(tmp_path / "run"), train_steps=160, knn_every=0,
+                         seed=0)
+    summary = training.train(config, verbose=0)
+    assert summary["steps"] == 160
+    assert summary["knn_top1"] > summary["knn_top1_random_init"] + 0.03, summary
 
 
 def _checkpoint_values(model_dir):
@@ -142,10 +166,16 @@ def _queue(values):
 
 # ---------------------------------------------------------------- resume
 def _wait_for_checkpoint(model_dir, proc, timeout=300):
+    """Returns once the checkpoint state file lists a checkpoint.
+
+    A ckpt-N.index appears before CheckpointManager writes the state file: a kill
+    in between leaves no checkpoint that tf.train.latest_checkpoint can see.
+    """
     deadline = time.time() + timeout
-    pattern = os.path.join(model_dir, "checkpoints", "ckpt-*.index")
+    ckpt_dir = os.path.join(model_dir, "checkpoints")
     while time.time() < deadline:
-        if glob.glob(pattern):
+        state = tf.train.get_checkpoint_state(ckpt_dir)  # None until written
+        if state and state.model_checkpoint_path:
             return
         if proc.poll() is not None:
             raise AssertionError(
