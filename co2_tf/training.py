@@ -196,8 +196,10 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
                 if config.steps_per_execution > 1:
                     dataset_fn = _take_steps(dataset_fn, steps)
                 dataset = strategy.distribute_datasets_from_function(dataset_fn)
+                # shuffle=False: the order is the index contract's (Keras warns on every
+                # fit call that it ignores shuffle=True for a tf.data.Dataset).
                 model.fit(dataset, initial_epoch=initial_epoch, epochs=epochs,
-                          steps_per_epoch=steps, callbacks=cbs, verbose=verbose)
+                          steps_per_epoch=steps, callbacks=cbs, verbose=verbose, shuffle=False)
                 if saver.preempted_at is not None:
                     raise Preempted(saver.preempted_at, preemption.signum or signal.SIGTERM,
                                     by_another_worker=preemption.signum is None)
