@@ -137,3 +137,100 @@ def test_bad_flag_is_one_line():
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown --precision")
 
+
+# ------------------------------------------------------------ the PyTorch step
+TOOLS = os.path.join(ROOT, "tools")
+COMPARE = os.path.join(TOOLS, "compare_torch.py")
+
+
+def test_torch_step_first_loss_is_co2_tfs():
+    """Same weights, queue and inputs: the PyTorch step's loss is co2_tf's."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    import tensorflow as tf
+
+    sys.path.insert(0, TOOLS)
+    import benchmark_lib
+    import torch_step
+    from co2_tf import backbones, losses
+    from co2_tf.config import TrainConfig
+    from co2_tf.model import CO2Model
+
+    config = TrainConfig(**benchmark_lib.NOT_A_RUN, backbone="tiny", image_size=16,
+                         batch_size=16, queue_size=64, dim=16, bn_groups=1,
+                         consistency_weight=1.0).check()
+    ours = CO2Model(lambda name: backbones.build_backbone("tiny", 16, model_name=name, seed=3),
+                    image_size=16, head="mlp", dim=16, queue_size=64,
+                    temperature=config.temperature,
+                    consistency_temperature=config.consistency_temperature,
+                    consistency_weight=1.0, bn_groups=1, seed=3)
+    theirs = torch_step.MoCoCO2(config, groups=1).train()
+    # Keras weights into the PyTorch modules, layer by layer in build order.
+    keras_layers = [layer for layer in ours.query_backbone.layers + ours.query_head.layers
+                    if layer.weights and type(layer).__name__ != "Normalization"]
+    torch_modules = [m for m in theirs.encoder_q.modules()
+                     if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Linear))]
+    assert len(keras_layers) == len(torch_modules)
+    with torch.no_grad():
+        for layer, module in zip(keras_layers, torch_modules):
+            w = [np.asarray(v) for v in layer.weights]
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.copy_(torch.from_numpy(w[0].transpose(3, 2, 0, 1)))
+            elif isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.from_numpy(w[0].T))
+                module.bias.copy_(torch.from_numpy(w[1]))
+            else:
+                for name, value in zip(("weight", "bias", "running_mean", "running_var"), w):
+                    getattr(module, name).copy_(torch.from_numpy(value))
+        theirs.encoder_k.load_state_dict(theirs.encoder_q.state_dict())
+        theirs.queue.copy_(torch.from_numpy(np.asarray(ours.queue)))
+
+    rng = np.random.RandomState(0)
+    x_q, x_k = (rng.rand(16, 16, 16, 3).astype("float32") for _ in "qk")
+    keys, _ = ours.encode_keys(tf.constant(x_k), 0)
+    terms = losses.co2_loss(ours.encode_query(tf.constant(x_q)), keys, ours.queue,
+                            config.temperature, config.consistency_temperature, 1.0)
+    expected = float(tf.reduce_mean(terms["loss"]))
+    step = torch_step.TrainStep(theirs, config, compile=False)
+    nchw = [torch.from_numpy(x.transpose(0, 3, 1, 2).copy()) for x in (x_q, x_k)]
+    assert float(step(*nchw)) == pytest.approx(expected, rel=1e-5)
+    # It enqueued co2_tf's keys (the shuffle-BN permutation is immaterial with one group).
+    np.testing.assert_allclose(theirs.queue[:16].numpy(), keys.numpy(), atol=1e-5)
+    assert theirs.ptr == 16
+
+
+def test_compare_torch_fields(tmp_path):
+    pytest.importorskip("torch")
+    output = tmp_path / "compare.json"
+    result = subprocess.run(
+        [sys.executable, COMPARE, "--backbone=tiny", "--image_size=16", "--batch_size=16",
+         "--queue_size=64", "--dim=16", "--alternations=2", "--warmup=1", "--repeats=1",
+         "--notorch_compile", f"--output={output}"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == json.loads(output.read_text())
+    assert out["alternations"] == 2 and len(out["runs"]) == 2
+    for run_ in out["runs"]:
+        assert run_["tf"]["benchmark"] == "train_step" and run_["tf"]["backbone"] == "tiny"
+        assert run_["torch"]["benchmark"] == "torch_train_step"
+        assert run_["torch"]["bn_groups"] == run_["tf"]["bn_groups"] == 4
+        assert run_["torch"]["queue_size"] == 64 and run_["torch"]["torch_compile"] is False
+    ratios = [r["tf"]["images_per_sec"] / r["torch"]["images_per_sec"] for r in out["runs"]]
+    assert out["ratios"] == pytest.approx(ratios, rel=1e-3)
+    assert out["ratio_median"] == pytest.approx(sum(ratios) / 2, rel=1e-3)
+    assert out["onednn_opts"] is True and out["jit_compile"] is False
+    assert "ratio (median of 2)" in result.stderr
+
+
+def test_compare_torch_without_torch_is_one_line(tmp_path):
+    """Where torch is missing, the error names requirements-torch.txt."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('no torch here')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    result = subprocess.run([sys.executable, COMPARE, "--backbone=tiny"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: PyTorch is not installed") and "requirements-torch.txt" in last
