@@ -6,6 +6,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# As the tools do (tools/common.py): oneDNN's ops on every x86 CPU, so that
+# the tests run the kernels training runs. Only before `import tensorflow`.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # noqa: E402

@@ -117,7 +117,9 @@ def test_bn_none_output_independent_of_batch(name):
     x = _images(4, 32)
     full = model(x, training=True).numpy()
     alone = model(x[:1], training=True).numpy()
-    np.testing.assert_allclose(full[:1], alone, rtol=1e-5, atol=1e-6)
+    # Independent up to float32 summation order: oneDNN picks its conv kernels
+    # by batch size (3.5e-5 relative measured on AVX2); BN differs by O(0.1).
+    np.testing.assert_allclose(full[:1], alone, rtol=1e-4, atol=1e-5)
     # With BN in training mode the batch does matter: the check has teeth.
     bn_model = build_backbone(name, 32, bn="local", seed=0)
     assert not np.allclose(bn_model(x, training=True).numpy()[:1],

@@ -13,9 +13,15 @@ TINY = ["--backbone=tiny", "--image_size=16", "--batch_size=16", "--queue_size=6
         "--warmup=1", "--repeats=2", "--matmul_size=256"]
 
 
-def run(args):
+def run(args, **env):
+    """The tool's JSON; `env` sets (str) or unsets (None) environment variables."""
+    environ = dict(os.environ)
+    for name, value in env.items():
+        environ.pop(name, None)
+        if value is not None:
+            environ[name] = value
     result = subprocess.run([sys.executable, BENCHMARK] + args, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, env=environ)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, result.stdout  # one JSON line, nothing else on stdout
@@ -32,10 +38,25 @@ def tiny_conv_flops(size=16, widths=(32, 64, 128, 256)):
     return flops
 
 
+def cpuinfo_flags():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def test_train_step_fields(tmp_path):
-    out = run(TINY + ["--ablate", "--steps_per_execution=2"])
+    # The user's TF_ENABLE_ONEDNN_OPTS wins over the tools' default.
+    out = run(TINY + ["--ablate", "--steps_per_execution=2"], TF_ENABLE_ONEDNN_OPTS="0")
+    assert out["onednn_opts_env"] == "0"
+    if "avx512_vnni" not in cpuinfo_flags():  # TF's own default would be on there
+        assert out["onednn_opts"] is False
     for field in ("images_per_sec", "step_ms", "gflop_per_image", "gflops_per_sec",
-                  "matmul_gflops_per_sec", "utilisation", "flop_count_method",
+                  "matmul_gflops_per_sec", "numpy_matmul_gflops_per_sec",
+                  "ceiling_gflops_per_sec", "ceiling_source", "utilisation",
+                  "utilisation_vs_tf_matmul", "jit_compile", "onednn_opts", "cpu",
+                  "flop_count_method",
                   "step_ms_bare", "overhead_fraction", "step_ms_bare_shuffle_bn",
                   "overhead_fraction_vs_shuffle_bn", "utilisation_paired_median",
                   "step_ms_convs_only", "utilisation_convs_only"):
@@ -44,6 +65,15 @@ def test_train_step_fields(tmp_path):
     assert out["steps_per_execution"] == 2 and out["bn_groups"] == 4 and out["replicas"] == 1
     assert out["timed_executions"] == 2 and len(out["step_ms_samples"]) == 2
     assert out["step_ms"] > 0 and out["matmul_gflops_per_sec"] > 0
+    assert out["jit_compile"] is False
+    # The ceiling is the better of TF's and NumPy's matmul, and says whose it is.
+    rates = {"tf": out["matmul_gflops_per_sec"], "numpy": out["numpy_matmul_gflops_per_sec"]}
+    assert out["ceiling_gflops_per_sec"] == max(rates.values()) > 0
+    assert rates[out["ceiling_source"]] == out["ceiling_gflops_per_sec"]
+    # The instruction sets are /proc/cpuinfo's.
+    flags = cpuinfo_flags()
+    for name in ("avx2", "fma", "avx512f", "avx512_vnni", "amx_tile"):
+        assert out["cpu"][name] is (name in flags), name
     # Default threads: one matmul uses every core; it is timed over about one step.
     assert out["matmul_parallel"] == 1 and out["matmuls_per_sample"] >= 1
     assert len(out["utilisation_per_round"]) == 2
@@ -52,6 +82,8 @@ def test_train_step_fields(tmp_path):
     assert out["gflops_per_sec"] == pytest.approx(
         out["gflop_per_image"] * out["images_per_sec"], rel=0.01)
     assert out["utilisation"] == pytest.approx(
+        out["gflops_per_sec"] / out["ceiling_gflops_per_sec"], rel=0.01)
+    assert out["utilisation_vs_tf_matmul"] == pytest.approx(
         out["gflops_per_sec"] / out["matmul_gflops_per_sec"], rel=0.01)
     assert out["overhead_fraction"] == pytest.approx(
         out["step_ms"] / out["step_ms_bare"] - 1, abs=0.01)
@@ -72,12 +104,15 @@ def test_train_step_fields(tmp_path):
     assert out["gflop_per_image_convs_only"] == pytest.approx(convs, rel=0.02)
     assert out["utilisation_convs_only"] == pytest.approx(
         out["gflop_per_image_convs_only"] * 16 / (out["step_ms_convs_only"] / 1000)
-        / out["matmul_gflops_per_sec"], rel=0.01)
+        / out["ceiling_gflops_per_sec"], rel=0.01)
 
 
 def test_precision_xla_and_threads_are_reported():
+    # Unset, the tools turn oneDNN's ops on before TF is imported.
     out = run(TINY + ["--precision=mixed_bfloat16", "--jit_compile", "--repeats=1",
-                      "--intra_op_threads=1", "--inter_op_threads=2"])
+                      "--intra_op_threads=1", "--inter_op_threads=2"],
+              TF_ENABLE_ONEDNN_OPTS=None)
+    assert out["onednn_opts"] is True and out["onednn_opts_env"] == "1"
     assert out["precision"] == "mixed_bfloat16" and out["jit_compile"] is True
     assert out["images_per_sec"] > 0
     # One thread per op: the ceiling runs one matmul per core at once.
@@ -101,3 +136,102 @@ def test_bad_flag_is_one_line():
                             text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown --precision")
+
+
+# ------------------------------------------------------------ the PyTorch step
+TOOLS = os.path.join(ROOT, "tools")
+COMPARE = os.path.join(TOOLS, "compare_torch.py")
+
+
+def test_torch_step_first_loss_is_co2_tfs():
+    """Same weights, queue and inputs: the PyTorch step's loss is co2_tf's."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    import tensorflow as tf
+
+    sys.path.insert(0, TOOLS)
+    import benchmark_lib
+    import torch_step
+
+    from co2_tf import backbones, losses
+    from co2_tf.config import TrainConfig
+    from co2_tf.model import CO2Model
+
+    config = TrainConfig(**benchmark_lib.NOT_A_RUN, backbone="tiny", image_size=16,
+                         batch_size=16, queue_size=64, dim=16, bn_groups=1,
+                         consistency_weight=1.0).check()
+    ours = CO2Model(lambda name: backbones.build_backbone("tiny", 16, model_name=name, seed=3),
+                    image_size=16, head="mlp", dim=16, queue_size=64,
+                    temperature=config.temperature,
+                    consistency_temperature=config.consistency_temperature,
+                    consistency_weight=1.0, bn_groups=1, seed=3)
+    theirs = torch_step.MoCoCO2(config, groups=1).train()
+    # Keras weights into the PyTorch modules, layer by layer in build order.
+    keras_layers = [layer for layer in ours.query_backbone.layers + ours.query_head.layers
+                    if layer.weights and type(layer).__name__ != "Normalization"]
+    torch_modules = [m for m in theirs.encoder_q.modules()
+                     if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Linear))]
+    assert len(keras_layers) == len(torch_modules)
+    with torch.no_grad():
+        for layer, module in zip(keras_layers, torch_modules):
+            w = [np.asarray(v) for v in layer.weights]
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.copy_(torch.from_numpy(w[0].transpose(3, 2, 0, 1)))
+            elif isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.from_numpy(w[0].T))
+                module.bias.copy_(torch.from_numpy(w[1]))
+            else:
+                for name, value in zip(("weight", "bias", "running_mean", "running_var"), w):
+                    getattr(module, name).copy_(torch.from_numpy(value))
+        theirs.encoder_k.load_state_dict(theirs.encoder_q.state_dict())
+        theirs.queue.copy_(torch.from_numpy(np.asarray(ours.queue)))
+
+    rng = np.random.RandomState(0)
+    x_q, x_k = (rng.rand(16, 16, 16, 3).astype("float32") for _ in "qk")
+    keys, _ = ours.encode_keys(tf.constant(x_k), 0)
+    terms = losses.co2_loss(ours.encode_query(tf.constant(x_q)), keys, ours.queue,
+                            config.temperature, config.consistency_temperature, 1.0)
+    expected = float(tf.reduce_mean(terms["loss"]))
+    step = torch_step.TrainStep(theirs, config, compile=False)
+    nchw = [torch.from_numpy(x.transpose(0, 3, 1, 2).copy()) for x in (x_q, x_k)]
+    assert float(step(*nchw)) == pytest.approx(expected, rel=1e-5)
+    # It enqueued co2_tf's keys (the shuffle-BN permutation is immaterial with one group).
+    np.testing.assert_allclose(theirs.queue[:16].numpy(), keys.numpy(), atol=1e-5)
+    assert theirs.ptr == 16
+
+
+def test_compare_torch_fields(tmp_path):
+    pytest.importorskip("torch")
+    output = tmp_path / "compare.json"
+    result = subprocess.run(
+        [sys.executable, COMPARE, "--backbone=tiny", "--image_size=16", "--batch_size=16",
+         "--queue_size=64", "--dim=16", "--alternations=2", "--warmup=1", "--repeats=1",
+         "--notorch_compile", f"--output={output}"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == json.loads(output.read_text())
+    assert out["alternations"] == 2 and len(out["runs"]) == 2
+    for run_ in out["runs"]:
+        assert run_["tf"]["benchmark"] == "train_step" and run_["tf"]["backbone"] == "tiny"
+        assert run_["torch"]["benchmark"] == "torch_train_step"
+        assert run_["torch"]["bn_groups"] == run_["tf"]["bn_groups"] == 4
+        assert run_["torch"]["queue_size"] == 64 and run_["torch"]["torch_compile"] is False
+    ratios = [r["tf"]["images_per_sec"] / r["torch"]["images_per_sec"] for r in out["runs"]]
+    assert out["ratios"] == pytest.approx(ratios, rel=1e-3)
+    assert out["ratio_median"] == pytest.approx(sum(ratios) / 2, rel=1e-3)
+    assert out["onednn_opts"] is True and out["jit_compile"] is False
+    assert "ratio (median of 2)" in result.stderr
+
+
+def test_compare_torch_without_torch_is_one_line(tmp_path):
+    """Where torch is missing, the error names requirements-torch.txt."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('no torch here')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    result = subprocess.run([sys.executable, COMPARE, "--backbone=tiny"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: PyTorch is not installed") and "requirements-torch.txt" in last

@@ -6,44 +6,53 @@
   python tools/benchmark.py ... --precision=mixed_bfloat16 --jit_compile --steps_per_execution=4
   python tools/benchmark.py --input_only --image_size=224 # two-crop MoCo v2 input pipeline
 
-The step is `CO2Model.train_step` inside Keras's train function, built by
-co2_tf.training exactly as the trainer builds it, on synthetic inputs in
-memory. Fields: images_per_sec, step_ms (median of --repeats timed
-executions / steps_per_execution), gflop_per_image (TF profiler count of the
-step's graph, see flop_count_method), gflops_per_sec, matmul_gflops_per_sec
-(float32 --matmul_size^2 matmuls, timed for about a step's duration just
-before and after each timed step) and utilisation = gflops_per_sec /
-matmul_gflops_per_sec. --ablate adds step_ms_bare / overhead_fraction (the
-CO2 term, EMA and queue priced against the two encoders alone) and
+The step's flags are the trainer's (tools/train.py: same names, same
+defaults), the timing flags are this tool's. The step is `CO2Model.train_step`
+inside Keras's train function, built exactly as the trainer builds it, on
+synthetic inputs in memory. Fields: images_per_sec, step_ms (median of
+--repeats timed executions / steps_per_execution), gflop_per_image (TF
+profiler count of the step's graph, see flop_count_method), gflops_per_sec,
+ceiling_gflops_per_sec (the best of TF's and NumPy's float32
+--matmul_size^2 matmul, timed for about a step's duration just before and
+after each timed step; ceiling_source says whose) and utilisation =
+gflops_per_sec / ceiling_gflops_per_sec; cpu (instruction sets), onednn_opts
+and jit_compile (what ran). --ablate adds step_ms_bare / overhead_fraction
+(the CO2 term, EMA and queue priced against the two encoders alone) and
 utilisation_convs_only (the backbones' convs without BN: this machine's
 conv-kernel ceiling for the step).
 """
 
 import json
 
+import benchmark_lib
 import common
-from absl import app, flags
+from absl import app
 
-from co2_tf import benchmark
+from co2_tf.config import HELP, TrainConfig
 
-common.define_flags(benchmark.BenchmarkConfig, benchmark.HELP)
-flags.DEFINE_integer("cpu_devices", 0, "split the CPU into this many logical devices "
-                     "(e.g. 2 for --strategy=mirrored without GPUs); 0 = leave as is")
+common.define_flags(TrainConfig, HELP, skip=benchmark_lib.UNUSED_TRAIN_FIELDS)
+common.define_flags(benchmark_lib.BenchmarkConfig, benchmark_lib.HELP)
+
+
+def configs():
+    """(TrainConfig, BenchmarkConfig) from the flags; UserError on a bad one."""
+    timing = common.config_from_flags(benchmark_lib.BenchmarkConfig).check()
+    config = common.config_from_flags(TrainConfig, **benchmark_lib.NOT_A_RUN).check()
+    return config, timing
 
 
 def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
     common.quiet_logs()
-    config = common.config_from_flags(benchmark.BenchmarkConfig)
-    common.run_guarded(config.check)
-    if flags.FLAGS.cpu_devices > 0:
+    config, timing = common.run_guarded(configs)
+    if timing.cpu_devices > 0:
         import tensorflow as tf  # before anything else touches devices
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * flags.FLAGS.cpu_devices)
-    benchmark.set_threads(config.intra_op_threads, config.inter_op_threads)
-    result = common.run_guarded(benchmark.run, config)
+            cpu, [tf.config.LogicalDeviceConfiguration()] * timing.cpu_devices)
+    benchmark_lib.set_threads(timing.intra_op_threads, timing.inter_op_threads)
+    result = common.run_guarded(benchmark_lib.run, config, timing)
     print(json.dumps(result), flush=True)
 
 

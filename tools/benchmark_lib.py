@@ -1,15 +1,19 @@
-"""Speed of the CO2 train step and of the input pipeline (library of tools/benchmark.py).
+"""Speed of the CO2 train step and of the input pipeline (what tools/benchmark.py runs).
 
-Train step (`benchmark_train_step`): the model is built and compiled by
-`training.build_model` / `training.compile_model`, and the step timed is
-Keras's own train function around `CO2Model.train_step`: the exact code
-`training.train` runs, on synthetic inputs already in memory. The result is
-the median over several timed executions after warm-up.
+Train step (`benchmark_train_step`): the model is built and compiled by the
+trainer's own builders, and the step timed is Keras's own train function
+around `CO2Model.train_step`: the exact code training runs, on synthetic
+inputs already in memory. The result is the median over several timed
+executions after warm-up.
 
-The machine's ceiling is measured in the same process and interleaved with
-the step: each round times float32 N x N matmuls for about one step's
-duration just before and just after the step, so that the utilisation
-ratio survives a noisy, shared machine: both see the same load.
+The machine's ceiling is the best float32 N x N matmul rate of TF and of
+NumPy, measured in the same process and interleaved with the step: each
+round times both for about one step's duration just before and just after
+the step, so that the utilisation ratio survives a noisy, shared machine.
+NumPy is there because TF's own matmul is not the machine's: on an AVX2 CPU
+without oneDNN ops it runs at under half NumPy's rate, and a ceiling that
+low hides a slow step. The JSON also says which instruction sets the CPU
+has and whether oneDNN ops and XLA were on: the three decide the figures.
 
 `--ablate` adds a bare step (the two encoders only: prices the CO2 term,
 EMA and queue) and a convs-only step (the backbones without BN, head or
@@ -35,35 +39,19 @@ import time
 
 import numpy as np
 
-from co2_tf.config import PRECISIONS, STRATEGIES, TrainConfig
 from co2_tf.errors import UserError
 
 
 @dataclasses.dataclass
 class BenchmarkConfig:
-    # the step
-    backbone: str = "resnet18_cifar"
-    image_size: int = 32
-    batch_size: int = 256
-    queue_size: int = 4096
-    dim: int = 128
-    head: str = "mlp"
-    bn: str = "shuffle"
-    bn_groups: int = 0
-    consistency_weight: float = 1.0
-    precision: str = "float32"
-    jit_compile: bool = False
-    strategy: str = "one_device"
-    tpu: str = ""
-    steps_per_execution: int = 1
-    seed: int = 0
-    intra_op_threads: int = 0  # 0 = TF's default (all cores)
-    inter_op_threads: int = 0
-    # timing
+    """How to time: the step itself is described by a TrainConfig."""
     warmup: int = 2  # untimed executions (tracing, oneDNN kernel selection)
     repeats: int = 7  # timed executions (rounds)
     matmul_size: int = 4096
     ablate: bool = False
+    intra_op_threads: int = 0  # 0 = TF's default (all cores)
+    inter_op_threads: int = 0
+    cpu_devices: int = 0  # 0 = leave the CPU as one device
     # input pipeline mode
     input_only: bool = False
     num_jpegs: int = 512
@@ -75,54 +63,37 @@ class BenchmarkConfig:
         def need(ok, message):
             if not ok:
                 raise UserError(message)
-        need(self.precision in PRECISIONS,
-             f"unknown --precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        need(self.strategy in STRATEGIES,
-             f"unknown --strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
         need(self.intra_op_threads >= 0 and self.inter_op_threads >= 0,
              "--intra_op_threads and --inter_op_threads must be >= 0 (0 = TF's default)")
-        for name in ("image_size", "batch_size", "queue_size", "repeats", "matmul_size",
-                     "steps_per_execution", "num_jpegs", "input_batch_size", "input_window"):
+        for name in ("repeats", "matmul_size", "num_jpegs", "input_batch_size", "input_window"):
             need(getattr(self, name) > 0, f"--{name}={getattr(self, name)} must be > 0")
-        need(self.warmup >= 0, f"--warmup={self.warmup} must be >= 0")
-        self.train_config().check()
+        need(self.warmup >= 0 and self.cpu_devices >= 0,
+             "--warmup and --cpu_devices must be >= 0")
         return self
 
-    def train_config(self):
-        """The TrainConfig whose model and compile settings are benchmarked."""
-        return TrainConfig(
-            model_dir="(benchmark)", image_size=self.image_size, backbone=self.backbone,
-            head=self.head, dim=self.dim, queue_size=self.queue_size, bn=self.bn,
-            bn_groups=self.bn_groups, consistency_weight=self.consistency_weight,
-            batch_size=self.batch_size, strategy=self.strategy, tpu=self.tpu,
-            precision=self.precision, jit_compile=self.jit_compile,
-            steps_per_execution=self.steps_per_execution, seed=self.seed, train_steps=10**6)
 
+# The TrainConfig fields a benchmark sets itself: no run dir, no step budget.
+NOT_A_RUN = {"model_dir": "(benchmark)", "train_steps": 10**6}
+
+
+# TrainConfig fields a benchmark has no use for (run dir, schedule length,
+# checkpoints, monitoring): the tools do not offer them as flags.
+UNUSED_TRAIN_FIELDS = (
+    "model_dir", "dataset", "data_dir", "split", "eval_split", "epochs", "train_steps",
+    "warmup_epochs", "deterministic", "checkpoint_every", "keep_checkpoints", "log_every",
+    "knn_every", "knn_k", "knn_temperature")
 
 HELP = {
-    "backbone": "resnet18 | resnet34 | resnet50 | resnet18_cifar | tiny",
-    "image_size": "side of the square crops",
-    "batch_size": "global batch size",
-    "queue_size": "K, number of negative keys (a multiple of --batch_size)",
-    "dim": "projection dimension",
-    "head": "projection head: linear | mlp",
-    "bn": "key encoder BN: shuffle | sync | local",
-    "bn_groups": "shuffle-BN groups per replica (0 = 1 per replica, 4 on one replica)",
-    "consistency_weight": "alpha of the CO2 term",
-    "precision": "float32 | mixed_bfloat16 | mixed_float16",
-    "jit_compile": "XLA-compile the train step",
-    "strategy": "auto | one_device | mirrored | multi_worker | tpu",
-    "tpu": "TPU name or address (local on a TPU VM)",
-    "steps_per_execution": "train steps per host call",
-    "intra_op_threads": "TF threads per op (0 = TF's default: all cores); the matmul "
-                        "ceiling then runs cores / intra_op_threads matmuls at once",
-    "inter_op_threads": "TF ops run at once (0 = TF's default)",
-    "seed": "seed of weights and synthetic inputs",
     "warmup": "untimed executions before timing",
     "repeats": "timed executions (the median is reported)",
-    "matmul_size": "N of the float32 N x N matmul that measures the ceiling",
+    "matmul_size": "N of the float32 N x N matmuls (TF and NumPy) that measure the ceiling",
     "ablate": "also time a bare step (encoders only) to price CO2 term + EMA + queue, "
               "and the backbones' convs alone (no BN) for the ceiling of the step",
+    "intra_op_threads": "TF threads per op (0 = TF's default: all cores); the TF matmul "
+                        "then runs cores / intra_op_threads matmuls at once",
+    "inter_op_threads": "TF ops run at once (0 = TF's default)",
+    "cpu_devices": "split the CPU into this many logical devices "
+                   "(e.g. 2 for --strategy=mirrored without GPUs); 0 = leave as is",
     "input_only": "benchmark the input pipeline instead of the train step",
     "num_jpegs": "--input_only: JPEGs generated (400-500 x 300-375 px)",
     "input_batch_size": "--input_only: batch size of the pipeline",
@@ -147,19 +118,51 @@ def _sig(x, digits=6):
 
 
 def cores_available():
+    from co2_tf import data
+    return data.num_parallel_calls()
+
+
+# What decides which kernels TF and PyTorch can use on x86 (/proc/cpuinfo names).
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
+                "amx_bf16", "amx_int8")
+
+
+def cpu_features(cpuinfo="/proc/cpuinfo"):
+    """{"model": ..., "avx2": bool, ...} from /proc/cpuinfo; None where there is none."""
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+        with open(cpuinfo) as f:  # a system file, not a user path
+            text = f.read()
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return dict({"model": fields.get("model name", "")},
+                **{name: name in flags for name in CPU_FEATURES})
+
+
+def execution():
+    """Whether TF's oneDNN custom ops and XLA's CPU backend are in play.
+
+    `onednn_opts` is what TF decided when it loaded: TF_ENABLE_ONEDNN_OPTS
+    if set (before TF is imported), else TF's own default (on only for CPUs
+    with AVX-512 VNNI/BF16 or AMX).
+    """
+    from tensorflow.python.util import _pywrap_util_port
+    return {"onednn_opts": bool(_pywrap_util_port.IsMklEnabled()),
+            "onednn_opts_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
 
 
 def environment():
-    """What the numbers depend on: versions, cores, load."""
+    """What the numbers depend on: versions, cores, instruction sets, load."""
     import keras
     import tensorflow as tf
-    return {"tensorflow": tf.__version__, "keras": keras.__version__,
-            "cores": cores_available(), "machine": platform.machine(),
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+    return dict({"tensorflow": tf.__version__, "keras": keras.__version__,
+                 "numpy": np.__version__, "cores": cores_available(),
+                 "machine": platform.machine(), "cpu": cpu_features(),
+                 "load_average_1min": round(os.getloadavg()[0], 2)}, **execution())
 
 
 def matmul_timer(n, parallel=1):
@@ -185,6 +188,25 @@ def matmul_timer(n, parallel=1):
             matmul(pairs).numpy()
         return (time.perf_counter() - start) / count
     run()  # trace and warm up
+    return run
+
+
+def numpy_matmul_timer(n):
+    """As matmul_timer, for one float32 n x n NumPy matmul (its BLAS uses every core).
+
+    The other half of the ceiling: a TF wheel's own kernels can be far from
+    what the machine does (without oneDNN on an AVX2 CPU, half NumPy's rate).
+    """
+    rng = np.random.RandomState(0)
+    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in "ab")
+    out = np.empty((n, n), np.float32)
+
+    def run(count=1):
+        start = time.perf_counter()
+        for _ in range(count):
+            np.matmul(a, b, out=out)
+        return (time.perf_counter() - start) / count
+    run()
     return run
 
 
@@ -329,6 +351,7 @@ def convs_only_step(config):
     rest of the step. Returns (tf.function of (x_q, x_k), its FLOPs).
     """
     import tensorflow as tf
+
     from co2_tf import backbones
     query = backbones.build_backbone(config.backbone, config.image_size, bn="none",
                                      seed=config.seed)
@@ -375,29 +398,38 @@ def _make_strategy(config):
     return distribute.make_strategy(config.strategy, config.tpu or None)
 
 
-def benchmark_train_step(config, strategy=None):
-    """Times CO2Model.train_step as training.train runs it; returns the JSON dict."""
+def _trainer():
+    """The builders training uses (build_model, build_optimizer, compile_model): the step
+    timed is the one training runs, without the trainer's callbacks and signal handling."""
+    from co2_tf import build
+    return build
+
+
+def benchmark_train_step(config, timing, strategy=None):
+    """Times CO2Model.train_step as training runs it; returns the JSON dict.
+
+    `config` (TrainConfig) is the step, `timing` (BenchmarkConfig) how it is timed.
+    """
     import tensorflow as tf
-    from co2_tf import training
+    trainer = _trainer()
 
     config.check()
+    timing.check()
     env_before = environment()
     strategy = strategy or _make_strategy(config)
     replicas = strategy.num_replicas_in_sync
-    train_config = config.train_config()
-    groups = train_config.check_replicas(replicas)
+    groups = config.check_replicas(replicas)
     with strategy.scope():
-        model = training.build_model(train_config, groups)
-        optimizer = training.build_optimizer(train_config, steps_per_epoch=1000,
-                                             total_steps=10**6)
-        training.compile_model(model, optimizer, train_config)
+        model = trainer.build_model(config, groups)
+        optimizer = trainer.build_optimizer(config, steps_per_epoch=1000, total_steps=10**6)
+        trainer.compile_model(model, optimizer, config)
 
     # FLOPs of one global step, from the graph of the step on every replica.
     b = config.batch_size // replicas
     spec = tf.TensorSpec([b, config.image_size, config.image_size, 3], tf.float32)
     flop_method = ("TF profiler FLOP statistics per op of the train_step graph (fwd+bwd "
                    "query, fwd key, losses, EMA, queue), conv backward ops recounted "
-                   "exactly, unused ops excluded; see co2_tf.benchmark.count_flops")
+                   "exactly, unused ops excluded; see tools/benchmark_lib.count_flops")
     profiler_flop_per_image = None
     try:
         step_graph = tf.function(lambda x_q, x_k: strategy.run(model.train_step,
@@ -414,7 +446,7 @@ def benchmark_train_step(config, strategy=None):
 
     iterator = iter(strategy.distribute_datasets_from_function(_synthetic_dataset_fn(config)))
     timers = {"step": _timer(_executor(model), iterator)}
-    if config.ablate:
+    if timing.ablate:
         timers["bare"] = _timer(_executor(model, bare_step_fn(model, False)), iterator)
         if config.bn == "shuffle":
             timers["bare_shuffle"] = _timer(_executor(model, bare_step_fn(model, True)),
@@ -426,31 +458,36 @@ def benchmark_train_step(config, strategy=None):
             convs_inputs = [tf.constant(rng.rand(*shape).astype("float32")) for _ in "qk"]
             timers["convs_only"] = _timer(lambda _: convs_fn(*convs_inputs), None)
     parallel = matmul_parallelism()
-    matmul = matmul_timer(config.matmul_size, parallel)
-    warm = {name: [run() for _ in range(config.warmup)] for name, run in timers.items()}
+    n = timing.matmul_size
+    tf_matmul, np_matmul = matmul_timer(n, parallel), numpy_matmul_timer(n)
+    warm = {name: [run() for _ in range(timing.warmup)] for name, run in timers.items()}
     # The ceiling is timed over about as long as one step, just before and
     # just after it: this machine's speed drifts (shared host), and a matmul
-    # burst much shorter than the step would sample another moment.
+    # burst much shorter than the step would sample another moment. Half of
+    # each burst is TF's matmul, half NumPy's.
     step_guess = min(warm["step"]) if warm["step"] else timers["step"]()
-    matmuls = max(1, round(step_guess / matmul(2)))
+    tf_count = max(1, round(step_guess / 2 / tf_matmul(2)))
+    np_count = max(1, round(step_guess / 2 / np_matmul(2)))
     samples = {name: [] for name in timers}
-    samples["matmul"] = []
-    matmul_pairs = []
-    for _ in range(config.repeats):
+    tf_samples, np_samples, rounds = [], [], []
+    for _ in range(timing.repeats):
         # Interleaved, so that every timer sees the same load.
-        before = matmul(matmuls)
+        before = tf_matmul(tf_count), np_matmul(np_count)
         samples["step"].append(timers["step"]())
-        after = matmul(matmuls)
-        samples["matmul"] += [before, after]
-        matmul_pairs.append((before, after))
+        after = tf_matmul(tf_count), np_matmul(np_count)
+        tf_samples += [before[0], after[0]]
+        np_samples += [before[1], after[1]]
+        rounds.append((before, after))
         for name in ("bare", "bare_shuffle", "convs_only"):
             if name in timers:
                 samples[name].append(timers[name]())
 
     spe = config.steps_per_execution
     step_s = _median(samples["step"]) / spe
-    matmul_flops = 2 * config.matmul_size ** 3 * parallel
-    matmul_gflops = matmul_flops / _median(samples["matmul"]) / 1e9
+    tf_matmul_flops = 2 * n ** 3 * parallel
+    tf_gflops = _sig(tf_matmul_flops / _median(tf_samples) / 1e9, 4)
+    np_gflops = _sig(2 * n ** 3 / _median(np_samples) / 1e9, 4)
+    ceiling, source = max((tf_gflops, "tf"), (np_gflops, "numpy"))
     result = {
         "benchmark": "train_step",
         "backbone": config.backbone, "image_size": config.image_size,
@@ -466,27 +503,35 @@ def benchmark_train_step(config, strategy=None):
         "flop_count_method": flop_method,
         "gflop_per_image_by_op": {k: _sig(v / config.batch_size / 1e9) for k, v in
                                   sorted(by_op.items(), key=lambda kv: -kv[1])},
-        "matmul_size": config.matmul_size,
-        "matmul_gflops_per_sec": _sig(matmul_gflops, 4),
-        "matmuls_per_sample": matmuls,
+        "matmul_size": n,
+        "matmul_gflops_per_sec": tf_gflops,
+        "numpy_matmul_gflops_per_sec": np_gflops,
+        "ceiling_gflops_per_sec": ceiling,
+        "ceiling_source": source,
+        "matmuls_per_sample": tf_count,
+        "numpy_matmuls_per_sample": np_count,
         "matmul_parallel": parallel,
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-        "warmup_executions": config.warmup, "timed_executions": config.repeats,
+        "warmup_executions": timing.warmup, "timed_executions": timing.repeats,
     }
     if flop_per_image is not None:
-        gflops = flop_per_image * config.batch_size / step_s / 1e9
+        step_flops = flop_per_image * config.batch_size
+        gflops = step_flops / step_s / 1e9
         result["gflops_per_sec"] = _sig(gflops, 4)
-        result["utilisation"] = _sig(gflops / matmul_gflops, 4)
-        # Round by round: the step against the matmuls just before and after
-        # it; the median of these ratios is the figure least moved by load.
-        ratios = [flop_per_image * config.batch_size / (t / spe)
-                  / (matmul_flops / (sum(pair) / 2))
-                  for t, pair in zip(samples["step"], matmul_pairs)]
+        result["utilisation"] = _sig(gflops / ceiling, 4)
+        result["utilisation_vs_tf_matmul"] = _sig(gflops / tf_gflops, 4)
+        # Round by round: the step against the best matmul rate just before and
+        # after it; the median of these ratios is the figure least moved by load.
+        ratios = []
+        for t, (before, after) in zip(samples["step"], rounds):
+            tf_rate = tf_matmul_flops / ((before[0] + after[0]) / 2)
+            np_rate = 2 * n ** 3 / ((before[1] + after[1]) / 2)
+            ratios.append(step_flops / (t / spe) / max(tf_rate, np_rate))
         result["utilisation_per_round"] = [round(r, 3) for r in ratios]
         result["utilisation_paired_median"] = round(_median(ratios), 3)
         result["gflop_per_image_tf_profiler_total"] = _sig(profiler_flop_per_image / 1e9)
-    if config.ablate:
+    if timing.ablate:
         bare = _median(samples["bare"]) / spe
         result["step_ms_bare"] = _sig(1000 * bare, 4)
         result["overhead_fraction"] = round(step_s / bare - 1, 4)
@@ -498,8 +543,7 @@ def benchmark_train_step(config, strategy=None):
             convs_s = _median(samples["convs_only"])
             result["step_ms_convs_only"] = _sig(1000 * convs_s, 4)
             result["gflop_per_image_convs_only"] = _sig(convs_flops / config.batch_size / 1e9)
-            result["utilisation_convs_only"] = _sig(
-                convs_flops / convs_s / 1e9 / matmul_gflops, 4)
+            result["utilisation_convs_only"] = _sig(convs_flops / convs_s / 1e9 / ceiling, 4)
     env = environment()
     env["load_average_1min_before"] = env_before["load_average_1min"]
     result.update(env)
@@ -527,10 +571,10 @@ def write_jpegs(root, count, seed=0):
     return root
 
 
-def _time_pipeline(spec, config, image_size):
+def _time_pipeline(spec, config, image_size, seed):
     from co2_tf import data
     dataset = data.pretrain_dataset_fn(
-        spec, split="train", image_size=image_size, augment="mocov2", seed=config.seed,
+        spec, split="train", image_size=image_size, augment="mocov2", seed=seed,
         global_batch_size=config.input_batch_size)(None)
     iterator = iter(dataset)
     for _ in range(max(1, config.warmup)):  # fills the prefetch buffers, warms the threads
@@ -551,32 +595,37 @@ def _time_pipeline(spec, config, image_size):
             "cores_used": round(cpu / wall, 2)}
 
 
-def benchmark_input(config):
-    """Two-crop MoCo v2 source images/s of pretrain_dataset_fn (JPEG folder and builtin)."""
+def benchmark_input(config, timing):
+    """Two-crop MoCo v2 source images/s of pretrain_dataset_fn (JPEG folder and builtin).
+
+    `config` (TrainConfig) gives the image size and seed, `timing` the rest.
+    """
     from co2_tf import image_files, io, sources
-    config.check()
+    timing.check()
     env_before = environment()
     result = {"benchmark": "input_pipeline", "augment": "mocov2",
-              "image_size": config.image_size, "batch_size": config.input_batch_size,
-              "window_batches": config.input_window, "timed_windows": config.repeats,
+              "image_size": config.image_size, "batch_size": timing.input_batch_size,
+              "window_batches": timing.input_window, "timed_windows": timing.repeats,
               "cores_available": cores_available()}
     # local-only: generated JPEGs go to a scratch dir on the benchmark machine's disk
     with tempfile.TemporaryDirectory(prefix="co2_jpegs_") as tmp:
-        root = config.jpeg_dir or write_jpegs(tmp, config.num_jpegs, config.seed)
+        root = timing.jpeg_dir or write_jpegs(tmp, timing.num_jpegs, config.seed)
         listing = image_files.list_folder(root)
         sizes = [io.size(f) for f in listing.files]
-        result["jpeg"] = dict(_time_pipeline(sources.parse_dataset_spec(f"folder:{root}"), config,
-                                             config.image_size),
+        result["jpeg"] = dict(_time_pipeline(sources.parse_dataset_spec(f"folder:{root}"), timing,
+                                             config.image_size, config.seed),
                               files=len(listing.files),
                               mean_file_kb=round(sum(sizes) / len(sizes) / 1024, 1))
-    result["builtin"] = _time_pipeline(sources.parse_dataset_spec("builtin"), config,
-                                       config.image_size)
+    result["builtin"] = _time_pipeline(sources.parse_dataset_spec("builtin"), timing,
+                                       config.image_size, config.seed)
     env = environment()
     env["load_average_1min_before"] = env_before["load_average_1min"]
     result.update(env)
     return result
 
 
-def run(config):
-    """The benchmark the config asks for: a JSON-ready dict."""
-    return benchmark_input(config) if config.input_only else benchmark_train_step(config)
+def run(config, timing):
+    """The benchmark `timing` asks for, of the step `config` describes: a JSON-ready dict."""
+    if timing.input_only:
+        return benchmark_input(config, timing)
+    return benchmark_train_step(config, timing)
