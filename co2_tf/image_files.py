@@ -8,7 +8,8 @@ pixels are composited onto WHITE (255): what viewers and browsers show, and
 what most images with transparency (icons, product shots) were made for.
 
 Folders may be local or URIs (gs://, file://, ram://): listing, checks and
-decoding all go through tf.io.gfile. Subfolders are followed once each:
+decoding go through tf.io.gfile (the checks of local files through Python's
+open(), 4x cheaper per file). Subfolders are followed once each:
 a local symlink back to a folder already visited is skipped (real paths are
 tracked), so a symlink loop cannot make the listing endless.
 
@@ -41,7 +42,7 @@ plain mid-gray image (augmented as usual), so the index contract below still
 holds; a warning names the first such file and
 `runtime_decode_failures()` lists them all. If MAX_CONSECUTIVE_FAILURES
 (or twice the folder's size, if smaller: such a run covers a whole epoch)
-images in a row fail, no file is decodable: the stream stops with a
+images in a row fail, (nearly) no file decodes: the stream stops with a
 UserError naming the folder and the first failing files instead of looking
 for a good image forever. In `labelled_dataset` a failing file is
 dropped (`ignore_errors`). A full decode of every file up front would catch
@@ -108,12 +109,22 @@ def _pixels(head):
     return None
 
 
+def _open(path):
+    """A binary file object: gfile's, or for local files Python's own.
+
+    local-only: open() costs ~40 us per file for the check's reads, gfile.GFile
+    ~160 us (measured here, one thread): 1.5 min less for ImageNet's listing.
+    """
+    local = io.local_path(path)
+    return open(local, "rb") if local is not None else gfile.GFile(path, "rb")
+
+
 def _check_file(path, max_pixels=0):
     """_OK, _CORRUPT or _TOO_LARGE (see module docstring). Never raises."""
     try:
-        with gfile.GFile(path, "rb") as f:
+        with _open(path) as f:
             head = f.read(32)
-            size = f.size()
+            size = f.size() if isinstance(f, gfile.GFile) else os.fstat(f.fileno()).st_size
             if head.startswith(_JPEG_MAGIC):
                 complete = _has_marker_from_end(f, size, _JPEG_END, 2)
             elif head.startswith(_PNG_MAGIC):
