@@ -65,3 +65,15 @@ def reference(run_dir):
         images, labels = split_arrays(split)
         out[split] = (images, labels, backbone.predict(images, batch_size=500, verbose=0))
     return backbone, out
+
+
+@pytest.fixture(autouse=True)
+def _op_determinism_stays_local():
+    """train(deterministic=True) turns TF op determinism on for the whole process (what
+    --deterministic means for a one-run binary); left on, every later unseeded random op
+    (Keras's own fit shuffling among them) raises. Each test starts with it off."""
+    from tensorflow.python.framework import config as tf_config  # noqa: PLC0415 (no public off)
+
+    yield
+    if tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
