@@ -292,7 +292,8 @@ def test_export_to_a_uri_and_a_failure_there(run_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = f"ram://export_{uuid.uuid4().hex[:8]}/out"
     export.export(export.ExportConfig(model_dir=run_dir, export_dir=out))
-    assert sorted(tf.io.gfile.listdir(out)) == ["backbone.keras", "export.json", "saved_model"]
+    assert sorted(tf.io.gfile.listdir(out)) == [
+        "backbone.keras", "export.json", "feature_maps.keras", "saved_model"]
     first = tf.io.gfile.GFile(f"{out}/export.json").read()
     monkeypatch.setattr(export, "_export_archive",
                         lambda *args: (_ for _ in ()).throw(OSError("disk full")))
