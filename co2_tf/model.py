@@ -30,7 +30,7 @@ from co2_tf import distribute, keras_compat, losses
 from co2_tf.config import BN_MODES, HEADS
 
 
-def projection_head(kind, in_dim, dim, name, seed=0):
+def projection_head(head_type, in_dim, dim, name, seed=0):
     """MoCo v1's linear head or MoCo v2's 2-layer MLP (hidden = backbone width).
 
     Weights start as PyTorch's nn.Linear does, U(+-1/sqrt(fan_in)), seeded so
@@ -42,7 +42,7 @@ def projection_head(kind, in_dim, dim, name, seed=0):
 
     inputs = keras.Input((in_dim,))
     x = inputs
-    if kind == "mlp":
+    if head_type == "mlp":
         x = keras.layers.Dense(in_dim, activation="relu", kernel_initializer=init(1),
                                name="hidden")(x)
     x = keras.layers.Dense(dim, kernel_initializer=init(2), name="projection")(x)

@@ -94,7 +94,7 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 f"(0, 1], got {boundaries!r}: e.g. (0.6, 0.8) for MoCo v1")
         if not _is_number(decay) or decay <= 0:
             raise UserError(f"decay must be a number > 0, got {decay!r}")
-        self.kind = kind
+        self.schedule = kind
         self.base_learning_rate = float(base_learning_rate)
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
@@ -108,11 +108,11 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         step = tf.cast(tf.convert_to_tensor(step), tf.float32)
-        if self.kind == "cosine":
+        if self.schedule == "cosine":
             span = float(max(1, self.total_steps - self.warmup_steps))
             t = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
             factor = 0.5 * (1.0 + tf.cos(math.pi * t))
-        elif self.kind == "step":
+        elif self.schedule == "step":
             drops = tf.zeros([], tf.float32)
             for b in self.boundary_steps:
                 drops += tf.cast(step >= b, tf.float32)
@@ -125,7 +125,7 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {
-            "kind": self.kind,
+            "kind": self.schedule,
             "base_learning_rate": self.base_learning_rate,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
