@@ -24,8 +24,10 @@ conv-kernel ceiling for the step).
 
 import json
 
+import common  # first: it sets sys.path and TF's environment before TF is imported
+
+# isort: split
 import benchmark_lib
-import common
 from absl import app
 
 from co2_tf.config import HELP, TrainConfig

@@ -21,8 +21,10 @@ import statistics
 import subprocess
 import sys
 
+import common  # first: it sets sys.path and TF's environment before TF is imported
+
+# isort: split
 import benchmark_lib
-import common
 from absl import app
 
 from co2_tf.config import HELP, TrainConfig

@@ -23,8 +23,10 @@ import os
 import statistics
 import time
 
+import common  # first: it sets sys.path and TF's environment before TF is imported
+
+# isort: split
 import benchmark_lib
-import common
 import numpy as np
 from absl import app
 
