@@ -25,7 +25,7 @@ TOOLS = os.path.join(ROOT, "tools")
 SMALL = dict(image_size=16, batch_size=8, queue_size=16, dim=16, knn_every=0, log_every=1,
              seed=3)
 RUN_FILES = ["checkpoints", "classes.txt", "config.json", "logs", "summary.json"]
-EXPORT_FILES = ["backbone.keras", "export.json", "saved_model"]
+EXPORT_FILES = ["backbone.keras", "export.json", "feature_maps.keras", "saved_model"]
 
 
 def _tool(name, cwd, **flags):
