@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 class NonFiniteLoss(Exception):
     """The loss or the weights became NaN or Inf; the last good checkpoint is kept."""
 
+    exit_code = 3
+
     def __init__(self, step, last_checkpoint_step, what="the loss is"):
         self.step = step
         super().__init__(

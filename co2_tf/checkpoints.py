@@ -42,6 +42,8 @@ _NAME = re.compile(r"ckpt-(\d+)$")
 class SaveFailed(Exception):
     """Writing a checkpoint failed (disk full, permissions, bucket gone); the previous is intact."""
 
+    exit_code = 4
+
     def __init__(self, directory, step, cause):
         self.step = step
         super().__init__(f"could not write the checkpoint of step {step} to {directory} "

@@ -212,7 +212,7 @@ def _stream_pretrain_fn(source, split, image_size, recipe, seed, global_batch_si
 
 def labelled_dataset(source, *, split, data_dir=None, image_size, batch_size,
                      transform="eval", seed=0, drop_remainder=False,
-                     indices=None):
+                     indices=None, skip_batches=0):
     """(image float32 [b, S, S, 3] in [0, 1], label int32 [b]), one pass.
 
     transform "eval": resize + centre crop, dataset order. "classifier_train"
@@ -221,6 +221,9 @@ def labelled_dataset(source, *, split, data_dir=None, image_size, batch_size,
     for a fresh order each epoch). indices: only these examples (positions in
     the split's order, as `Source.labels` lists them), e.g. a semi-supervised
     label subset; "eval" keeps the given order. Damaged image files are dropped.
+    skip_batches: start at that batch (a resumed epoch), with the very batches
+    and augmentation a full pass gives from there on; skipped examples of
+    indexed sources are not even read.
     """
     source = make_source(source, data_dir)
     if transform not in TRANSFORMS:
@@ -246,6 +249,7 @@ def labelled_dataset(source, *, split, data_dir=None, image_size, batch_size,
             ds = ds.filter(no_autograph(lambda i, ex: tf.gather(keep, i)))
         if shuffle:
             ds = ds.shuffle(STREAM_SHUFFLE_BUFFER, seed=seed)
+        ds = ds.skip(skip_batches * batch_size)
         ds = ds.map(no_autograph(lambda i, ex: (view(ex[0], i), ex[1])),
                     num_parallel_calls=par, deterministic=True)
     else:
@@ -256,7 +260,8 @@ def labelled_dataset(source, *, split, data_dir=None, image_size, batch_size,
 
         def pick(j):
             return j if chosen is None else tf.gather(chosen, j)
-        ds = tf.data.Dataset.range(n)
+        # Positions, not examples, are skipped: the same i draws the same view.
+        ds = tf.data.Dataset.range(min(skip_batches * batch_size, n), n)
         if shuffle:
             ds = ds.map(no_autograph(lambda i: (pick(source_index(i, n, seed)), i)))
         else:

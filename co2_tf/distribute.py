@@ -28,6 +28,25 @@ def resolve_kind(kind, tpu=None):
     return "one_device"
 
 
+def split_cpu(devices):
+    """Splits the CPU into `devices` logical devices (0: leave it as one).
+
+    What lets --strategy=mirrored run real multi-replica code on a machine
+    without GPUs (tests, CPU proxies of a GPU box). Only possible before TF
+    has started using its devices.
+    """
+    if devices <= 0:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+    except RuntimeError:  # TF's devices already initialised
+        if len(tf.config.list_logical_devices("CPU")) != devices:
+            raise UserError(f"cannot split the CPU into {devices} devices: TF already "
+                            "started; split it first thing in the process") from None
+
+
 def make_strategy(kind="auto", tpu=None):
     """Creates the strategy. Must run before any other TF op touches devices."""
     name = resolve_kind(kind, tpu)

@@ -126,20 +126,31 @@ def temporary_name(path, kind="tmp"):
     return join(parent(path), f".{basename(path)}.{kind}-{uuid.uuid4().hex[:8]}")
 
 
-def write_bytes_atomic(path, content):
-    """Writes `content` to `path` through a temporary name and a rename."""
+def write_atomic(path, write):
+    """Calls write(tmp) for a temporary name beside `path`, then renames it over `path`.
+
+    The temporary name ends like `path` (writers such as Keras's `.keras` save
+    check the extension). A failed write leaves nothing behind.
+    """
     folder = parent(path)
     if folder:
         gfile.makedirs(folder)
-    tmp = temporary_name(path)
+    tmp = temporary_name(path) + os.path.splitext(str(path))[1]
     try:
-        with gfile.GFile(tmp, "wb") as f:
-            f.write(content)
+        write(tmp)
         gfile.rename(tmp, path, overwrite=True)
     except BaseException:
         if gfile.exists(tmp):
             gfile.remove(tmp)
         raise
+
+
+def write_bytes_atomic(path, content):
+    """Writes `content` to `path` through a temporary name and a rename."""
+    def write(tmp):
+        with gfile.GFile(tmp, "wb") as f:
+            f.write(content)
+    write_atomic(path, write)
 
 
 def write_text_atomic(path, text):

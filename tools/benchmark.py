@@ -48,11 +48,8 @@ def main(argv):
         common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
     common.quiet_logs()
     config, timing = common.run_guarded(configs)
-    if timing.cpu_devices > 0:
-        import tensorflow as tf  # before anything else touches devices
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * timing.cpu_devices)
+    from co2_tf import distribute  # before anything else touches devices
+    common.run_guarded(distribute.split_cpu, timing.cpu_devices)
     benchmark_lib.set_threads(timing.intra_op_threads, timing.inter_op_threads)
     result = common.run_guarded(benchmark_lib.run, config, timing)
     print(json.dumps(result), flush=True)

@@ -39,7 +39,8 @@ def define_flags(config_cls, help_texts, skip=(), choices=None):
     Fields named in `choices` (name -> allowed values) become enum flags, so
     that --help lists their values.
     """
-    choices = choices or {}
+    # A config's own CHOICES (e.g. EvalConfig's --strategy) and the caller's.
+    choices = dict(getattr(config_cls, "CHOICES", {}), **(choices or {}))
     # Registered as the binary's own flags, so that --help (not only --helpfull) lists them.
     owner = {"module_name": sys.argv[0]}
     for field in dataclasses.fields(config_cls):
@@ -82,12 +83,17 @@ def fail(message, code=1):
 
 def run_guarded(fn, *args, **kwargs):
     """Runs fn; a UserError (also one raised inside a tf.data pipeline) becomes one line
-    and exit code 1."""
+    and exit code 1. A stop with its own exit code (co2_tf's NonFiniteLoss 3, SaveFailed 4,
+    Preempted 130/143: README, "Resume and preemption") becomes one line and that code."""
     try:
         return fn(*args, **kwargs)
     except UserError as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside a checkpointed loop: nothing to resume from
+        fail("interrupted (Ctrl-C)", code=130)
     except Exception as e:  # a TF error quoting a UserError from inside the input pipeline
+        if isinstance(getattr(e, "exit_code", None), int):
+            fail(str(e), code=e.exit_code)
         message = user_error_in(e)
         if message is None:
             raise

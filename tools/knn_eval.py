@@ -7,7 +7,7 @@
 Memory bank: the training split; queries: the held-out split (centre crops).
 Results: OUTPUT_DIR/knn_eval.json (default OUTPUT_DIR: RUN_DIR/knn_eval).
 --projector_dir also writes the held-out embeddings (metadata.tsv, sprite.png)
-for TensorBoard's projector.
+for TensorBoard's projector. --strategy / --tpu as in tools/train.py.
 """
 
 import sys

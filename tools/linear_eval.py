@@ -9,8 +9,12 @@
   python tools/linear_eval.py --model_dir=/tmp/co2_demo --protocol=fast --random_init
 
 The backbone comes from --model_dir (latest checkpoint), --checkpoint or
---keras_model (an export). Results: OUTPUT_DIR/linear_eval.json and
-TensorBoard in OUTPUT_DIR/logs (default OUTPUT_DIR: RUN_DIR/linear_eval_<protocol>).
+--keras_model (an export). Results: OUTPUT_DIR/linear_eval.json, the classifier
+OUTPUT_DIR/linear_classifier.keras (images in, logits out) and TensorBoard in
+OUTPUT_DIR/logs (default OUTPUT_DIR: RUN_DIR/linear_eval_<protocol>).
+--strategy / --tpu as in tools/train.py (--cpu_devices=2 --strategy=mirrored
+without GPUs). --protocol=moco checkpoints every --checkpoint_every steps and on
+SIGTERM (exit 143) / SIGINT (130): rerunning the same command resumes.
 """
 
 import sys

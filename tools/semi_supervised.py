@@ -11,8 +11,10 @@
       --split_file=/tmp/co2_demo/semi_supervised_0.1/labels_0.1_seed0.txt
 
 Results: OUTPUT_DIR/semi_supervised.json, TensorBoard in OUTPUT_DIR/logs and the
-fine-tuned model OUTPUT_DIR/fine_tuned.keras (default OUTPUT_DIR:
-RUN_DIR/semi_supervised_<fraction>).
+fine-tuned model OUTPUT_DIR/semi_supervised_classifier.keras (images in, logits
+out; default OUTPUT_DIR: RUN_DIR/semi_supervised_<fraction>). --strategy / --tpu
+as in tools/train.py. Checkpoints every --checkpoint_every steps and on SIGTERM
+(exit 143) / SIGINT (130): rerunning the same command resumes.
 """
 
 import sys

@@ -2,7 +2,8 @@
 
 `train_classifier` is the supervised loop: Keras `fit`, one epoch per call
 with a fresh dataset per epoch, top-1 / top-5 on the held-out split,
-TensorBoard. Also the SGD step schedule and its flags, and MoCo's linear layer.
+TensorBoard, checkpoints and resume (co2_tf.evaluation.resume). Also the
+SGD step schedule and its flags, and MoCo's linear layer.
 """
 
 import os
@@ -37,14 +38,17 @@ SGD_SCHEDULE_HELP = {
     "weight_decay": "weight decay (coupled L2, as PyTorch)",
     "lr_decay": "lr factor at each boundary",
     "eval_every": "epochs between held-out evaluations (0 = only at the end)",
+    "checkpoint_every": "steps between checkpoints in OUTPUT_DIR/checkpoints (also at epoch "
+                        "ends and on SIGTERM); rerunning the same command resumes",
 }
 
 
 def check_sgd_schedule(config):
     """Checks the SGD schedule fields a classifier-training config shares.
 
-    `config` has epochs, momentum, weight_decay, lr_boundaries, lr_decay and
-    eval_every (LinearEvalConfig, SemiSupervisedConfig); raises UserError.
+    `config` has epochs, momentum, weight_decay, lr_boundaries, lr_decay,
+    eval_every and checkpoint_every (LinearEvalConfig, SemiSupervisedConfig);
+    raises UserError.
     """
     if config.epochs <= 0:
         raise UserError(f"--epochs={config.epochs} must be > 0")
@@ -52,6 +56,8 @@ def check_sgd_schedule(config):
         raise UserError("--momentum and --weight_decay must be >= 0, --lr_decay > 0")
     if config.eval_every < 0:
         raise UserError(f"--eval_every={config.eval_every} must be >= 0 (0 = at the end only)")
+    if config.checkpoint_every <= 0:
+        raise UserError(f"--checkpoint_every={config.checkpoint_every} must be > 0")
     parse_boundaries(config.lr_boundaries)
 
 
@@ -71,26 +77,36 @@ def linear_layer(num_classes, seed, name="classifier"):
         bias_initializer="zeros", name=name)
 
 
-def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_every=1, verbose=1):
+def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_every=1, verbose=1,
+                     resumable=None, callbacks=()):
     """Fits a compiled classifier for `epochs`; returns the final held-out metrics.
 
-    train_data(epoch) -> the dataset of that epoch (a fresh order and
-    augmentation each epoch); eval_data is evaluated every `eval_every`
-    epochs and after the last. `model` must be compiled with the metrics of
-    `classification_metrics`. Epoch scalars go to TensorBoard in log_dir
-    (train/ and validation/, as Keras's TensorBoard callback names them).
-    Returns {"top1", "top5", "loss"} of the last evaluation.
+    train_data(epoch, skip_batches) -> the dataset of that epoch from that
+    batch on (a fresh order and augmentation each epoch); eval_data is
+    evaluated every `eval_every` epochs and after the last. `model` must be
+    compiled with the metrics of `classification_metrics`. Epoch scalars go
+    to TensorBoard in log_dir (train/ and validation/, as Keras's TensorBoard
+    callback names them). `resumable` (co2_tf.evaluation.resume.Resumable,
+    entered): training goes on from its position, with its checkpoints.
+    Returns {"top1", "top5", "loss"} of the final evaluation.
     """
-    callbacks = [EpochScalars(log_dir), _StopAfterOneEpoch()]
-    for epoch in range(epochs):
-        last = epoch == epochs - 1
-        validate = last or (eval_every > 0 and (epoch + 1) % eval_every == 0)
+    scalars = EpochScalars(log_dir)
+    saver = resumable.callback if resumable is not None else None
+    callbacks = [scalars, _StopAfterOneEpoch(), *([saver] if saver else []), *callbacks]
+    first, skip = (resumable.epoch, resumable.skip) if resumable is not None else (0, 0)
+    for epoch in range(first, epochs):
+        # The last epoch's evaluation comes after the loop (also for a resumed, finished run).
+        validate = epoch < epochs - 1 and eval_every > 0 and (epoch + 1) % eval_every == 0
+        if saver:
+            saver.start_epoch(epoch, skip)
         # One epoch per fit() call (a fresh dataset each), numbered out of all epochs.
-        history = model.fit(train_data(epoch), initial_epoch=epoch, epochs=epochs,
-                            validation_data=eval_data if validate else None,
-                            callbacks=callbacks, verbose=verbose)
-        logs = {k: v[-1] for k, v in history.history.items()}
-    return {name: float(logs[f"val_{name}"]) for name in ("top1", "top5", "loss")}
+        model.fit(train_data(epoch, skip), initial_epoch=epoch, epochs=epochs,
+                  validation_data=eval_data if validate else None, callbacks=callbacks,
+                  verbose=verbose)
+        skip = 0
+    logs = model.evaluate(eval_data, callbacks=callbacks[2:], return_dict=True, verbose=0)
+    scalars.write("validation", epochs - 1, logs)
+    return {name: float(logs[name]) for name in ("top1", "top5", "loss")}
 
 
 class EpochScalars(keras.callbacks.Callback):
@@ -105,13 +121,16 @@ class EpochScalars(keras.callbacks.Callback):
                         for name in ("train", "validation")}
 
     def on_epoch_end(self, epoch, logs=None):
-        for key, value in (logs or {}).items():
-            name, writer = ((key[4:], self.writers["validation"]) if key.startswith("val_")
-                            else (key, self.writers["train"]))
-            with writer.as_default():
+        logs = logs or {}
+        self.write("train", epoch, {k: v for k, v in logs.items() if not k.startswith("val_")})
+        self.write("validation", epoch, {k[4:]: v for k, v in logs.items()
+                                         if k.startswith("val_")})
+
+    def write(self, subdir, epoch, logs):
+        with self.writers[subdir].as_default():
+            for name, value in logs.items():
                 tf.summary.scalar(f"epoch_{name}", float(value), step=epoch)
-        for writer in self.writers.values():
-            writer.flush()
+        self.writers[subdir].flush()
 
 
 class _StopAfterOneEpoch(keras.callbacks.Callback):

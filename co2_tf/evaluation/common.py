@@ -3,16 +3,19 @@
 `EvalConfig` holds the common flags: where the representation comes from (a
 run dir's latest checkpoint, a named checkpoint, or an exported
 backbone.keras, see co2_tf.rundir and co2_tf.export) and which labelled data
-to evaluate it on. `load_backbone` and `resolve_data` turn it into a backbone
-and a checked dataset description; `output_dir` and `write_results` place the
-results.
+to evaluate it on, and where it runs (--strategy / --tpu, through the
+strategy selection training uses, co2_tf.distribute). `prepare` turns it into
+a strategy, a backbone built under its scope and a checked dataset
+description; `output_dir` and `write_results` place the results.
 """
 
 import dataclasses
 
 import keras
 
-from co2_tf import build, data, io, rundir
+from co2_tf import build, data, distribute, io, rundir
+from co2_tf.config import HELP as TRAIN_HELP
+from co2_tf.config import STRATEGIES
 from co2_tf.errors import UserError
 from co2_tf.sources import make_source
 
@@ -36,6 +39,13 @@ class EvalConfig:
     batch_size: int = 256
     output_dir: str = ""
     seed: int = 0
+    # where it runs (as tools/train.py)
+    strategy: str = "auto"
+    tpu: str = ""
+    cpu_devices: int = 0
+
+    # Fields that take one of a list of values (the tools' --help lists them).
+    CHOICES = {"strategy": STRATEGIES}
 
     def check(self):
         """Static checks (no TF, no files): raises UserError on the first problem."""
@@ -49,6 +59,14 @@ class EvalConfig:
             raise UserError(f"--image_size={self.image_size} must be > 0 (0 = the run's)")
         if self.batch_size <= 0:
             raise UserError(f"--batch_size={self.batch_size} must be > 0")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"unknown --strategy={self.strategy!r}: use one of "
+                            f"{', '.join(STRATEGIES)}")
+        if self.strategy == "multi_worker":
+            raise UserError("evaluation runs on one host: use --strategy=mirrored (GPUs), "
+                            "tpu or one_device")
+        if self.cpu_devices < 0:
+            raise UserError(f"--cpu_devices={self.cpu_devices} must be >= 0 (0 = one device)")
         return self
 
 
@@ -62,11 +80,51 @@ EVAL_HELP = {
     "split": "labelled training split ('' = the run's, else train)",
     "eval_split": "labelled held-out split ('' = the run's, else test / validation)",
     "image_size": "input side in pixels (0 = the run's pretraining size)",
-    "batch_size": "batch size",
+    "batch_size": "global batch size (split across the replicas)",
     "output_dir": "where results go ('' = a subdirectory of the run dir; required with "
                   "--keras_model)",
     "seed": "seed of classifier init, data order and augmentation",
+    "strategy": TRAIN_HELP["strategy"] + " (as tools/train.py; evaluation runs on one host)",
+    "tpu": TRAIN_HELP["tpu"],
+    "cpu_devices": "split the CPU into this many logical devices (e.g. 2 for "
+                   "--strategy=mirrored without GPUs); 0 = leave it as one",
 }
+
+
+# ------------------------------------------------------------------ strategy
+def make_strategy(config: EvalConfig):
+    """The strategy `config` asks for; --batch_size (global) must divide by its replicas.
+
+    Call it first: splitting the CPU and connecting to a TPU precede any
+    other use of TF's devices.
+    """
+    distribute.split_cpu(config.cpu_devices)
+    strategy = distribute.make_strategy(config.strategy, config.tpu or None)
+    check_replicas(config, strategy)
+    return strategy
+
+
+def check_replicas(config: EvalConfig, strategy):
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise UserError(f"--batch_size={config.batch_size} (global) is not a multiple of the "
+                        f"{replicas} replicas: use a multiple of {replicas}")
+
+
+def prepare(config: EvalConfig, strategy=None):
+    """(strategy, LoadedBackbone, EvalData): what every evaluation starts with.
+
+    `strategy` None: the one `config` asks for. The backbone is built under
+    its scope, so that its variables live on every replica.
+    """
+    config.check()
+    if strategy is None:
+        strategy = make_strategy(config)
+    else:
+        check_replicas(config, strategy)
+    with strategy.scope():
+        loaded = load_backbone(config)
+    return strategy, loaded, resolve_data(config, loaded)
 
 
 @dataclasses.dataclass
@@ -158,11 +216,12 @@ class EvalData:
     def num_classes(self):
         return len(self.class_names)
 
-    def labelled(self, split, transform="eval", seed=0, indices=None):
-        """(images, labels) batches of `split` (see data.labelled_dataset)."""
+    def labelled(self, split, transform="eval", seed=0, indices=None, skip_batches=0):
+        """(images, labels) global batches of `split` (see data.labelled_dataset)."""
         return data.labelled_dataset(
             self.source, split=split, image_size=self.image_size,
-            batch_size=self.batch_size, transform=transform, seed=seed, indices=indices)
+            batch_size=self.batch_size, transform=transform, seed=seed, indices=indices,
+            skip_batches=skip_batches)
 
     def as_dict(self):
         return {"dataset": str(self.source), "split": self.split, "eval_split": self.eval_split,
@@ -215,4 +274,14 @@ def write_results(output_dir, filename, results):
     """Writes results as JSON (output_dir/filename) and returns its path."""
     path = io.join(output_dir, filename)
     io.write_json_atomic(path, results)
+    return path
+
+
+def save_model(model, path, name):
+    """Writes a trained model as .keras, atomically (a temporary name, then a rename).
+
+    Saved as a plain functional copy, uncompiled: built-in layers only, so it
+    loads without co2_tf (its optimizer and custom training step stay here).
+    """
+    io.write_atomic(path, keras.Model(model.inputs, model.outputs, name=name).save)
     return path

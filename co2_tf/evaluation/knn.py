@@ -21,22 +21,60 @@ from co2_tf.errors import UserError
 from co2_tf.evaluation import common, projector
 
 
-def extract_features(backbone, dataset, normalize=True, verbose=0):
+def extract_features(backbone, dataset, normalize=True, verbose=0, strategy=None):
     """Features (L2-normalised unless normalize=False) and labels of a finite dataset.
 
-    `dataset` yields (images, labels) batches; verbose=1 shows a progress bar.
+    `dataset` yields (images, labels) global batches; verbose=1 shows a
+    progress bar. With a `strategy` of several replicas (the backbone built
+    under its scope) each batch is split across them; the result keeps the
+    dataset's order.
     """
     features, labels = [], []
     steps = int(dataset.cardinality())
     progress = keras.utils.Progbar(steps if steps >= 0 else None, verbose=verbose,
                                    unit_name="batch")
-    for images, y in dataset:
-        progress.add(1)
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        batches = strategy.experimental_distribute_dataset(
+            dataset.map(_padder(strategy.num_replicas_in_sync)))
+        embed = _sharded(backbone, strategy)
+    else:
         # Keras's own compiled predict function, traced once per model.
-        f = tf.cast(backbone.predict_on_batch(images), tf.float32)
+        batches, embed = dataset, lambda images, y: (backbone.predict_on_batch(images), y)
+    for images, y in batches:
+        progress.add(1)
+        f, y = embed(images, y)
+        f = tf.cast(f, tf.float32)
         features.append(tf.math.l2_normalize(f, -1) if normalize else f)
         labels.append(tf.cast(y, tf.int32))
     return tf.concat(features, 0), tf.concat(labels, 0)
+
+
+def _sharded(backbone, strategy):
+    """(per-replica images, labels) -> (features, labels) of the global batch, in order.
+
+    A global batch is split into consecutive per-replica slices, so replica
+    results concatenated in replica order are the batch's order.
+    """
+    @tf.function
+    def step(images, labels):
+        return strategy.run(lambda x, y: (backbone(x, training=False), y), args=(images, labels))
+
+    def embed(images, labels):
+        f, y = (tf.concat(strategy.experimental_local_results(t), 0)
+                for t in step(images, labels))
+        real = y >= 0  # not the padding
+        return tf.boolean_mask(f, real), tf.boolean_mask(y, real)
+    return embed
+
+
+def _padder(replicas):
+    """Pads a batch to a multiple of `replicas` with label -1: a replica given no image
+    fails in the backbone (a last batch smaller than the replicas)."""
+    def pad(images, labels):
+        extra = -tf.shape(images)[0] % replicas
+        images = tf.pad(images, [[0, extra]] + [[0, 0]] * (len(images.shape) - 1))
+        return images, tf.pad(labels, [[0, extra]], constant_values=-1)
+    return pad
 
 
 def knn_predict_scores(train_features, train_labels, test_features, num_classes, k=200,
@@ -103,16 +141,17 @@ HELP = dict(
 )
 
 
-def knn_eval(config: KnnConfig, verbose=1):
-    """kNN top-1 / top-5 of the backbone `config` names; returns (and writes) the results."""
-    config.check()
-    out = common.output_dir(config, "knn_eval")
-    loaded = common.load_backbone(config)
-    d = common.resolve_data(config, loaded)
-    bank_f, bank_y = extract_features(loaded.backbone, d.labelled(d.split),
-                                                 verbose=verbose)
+def knn_eval(config: KnnConfig, verbose=1, strategy=None):
+    """kNN top-1 / top-5 of the backbone `config` names; returns (and writes) the results.
+
+    strategy: None for the one config.strategy names (tests pass theirs).
+    """
+    out = common.output_dir(config.check(), "knn_eval")
+    strategy, loaded, d = common.prepare(config, strategy)
+    bank_f, bank_y = extract_features(loaded.backbone, d.labelled(d.split), verbose=verbose,
+                                      strategy=strategy)
     query_f, query_y = extract_features(loaded.backbone, d.labelled(d.eval_split),
-                                                   verbose=verbose)
+                                        verbose=verbose, strategy=strategy)
     scores = knn_predict_scores(bank_f, bank_y, query_f, d.num_classes, config.k,
                                            config.temperature).numpy()
     truth = query_y.numpy()
@@ -121,6 +160,7 @@ def knn_eval(config: KnnConfig, verbose=1):
         "top1": float(np.mean(np.argmax(scores, axis=1) == truth)),
         "top5": float(np.mean(np.any(top5 == truth[:, None], axis=1))),
         "k": config.k, "temperature": config.temperature,
+        "replicas": strategy.num_replicas_in_sync,
         "backbone": loaded.as_dict(),
         "data": dict(d.as_dict(), image_size=d.image_size, bank_examples=int(bank_f.shape[0]),
                      query_examples=int(query_f.shape[0])),

@@ -19,9 +19,17 @@ Protocols (`LinearEvalConfig.protocol`):
   seconds, and the features of both splits must fit in memory.
 
 Results (top-1 / top-5 on the held-out split, as fractions) go to
-OUTPUT_DIR/linear_eval.json and TensorBoard (OUTPUT_DIR/logs).
+OUTPUT_DIR/linear_eval.json and TensorBoard (OUTPUT_DIR/logs); the classifier
+to OUTPUT_DIR/linear_classifier.keras: backbone + (standardisation +) linear
+layer, float32 images in [0, 1] of [N, S, S, 3] (resized and centre-cropped as
+the evaluation's held-out images, S = data.image_size of the JSON) -> logits.
+The "moco" protocol checkpoints into OUTPUT_DIR/checkpoints and resumes
+(co2_tf.evaluation.resume). Under a strategy of several replicas the
+classifier trains on each global batch split across them, and features are
+extracted the same way.
 """
 
+import contextlib
 import dataclasses
 import io as stdio
 import json
@@ -33,12 +41,13 @@ import tensorflow as tf
 
 from co2_tf import io
 from co2_tf.errors import UserError
-from co2_tf.evaluation import classifier, common, knn
+from co2_tf.evaluation import classifier, common, knn, resume
 
 PROTOCOLS = ("moco", "fast")
 # MoCo's lr for its protocol; the fast protocol's standardised features want less.
 DEFAULT_LEARNING_RATES = {"moco": 30.0, "fast": 0.1}
 RESULTS_FILE = "linear_eval.json"
+MODEL_FILE = "linear_classifier.keras"
 FEATURES_FILE = "features.npz"
 
 
@@ -52,7 +61,10 @@ class LinearEvalConfig(common.EvalConfig):
     lr_boundaries: str = "0.6,0.8"
     lr_decay: float = 0.1
     eval_every: int = 1
+    checkpoint_every: int = 500
     cache_features: bool = True
+
+    CHOICES = dict(common.EvalConfig.CHOICES, protocol=PROTOCOLS)
 
     def check(self):
         super().check()
@@ -93,6 +105,7 @@ def _compile(model, config, steps_per_epoch, num_classes):
     model.compile(optimizer=_optimizer(config, steps_per_epoch),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=classifier.classification_metrics(num_classes))
+    model.optimizer.build(model.trainable_variables)  # slots now: a checkpoint restores them
 
 
 def frozen_classifier(backbone, image_size, num_classes, seed):
@@ -104,7 +117,7 @@ def frozen_classifier(backbone, image_size, num_classes, seed):
                        name="linear_probe")
 
 
-def cached_features(loaded, d, cache_path=None, verbose=0):
+def cached_features(loaded, d, cache_path=None, verbose=0, strategy=None):
     """(train features, train labels, eval features, eval labels), numpy, not normalised.
 
     Reuses cache_path when it holds the features of the same source, data and
@@ -119,7 +132,7 @@ def cached_features(loaded, d, cache_path=None, verbose=0):
     arrays = {}
     for name, split in (("train", d.split), ("eval", d.eval_split)):
         f, y = knn.extract_features(loaded.backbone, d.labelled(split), normalize=False,
-                                    verbose=verbose)
+                                    verbose=verbose, strategy=strategy)
         arrays[f"{name}_f"], arrays[f"{name}_y"] = f.numpy(), y.numpy()
     if cache_path:
         buffer = stdio.BytesIO()
@@ -128,53 +141,72 @@ def cached_features(loaded, d, cache_path=None, verbose=0):
     return arrays["train_f"], arrays["train_y"], arrays["eval_f"], arrays["eval_y"]
 
 
-def _fast(config, loaded, d, out, verbose):
+def _fast(config, loaded, d, out, verbose, strategy):
     cache = io.join(out, FEATURES_FILE) if config.cache_features else None
-    train_f, train_y, eval_f, eval_y = cached_features(loaded, d, cache, verbose)
+    train_f, train_y, eval_f, eval_y = cached_features(loaded, d, cache, verbose, strategy)
     n = len(train_y)
-    inputs = keras.Input((train_f.shape[1],), name="features")
-    standardised = keras.layers.Normalization(
-        mean=train_f.mean(0), variance=train_f.var(0) + 1e-6, name="standardize")(inputs)
-    model = keras.Model(inputs, classifier.linear_layer(d.num_classes, config.seed)(standardised),
+    with strategy.scope():
+        inputs = keras.Input((train_f.shape[1],), name="features")
+        standardize = keras.layers.Normalization(
+            mean=train_f.mean(0), variance=train_f.var(0) + 1e-6, name="standardize")
+        linear = classifier.linear_layer(d.num_classes, config.seed)
+        model = keras.Model(inputs, linear(standardize(inputs)), name="linear_classifier")
+        _compile(model, config, math.ceil(n / config.batch_size), d.num_classes)
+    images = keras.Input((d.image_size, d.image_size, 3), name="images")
+    # What is kept: the same layers on the backbone's features, images in.
+    whole = keras.Model(images, linear(standardize(loaded.backbone(images, training=False))),
                         name="linear_classifier")
-    _compile(model, config, math.ceil(n / config.batch_size), d.num_classes)
 
-    def train_data(epoch):
+    def train_data(epoch, skip_batches):
         return (tf.data.Dataset.from_tensor_slices((train_f, train_y))
-                .shuffle(n, seed=config.seed * 1_000_003 + epoch).batch(config.batch_size))
+                .shuffle(n, seed=config.seed * 1_000_003 + epoch).batch(config.batch_size)
+                .skip(skip_batches))
     eval_data = tf.data.Dataset.from_tensor_slices((eval_f, eval_y)).batch(config.batch_size)
-    return model, train_data, eval_data, n
+    return model, whole, train_data, eval_data, n
 
 
-def _moco(config, loaded, d):
+def _moco(config, loaded, d, strategy):
     n = d.source.num_examples(d.split)
-    model = frozen_classifier(loaded.backbone, d.image_size, d.num_classes, config.seed)
-    _compile(model, config, math.ceil(n / config.batch_size), d.num_classes)
+    with strategy.scope():
+        model = frozen_classifier(loaded.backbone, d.image_size, d.num_classes, config.seed)
+        _compile(model, config, math.ceil(n / config.batch_size), d.num_classes)
 
-    def train_data(epoch):
-        return d.labelled(d.split, "classifier_train", seed=config.seed * 1_000_003 + epoch)
-    return model, train_data, d.labelled(d.eval_split), n
+    def train_data(epoch, skip_batches):
+        return d.labelled(d.split, "classifier_train", seed=config.seed * 1_000_003 + epoch,
+                          skip_batches=skip_batches)
+    return model, model, train_data, d.labelled(d.eval_split), n
 
 
-def linear_eval(config: LinearEvalConfig, verbose=1):
-    """Runs the linear evaluation `config` describes; returns (and writes) the results."""
-    config.check()
-    out = common.output_dir(config, f"linear_eval_{config.protocol}")
-    loaded = common.load_backbone(config)
-    d = common.resolve_data(config, loaded)
+def linear_eval(config: LinearEvalConfig, verbose=1, strategy=None, callbacks=()):
+    """Runs the linear evaluation `config` describes; returns (and writes) the results.
+
+    strategy: None for the one config.strategy names (tests pass theirs).
+    """
+    out = common.output_dir(config.check(), f"linear_eval_{config.protocol}")
+    strategy, loaded, d = common.prepare(config, strategy)
     if config.protocol == "fast":
-        model, train_data, eval_data, n = _fast(config, loaded, d, out, verbose)
+        model, whole, train_data, eval_data, n = _fast(config, loaded, d, out, verbose,
+                                                       strategy)
+        resumable = contextlib.nullcontext()
     else:
-        model, train_data, eval_data, n = _moco(config, loaded, d)
-    metrics = classifier.train_classifier(
-        model, train_data, eval_data, epochs=config.epochs, eval_every=config.eval_every,
-        log_dir=io.join(out, common.LOG_SUBDIR), verbose=verbose)
+        model, whole, train_data, eval_data, n = _moco(config, loaded, d, strategy)
+        resumable = resume.Resumable(out, resume.key_of(config, loaded, d),
+                                     config.checkpoint_every, model=model,
+                                     optimizer=model.optimizer)
+    with resumable as checkpoints:
+        metrics = classifier.train_classifier(
+            model, train_data, eval_data, epochs=config.epochs, eval_every=config.eval_every,
+            log_dir=io.join(out, common.LOG_SUBDIR), verbose=verbose, resumable=checkpoints,
+            callbacks=callbacks)
     results = dict(metrics, protocol=config.protocol, backbone=loaded.as_dict(),
+                   replicas=strategy.num_replicas_in_sync,
                    data=dict(d.as_dict(), train_examples=n, image_size=d.image_size),
                    hyper_parameters=dict(
                        {name: getattr(config, name) for name in (
                            "epochs", "batch_size", "momentum", "weight_decay",
                            "lr_boundaries", "lr_decay", "seed")},
-                       learning_rate=learning_rate(config)))
+                       learning_rate=learning_rate(config)),
+                   model_file=common.save_model(whole, io.join(out, MODEL_FILE),
+                                                     "linear_classifier"))
     results["results_file"] = common.write_results(out, RESULTS_FILE, results)
     return results

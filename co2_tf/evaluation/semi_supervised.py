@@ -22,6 +22,12 @@ its 1% recipe uses backbone lr 0.02 and head lr 5. Augmentation:
 RandomResizedCrop + flip for training, resize + centre crop for classifier.
 They are a starting point, not the CO2 paper's settings (not published in a
 form checked here).
+
+Fine-tuning checkpoints into OUTPUT_DIR/checkpoints and resumes
+(co2_tf.evaluation.resume). Under a strategy of several replicas each global
+batch is split across them; BN normalises with each replica's share of the
+batch (as training's local BN) and its moving statistics are replica 0's.
+The fine-tuned network is kept as OUTPUT_DIR/semi_supervised_classifier.keras.
 """
 
 import dataclasses
@@ -31,12 +37,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import io
+from co2_tf import distribute, io
 from co2_tf.errors import UserError
-from co2_tf.evaluation import classifier, common
+from co2_tf.evaluation import classifier, common, resume
 
 RESULTS_FILE = "semi_supervised.json"
-MODEL_FILE = "fine_tuned.keras"
+# images in (float32 [N, S, S, 3] in [0, 1], centre-cropped as the held-out images) -> logits
+MODEL_FILE = "semi_supervised_classifier.keras"
 _HEADER = "# co2_tf label subset:"
 
 
@@ -52,6 +59,7 @@ class SemiSupervisedConfig(common.EvalConfig):
     lr_boundaries: str = "0.6,0.8"
     lr_decay: float = 0.2
     eval_every: int = 1
+    checkpoint_every: int = 500
 
     def check(self):
         super().check()
@@ -188,6 +196,9 @@ class FineTuner(keras.Model):
         grads = tape.gradient(scaled, backbone_vars + head_vars)
         self.backbone_optimizer.apply_gradients(zip(grads[:len(backbone_vars)], backbone_vars))
         self.optimizer.apply_gradients(zip(grads[len(backbone_vars):], head_vars))
+        # BN moving statistics: each replica averages its own batches into its own copy.
+        distribute.copy_first_replica([v for v in self.backbone.non_trainable_weights
+                                       if v.aggregation == "none"])
         # Keras's documented pattern: the metric named "loss" tracks the loss.
         for metric in self.metrics:
             if metric.name == "loss":
@@ -197,12 +208,13 @@ class FineTuner(keras.Model):
         return self.get_metrics_result()
 
 
-def fine_tune(config: SemiSupervisedConfig, verbose=1):
-    """Runs the semi-supervised fine-tuning `config` describes; returns (and writes) results."""
-    config.check()
-    out = common.output_dir(config, f"semi_supervised_{config.label_fraction:g}")
-    loaded = common.load_backbone(config)
-    d = common.resolve_data(config, loaded)
+def fine_tune(config: SemiSupervisedConfig, verbose=1, strategy=None, callbacks=()):
+    """Runs the semi-supervised fine-tuning `config` describes; returns (and writes) results.
+
+    strategy: None for the one config.strategy names (tests pass theirs).
+    """
+    out = common.output_dir(config.check(), f"semi_supervised_{config.label_fraction:g}")
+    strategy, loaded, d = common.prepare(config, strategy)
     train_d, indices, subset = label_subset(config, d, out)
     n = subset["examples"]
     if n < 1:
@@ -217,28 +229,35 @@ def fine_tune(config: SemiSupervisedConfig, verbose=1):
 
     backbone = loaded.backbone
     backbone.trainable = True
-    model = FineTuner(backbone, d.num_classes, d.image_size, config.seed,
-                      optimizer(config.backbone_learning_rate), name="fine_tuner")
-    model.compile(optimizer=optimizer(config.head_learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=classifier.classification_metrics(d.num_classes))
-    # Slots now, eagerly, and each optimizer only for its own variables.
-    model.optimizer.build(model.head.trainable_variables)
-    model.backbone_optimizer.build(backbone.trainable_variables)
+    with strategy.scope():
+        model = FineTuner(backbone, d.num_classes, d.image_size, config.seed,
+                          optimizer(config.backbone_learning_rate), name="fine_tuner")
+        model.compile(optimizer=optimizer(config.head_learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=classifier.classification_metrics(d.num_classes))
+        # Slots now, eagerly, and each optimizer only for its own variables.
+        model.optimizer.build(model.head.trainable_variables)
+        model.backbone_optimizer.build(backbone.trainable_variables)
 
-    def train_data(epoch):
+    def train_data(epoch, skip_batches):
         return train_d.labelled(train_d.split, "classifier_train",
-                                seed=config.seed * 1_000_003 + epoch, indices=indices)
-    metrics = classifier.train_classifier(
-        model, train_data, d.labelled(d.eval_split), epochs=config.epochs,
-        eval_every=config.eval_every, log_dir=io.join(out, common.LOG_SUBDIR),
-        verbose=verbose)
-    # A plain functional copy: loads without co2_tf.
-    keras.Model(model.inputs, model.outputs, name="fine_tuned").save(
-        io.join(out, MODEL_FILE))
+                                seed=config.seed * 1_000_003 + epoch, indices=indices,
+                                skip_batches=skip_batches)
+    key = resume.key_of(config, loaded, d)
+    key["subset"] = subset
+    with resume.Resumable(out, key, config.checkpoint_every, model=model,
+                          optimizer=model.optimizer,
+                          backbone_optimizer=model.backbone_optimizer) as checkpoints:
+        metrics = classifier.train_classifier(
+            model, train_data, d.labelled(d.eval_split), epochs=config.epochs,
+            eval_every=config.eval_every, log_dir=io.join(out, common.LOG_SUBDIR),
+            verbose=verbose, resumable=checkpoints, callbacks=callbacks)
+    model_file = common.save_model(model, io.join(out, MODEL_FILE),
+                                   "semi_supervised_classifier")
     results = dict(metrics, backbone=loaded.as_dict(),
+                   replicas=strategy.num_replicas_in_sync,
                    data=dict(d.as_dict(), image_size=d.image_size), subset=subset,
-                   model_file=io.join(out, MODEL_FILE),
+                   model_file=model_file,
                    hyper_parameters={name: getattr(config, name) for name in (
                        "epochs", "batch_size", "backbone_learning_rate", "head_learning_rate",
                        "momentum", "weight_decay", "lr_boundaries", "lr_decay", "seed")})
