@@ -109,6 +109,23 @@ def copy_first_replica(variables):
         v.assign(x)
 
 
+def pad_batch(replicas):
+    """(images, labels) -> (images, labels, weights): a batch padded to a multiple of `replicas`.
+
+    The padding has weight 0 (real examples 1). A batch smaller than the
+    replicas leaves a replica no example, and Keras layers fail on an empty
+    batch ("Incompatible shapes: [C] vs. [0,H,W,3]"); an even split also
+    keeps each replica's share of the mean equal.
+    """
+    def pad(images, labels):
+        n = tf.shape(labels)[0]
+        extra = -n % replicas
+        images = tf.pad(images, [[0, extra]] + [[0, 0]] * (len(images.shape) - 1))
+        weights = tf.concat([tf.ones([n]), tf.zeros([extra])], 0)
+        return images, tf.pad(labels, [[0, extra]]), weights
+    return pad
+
+
 def xla_problem(strategy):
     """Why XLA cannot compile the train step under `strategy`, or None if it can.
 

@@ -18,15 +18,13 @@ def test_train_classifier_reports_its_models_top1_top5(tmp_path):
     x = (centres[y] + 1.5 * rng.normal(size=(400, 12))).astype(np.float32)
     inputs = keras.Input((12,))
     model = keras.Model(inputs, classifier.linear_layer(7, seed=0)(inputs))
-    model.compile(optimizer=classifier.step_optimizer(0.5, boundaries=(0.5,), decay=0.1,
-                                                      total_steps=3 * 4, momentum=0.9,
-                                                      weight_decay=0.0),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=classifier.classification_metrics(7))
+    classifier.compile_classifier(
+        model, classifier.step_optimizer(0.5, boundaries=(0.5,), decay=0.1, total_steps=3 * 4,
+                                         momentum=0.9, weight_decay=0.0), 7)
     train = tf.data.Dataset.from_tensor_slices((x[:300], y[:300]))
     held_out = tf.data.Dataset.from_tensor_slices((x[300:], y[300:])).batch(32)
     metrics = classifier.train_classifier(
-        model, lambda epoch: train.shuffle(300, seed=epoch).batch(100), held_out, epochs=3,
+        model, lambda epoch, skip: train.shuffle(300, seed=epoch).batch(100), held_out, epochs=3,
         log_dir=str(tmp_path / "logs"), eval_every=2, verbose=0)
     kernel, bias = (w.numpy() for w in model.layers[-1].weights)
     logits = x[300:] @ kernel + bias

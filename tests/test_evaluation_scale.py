@@ -19,7 +19,7 @@ from helpers.references import split_arrays
 
 from co2_tf.callbacks import Preempted
 from co2_tf.errors import UserError
-from co2_tf.evaluation import common, knn, linear_probe, semi_supervised
+from co2_tf.evaluation import classifier, common, knn, linear_probe, semi_supervised
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = os.path.join(ROOT, "tests", "helpers")
@@ -73,6 +73,31 @@ def test_two_replicas_give_the_one_replica_results(run_dir, reference, two_repli
     with pytest.raises(UserError, match="--batch_size=25 .* multiple of the 2 replicas"):
         linear_probe.linear_eval(dataclasses.replace(config, batch_size=25),
                                  strategy=two_replicas)
+
+
+def test_a_last_batch_smaller_than_the_replicas_is_padded(two_replicas, tmp_path):
+    # 101 examples in batches of 50: the last one has 1 image for 2 replicas, which
+    # Keras's layers fail on unless padded; the padding (weight 0) counts nowhere.
+    rng = np.random.default_rng(0)
+    x = rng.random((101, 4, 4, 3), np.float32)
+    y = rng.integers(0, 3, 101).astype(np.int32)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(50)
+
+    def model():
+        return keras.Sequential([
+            keras.Input((4, 4, 3)), keras.layers.Conv2D(4, 1), keras.layers.BatchNormalization(),
+            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+    with two_replicas.scope():
+        trained = model()
+        classifier.compile_classifier(trained, keras.optimizers.SGD(0.1), 3)
+    metrics = classifier.train_classifier(trained, lambda epoch, skip: data, data, epochs=2,
+                                          log_dir=str(tmp_path), verbose=0)
+    copy = model()  # on one device: its predictions are the reference
+    copy.set_weights(trained.get_weights())
+    logits = copy.predict(x, verbose=0)
+    assert metrics["top1"] == pytest.approx(np.mean(np.argmax(logits, 1) == y), abs=1e-6)
+    xent = np.log(np.exp(logits).sum(1)) - logits[np.arange(101), y]
+    assert metrics["loss"] == pytest.approx(xent.mean(), rel=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -64,9 +64,9 @@ def test_tools_on_file_uris_write_nothing_in_the_working_directory(tmp_path):
     _tool("semi_supervised", cwd, model_dir=run, label_fraction=0.5, epochs=1,
           split_file=split_file, output_dir=f"{out}/semi_again")
     assert _listdir(f"{out}/knn") == ["knn_eval.json"]
-    assert "linear_eval.json" in _listdir(f"{out}/linear")
-    assert {"fine_tuned.keras", "labels_0.5_seed0.txt", "semi_supervised.json"} <= set(
-        _listdir(f"{out}/semi"))
+    assert {"linear_eval.json", "linear_classifier.keras"} <= set(_listdir(f"{out}/linear"))
+    assert {"semi_supervised_classifier.keras", "labels_0.5_seed0.txt", "semi_supervised.json",
+            "checkpoints"} <= set(_listdir(f"{out}/semi"))
     again = tf.io.gfile.GFile(f"{out}/semi_again/semi_supervised.json").read()
     assert split_file in again  # recorded as given: the URI, not ./file:/...
     assert os.listdir(cwd) == []
@@ -105,5 +105,6 @@ def test_library_chain_on_ram_uris(tmp_path, monkeypatch):
     assert again["subset"]["examples"] == first["subset"]["examples"]
     assert _listdir(f"{out}/knn") == ["knn_eval.json"]
     assert {"linear_eval_fast", "semi_supervised_0.5"} <= set(_listdir(run))
-    assert "fine_tuned.keras" in _listdir(f"{out}/semi")
+    assert {"semi_supervised_classifier.keras", "checkpoints"} <= set(_listdir(f"{out}/semi"))
+    assert "linear_classifier.keras" in _listdir(f"{run}/linear_eval_fast")
     assert os.listdir(tmp_path) == []

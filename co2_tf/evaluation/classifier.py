@@ -11,7 +11,7 @@ import os
 import keras
 import tensorflow as tf
 
-from co2_tf import optimizers
+from co2_tf import distribute, optimizers
 from co2_tf.errors import UserError
 
 
@@ -19,6 +19,18 @@ def classification_metrics(num_classes):
     """Top-1 and top-5 accuracy (top-k with k = min(5, classes))."""
     return [keras.metrics.SparseCategoricalAccuracy(name="top1"),
             keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
+
+
+def compile_classifier(model, optimizer, num_classes):
+    """Cross-entropy on logits and top-1 / top-5, all weighted by the batches' weights.
+
+    Weights are 0 for the padding of a last batch smaller than the replicas
+    (distribute.pad_batch), and Keras applies them only to `weighted_metrics`.
+    """
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True, reduction="mean_with_sample_weight"),
+                  weighted_metrics=classification_metrics(num_classes))
 
 
 def parse_boundaries(text, flag="--lr_boundaries"):
@@ -84,12 +96,16 @@ def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_ever
     train_data(epoch, skip_batches) -> the dataset of that epoch from that
     batch on (a fresh order and augmentation each epoch); eval_data is
     evaluated every `eval_every` epochs and after the last. `model` must be
-    compiled with the metrics of `classification_metrics`. Epoch scalars go
+    compiled by `compile_classifier`. Epoch scalars go
     to TensorBoard in log_dir (train/ and validation/, as Keras's TensorBoard
     callback names them). `resumable` (co2_tf.evaluation.resume.Resumable,
     entered): training goes on from its position, with its checkpoints.
     Returns {"top1", "top5", "loss"} of the final evaluation.
     """
+    replicas = model.distribute_strategy.num_replicas_in_sync
+    if replicas > 1:  # a last batch smaller than the replicas: padded, with weight 0
+        train_data = _padded(train_data, replicas)
+        eval_data = eval_data.map(distribute.pad_batch(replicas))
     scalars = EpochScalars(log_dir)
     saver = resumable.callback if resumable is not None else None
     callbacks = [scalars, _StopAfterOneEpoch(), *([saver] if saver else []), *callbacks]
@@ -107,6 +123,10 @@ def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_ever
     logs = model.evaluate(eval_data, callbacks=callbacks[2:], return_dict=True, verbose=0)
     scalars.write("validation", epochs - 1, logs)
     return {name: float(logs[name]) for name in ("top1", "top5", "loss")}
+
+
+def _padded(train_data, replicas):
+    return lambda *args: train_data(*args).map(distribute.pad_batch(replicas))
 
 
 class EpochScalars(keras.callbacks.Callback):

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from co2_tf import distribute
 from co2_tf.errors import UserError
 from co2_tf.evaluation import common, projector
 
@@ -35,14 +36,14 @@ def extract_features(backbone, dataset, normalize=True, verbose=0, strategy=None
                                    unit_name="batch")
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         batches = strategy.experimental_distribute_dataset(
-            dataset.map(_padder(strategy.num_replicas_in_sync)))
+            dataset.map(distribute.pad_batch(strategy.num_replicas_in_sync)))
         embed = _sharded(backbone, strategy)
     else:
         # Keras's own compiled predict function, traced once per model.
-        batches, embed = dataset, lambda images, y: (backbone.predict_on_batch(images), y)
-    for images, y in batches:
+        batches, embed = dataset, lambda batch: (backbone.predict_on_batch(batch[0]), batch[1])
+    for batch in batches:
         progress.add(1)
-        f, y = embed(images, y)
+        f, y = embed(batch)
         f = tf.cast(f, tf.float32)
         features.append(tf.math.l2_normalize(f, -1) if normalize else f)
         labels.append(tf.cast(y, tf.int32))
@@ -50,31 +51,20 @@ def extract_features(backbone, dataset, normalize=True, verbose=0, strategy=None
 
 
 def _sharded(backbone, strategy):
-    """(per-replica images, labels) -> (features, labels) of the global batch, in order.
+    """(per-replica images, labels, weights) -> (features, labels) of the global batch.
 
     A global batch is split into consecutive per-replica slices, so replica
-    results concatenated in replica order are the batch's order.
+    results concatenated in replica order are the batch's order; the padding
+    (weight 0, see distribute.pad_batch) is dropped.
     """
     @tf.function
-    def step(images, labels):
-        return strategy.run(lambda x, y: (backbone(x, training=False), y), args=(images, labels))
+    def step(batch):
+        return strategy.run(lambda x, y, w: (backbone(x, training=False), y, w), args=batch)
 
-    def embed(images, labels):
-        f, y = (tf.concat(strategy.experimental_local_results(t), 0)
-                for t in step(images, labels))
-        real = y >= 0  # not the padding
-        return tf.boolean_mask(f, real), tf.boolean_mask(y, real)
+    def embed(batch):
+        f, y, w = (tf.concat(strategy.experimental_local_results(t), 0) for t in step(batch))
+        return tf.boolean_mask(f, w > 0), tf.boolean_mask(y, w > 0)
     return embed
-
-
-def _padder(replicas):
-    """Pads a batch to a multiple of `replicas` with label -1: a replica given no image
-    fails in the backbone (a last batch smaller than the replicas)."""
-    def pad(images, labels):
-        extra = -tf.shape(images)[0] % replicas
-        images = tf.pad(images, [[0, extra]] + [[0, 0]] * (len(images.shape) - 1))
-        return images, tf.pad(labels, [[0, extra]], constant_values=-1)
-    return pad
 
 
 def knn_predict_scores(train_features, train_labels, test_features, num_classes, k=200,

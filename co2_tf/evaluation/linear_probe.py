@@ -102,9 +102,7 @@ def _optimizer(config, steps_per_epoch):
 
 
 def _compile(model, config, steps_per_epoch, num_classes):
-    model.compile(optimizer=_optimizer(config, steps_per_epoch),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=classifier.classification_metrics(num_classes))
+    classifier.compile_classifier(model, _optimizer(config, steps_per_epoch), num_classes)
     model.optimizer.build(model.trainable_variables)  # slots now: a checkpoint restores them
 
 

@@ -183,12 +183,16 @@ class FineTuner(keras.Model):
         self.backbone_optimizer = backbone_optimizer
 
     def train_step(self, batch):
-        images, labels = batch
+        # (images, labels[, weights]): weight 0 marks the padding of a last batch
+        # smaller than the replicas (classifier.train_classifier).
+        images, labels, weights = (*batch, None)[:3]
+        if weights is None:
+            weights = tf.ones_like(labels, tf.float32)
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         with tf.GradientTape() as tape:
             logits = self(images, training=True)
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True))
+            xent = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            loss = tf.math.divide_no_nan(tf.reduce_sum(xent * weights), tf.reduce_sum(weights))
             # Optimizers sum replicas' gradients: each replica's share of the mean.
             scaled = loss / replicas
         backbone_vars = self.backbone.trainable_variables
@@ -204,7 +208,7 @@ class FineTuner(keras.Model):
             if metric.name == "loss":
                 metric.update_state(loss)
             else:
-                metric.update_state(labels, logits)
+                metric.update_state(labels, logits, sample_weight=weights)
         return self.get_metrics_result()
 
 
@@ -232,9 +236,8 @@ def fine_tune(config: SemiSupervisedConfig, verbose=1, strategy=None, callbacks=
     with strategy.scope():
         model = FineTuner(backbone, d.num_classes, d.image_size, config.seed,
                           optimizer(config.backbone_learning_rate), name="fine_tuner")
-        model.compile(optimizer=optimizer(config.head_learning_rate),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=classifier.classification_metrics(d.num_classes))
+        classifier.compile_classifier(model, optimizer(config.head_learning_rate),
+                                      d.num_classes)
         # Slots now, eagerly, and each optimizer only for its own variables.
         model.optimizer.build(model.head.trainable_variables)
         model.backbone_optimizer.build(backbone.trainable_variables)
