@@ -26,9 +26,10 @@ from co2_tf.errors import UserError
 CHECKPOINT_SUBDIR = "checkpoints"
 KEY_FILE = "evaluation.json"
 KEEP = 2
-# Flags that may differ between a run and its resumption: where and how it runs.
+# Flags that may differ between a run and its resumption: where and how it runs, and how
+# the backbone was named (what it resolved to, the key's "backbone", must be the same).
 NOT_IN_KEY = ("output_dir", "strategy", "tpu", "cpu_devices", "eval_every", "checkpoint_every",
-              "cache_features")
+              "cache_features", "model_dir", "checkpoint", "keras_model")
 
 
 def key_of(config, loaded, d):
