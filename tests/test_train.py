@@ -135,6 +135,38 @@ def test_summary_and_tensorboard(finished_run):
     assert ckpt.endswith("-12")
 
 
+def test_epoch_scalars_are_written_whatever_step_the_epoch_ends_at(tmp_path):
+    """Keras records epoch scalars only under its batch record_if (step % update_freq):
+    an epoch of 5 steps with --log_every=2 lost its epoch_knn_top1."""
+    from co2_tf.callbacks import GlobalStepTensorBoard
+
+    class Counted(tf.keras.Sequential):
+        def __init__(self):
+            super().__init__([tf.keras.layers.Dense(1)])
+            self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    class Knn(tf.keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.model.step_counter.assign_add(1)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs["knn_top1"] = 0.5
+
+    model = Counted()
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.zeros((10, 2), "float32")
+    log_dir = str(tmp_path / "logs")
+    model.fit(x, x[:, :1], batch_size=2, epochs=2, verbose=0, shuffle=False,
+              callbacks=[Knn(), GlobalStepTensorBoard(log_dir, update_freq=2)])
+    steps = {}
+    for path in glob.glob(os.path.join(log_dir, "train", "events*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    assert sorted(steps["epoch_knn_top1"]) == [0, 1], steps  # epoch ends at steps 5, 10
+    assert sorted(set(steps["batch_loss"])) == [2, 4, 6, 8, 10], steps
+
+
 def test_training_beats_random_init(tmp_path):
     """160 steps of the demo's settings lift kNN top-1 well above random init.
 
