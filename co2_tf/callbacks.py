@@ -228,6 +228,13 @@ class GlobalStepTensorBoard(keras.callbacks.TensorBoard):
             keras_compat.set_tensorboard_batch_step(self, self._global_step())
         super().on_train_batch_end(batch, logs)
 
+    def on_epoch_end(self, epoch, logs=None):
+        # Keras leaves its batch-level record_if(step % update_freq == 0) on at
+        # epoch end: the epoch scalars (epoch_knn_top1 among them) were written
+        # only when an epoch ended on a multiple of --log_every.
+        with tf.summary.record_if(True):
+            super().on_epoch_end(epoch, logs)
+
 
 class KnnMonitor(keras.callbacks.Callback):
     """Weighted kNN top-1 of the query backbone every N epochs, into the epoch logs."""
@@ -236,12 +243,14 @@ class KnnMonitor(keras.callbacks.Callback):
         super().__init__()
         self.evaluate = evaluate
         self.every_epochs = every_epochs
+        self.last = None  # (step, top-1) of the latest evaluation
 
     def on_epoch_end(self, epoch, logs=None):
         if self.every_epochs and (epoch + 1) % self.every_epochs == 0 and logs is not None:
             # Logs is the dict every callback sees: TensorBoard (later in the
             # list) writes it as epoch_knn_top1.
             logs["knn_top1"] = self.evaluate(self.model.query_backbone)
+            self.last = (int(self.model.step_counter.numpy()), logs["knn_top1"])
 
 
 def knn_evaluator(config, source):
@@ -258,6 +267,10 @@ def knn_evaluator(config, source):
     common = dict(image_size=config.image_size, batch_size=256, transform="eval")
     bank = data.labelled_dataset(source, split=config.split, **common)
     queries = data.labelled_dataset(source, split=eval_split, **common)
+    if source.in_memory:
+        # Small data (the demo's 10k images: 123 MB at 32 px): the eval views are
+        # computed once, not at every evaluation (half of each one's time).
+        bank, queries = bank.cache(), queries.cache()
     classes = len(source.class_names(config.split))
     local_copy = []
 

@@ -57,7 +57,7 @@ class TrainConfig:
     bn_groups: int = 0  # 0 = 1 group per replica, or 4 on a single replica
     # optimisation
     batch_size: int = 128
-    epochs: int = 20
+    epochs: int = 18
     train_steps: int = 0  # > 0 overrides epochs
     learning_rate: float = 0.03
     momentum: float = 0.9
@@ -80,7 +80,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps; also at every epoch end and on SIGTERM
     keep_checkpoints: int = 3
     log_every: int = 10  # steps between TensorBoard scalars
-    knn_every: int = 2  # epochs between kNN evaluations; 0 = off
+    knn_every: int = 6  # epochs between kNN evaluations; 0 = off
     knn_k: int = 200
     knn_temperature: float = 0.1
 

@@ -179,8 +179,10 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
                                        any_worker(strategy))
             saver.last_saved_step = step if restored else None
             cbs = [saver]
-            if knn is not None and config.knn_every:
-                cbs.append(KnnMonitor(knn, config.knn_every))
+            monitor = (KnnMonitor(knn, config.knn_every)
+                       if knn is not None and config.knn_every else None)
+            if monitor is not None:
+                cbs.append(monitor)
             if chief:
                 cbs.append(GlobalStepTensorBoard(log_dir, update_freq=config.log_every,
                                                  write_graph=False))
@@ -208,7 +210,10 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
 
         summary = {"steps": step}
         if knn is not None:
-            summary["knn_top1"] = knn(model.query_backbone)
+            # The monitor's evaluation at the last epoch end is of these weights.
+            last = monitor.last if monitor is not None else None
+            summary["knn_top1"] = last[1] if last and last[0] == step else knn(
+                model.query_backbone)
             random_init = backbone_fn(config)("random_init_backbone")
             summary["knn_top1_random_init"] = knn(random_init)
         if chief:

@@ -201,17 +201,19 @@ def test_torch_step_first_loss_is_co2_tfs():
 
 
 def test_compare_torch_fields(tmp_path):
+    """One alternation end to end (each costs a TF and a torch process); the median of
+    several: test_compare_torch_takes_the_median_of_the_alternations."""
     pytest.importorskip("torch")
     output = tmp_path / "compare.json"
     result = subprocess.run(
         [sys.executable, COMPARE, "--backbone=tiny", "--image_size=16", "--batch_size=16",
-         "--queue_size=64", "--dim=16", "--alternations=2", "--warmup=1", "--repeats=1",
+         "--queue_size=64", "--dim=16", "--alternations=1", "--warmup=1", "--repeats=1",
          "--notorch_compile", f"--output={output}"],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out == json.loads(output.read_text())
-    assert out["alternations"] == 2 and len(out["runs"]) == 2
+    assert out["alternations"] == 1 and len(out["runs"]) == 1
     for run_ in out["runs"]:
         assert run_["tf"]["benchmark"] == "train_step" and run_["tf"]["backbone"] == "tiny"
         assert run_["torch"]["benchmark"] == "torch_train_step"
@@ -219,9 +221,37 @@ def test_compare_torch_fields(tmp_path):
         assert run_["torch"]["queue_size"] == 64 and run_["torch"]["torch_compile"] is False
     ratios = [r["tf"]["images_per_sec"] / r["torch"]["images_per_sec"] for r in out["runs"]]
     assert out["ratios"] == pytest.approx(ratios, rel=1e-3)
-    assert out["ratio_median"] == pytest.approx(sum(ratios) / 2, rel=1e-3)
+    assert out["ratio_median"] == pytest.approx(ratios[0], rel=1e-3)
     assert out["onednn_opts"] is True and out["jit_compile"] is False
-    assert "ratio (median of 2)" in result.stderr
+    assert "ratio (median of 1)" in result.stderr
+
+
+def test_compare_torch_takes_the_median_of_the_alternations(monkeypatch):
+    """Three alternations (the tools' runs faked): the median ratio, not the mean."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, TOOLS)
+    import benchmark_lib
+    import compare_torch
+
+    from co2_tf.config import TrainConfig
+
+    rates = iter([10.0, 20.0, 30.0, 10.0, 12.0, 12.0])  # TF, torch, ...: ratios 0.5, 3, 1
+    calls = []
+
+    def fake_tool(script, args):
+        calls.append(script)
+        common = dict(images_per_sec=next(rates), onednn_opts=True, jit_compile=False,
+                      tensorflow="x", torch="y", torch_compile=False, channels_last=True,
+                      cpu={}, cores=2, load_average_1min_before=0.0)
+        return common
+
+    monkeypatch.setattr(compare_torch, "run_tool", fake_tool)
+    config = TrainConfig(**benchmark_lib.NOT_A_RUN, backbone="tiny", image_size=16,
+                         batch_size=16, queue_size=64, dim=16)
+    out = compare_torch.compare(config, compare_torch.CompareConfig(alternations=3))
+    assert calls == ["benchmark.py", "torch_step.py"] * 3  # back to back, alternating
+    assert out["ratios"] == [0.5, 3.0, 1.0] and out["ratio_median"] == 1.0
+    assert out["tf_images_per_sec"] == 12.0 and out["torch_images_per_sec"] == 12.0
 
 
 def test_compare_torch_without_torch_is_one_line(tmp_path):

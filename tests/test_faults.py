@@ -139,8 +139,13 @@ def test_an_unwritable_model_dir_is_one_line_before_anything_is_built(tmp_path, 
             pytest.skip("root writes through chmod 555")
         os.chmod(tmp_path, 0o555)
         model_dir = str(tmp_path / "run")
-    result = run_binary([f"--model_dir={model_dir}"] + small_flags(train_steps=2))
-    assert_one_line(result, 1, f"--model_dir={model_dir}")
+    if kind == "unknown_scheme":  # the binary's one line (each subprocess: a TF import)
+        result = run_binary([f"--model_dir={model_dir}"] + small_flags(train_steps=2))
+        assert_one_line(result, 1, f"--model_dir={model_dir}")
+    else:  # the same UserError, in-process
+        with pytest.raises(UserError) as caught:
+            training.train(small_config(model_dir, train_steps=2), verbose=0)
+        assert f"--model_dir={model_dir}" in str(caught.value) and "\n" not in str(caught.value)
     assert not glob.glob(os.path.join(os.getcwd(), "nosuchfs*"))
 
 
@@ -259,12 +264,20 @@ def test_mixed_float16_skipped_steps_count_for_data_checkpoints_and_train_steps(
 
 
 # ------------------------------------------------------ one run per run dir
-def test_a_second_run_on_a_dir_in_use_is_refused_and_the_first_goes_on(tmp_path):
+def test_a_second_run_on_a_dir_in_use_is_refused_and_sigterm_stops_the_first_cleanly(
+        tmp_path):
+    """The first run goes on; then SIGTERM saves a checkpoint at its step (the only one:
+    --checkpoint_every is beyond the run), exits 143 with one line and frees the lock."""
     model_dir = str(tmp_path / "run")
-    flags = [f"--model_dir={model_dir}"] + small_flags(train_steps=3000, checkpoint_every=5)
+    flags = [f"--model_dir={model_dir}"] + small_flags(train_steps=5000,
+                                                       checkpoint_every=100000)
     first = subprocess.Popen([sys.executable, TRAIN] + flags, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    _wait_for_state_file(model_dir, first)
+    # Training has started (TensorBoard's first events): the lock is held.
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(model_dir, "logs", "train", "events*")):
+        assert first.poll() is None and time.time() < deadline, first.communicate()[1]
+        time.sleep(0.2)
     second = run_binary(flags)
     last = assert_one_line(second, 1, "in use by another run", f"pid {first.pid}",
                            socket.gethostname())
@@ -273,6 +286,13 @@ def test_a_second_run_on_a_dir_in_use_is_refused_and_the_first_goes_on(tmp_path)
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 143, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM at step"), last
+    step = int(last.split("at step ")[1].split(";")[0])
+    assert 0 < step < 5000
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    assert latest.endswith(f"-{step}")
     assert not os.path.exists(os.path.join(model_dir, ".lock")), "not released on SIGTERM"
 
 

@@ -89,13 +89,16 @@ def finished_run(tmp_path_factory):
     return config, summary
 
 
-@pytest.mark.parametrize("flag,name", [("--dim=32", "--dim"), ("--queue_size=128", "--queue_size"),
-                                       ("--backbone=resnet18_cifar", "--backbone")])
-def test_incompatible_checkpoint_is_named_not_restored(finished_run, flag, name):
+def test_incompatible_checkpoint_is_named_not_restored(finished_run):
     config, _ = finished_run
     before = _listing(config.model_dir)
-    result = run_binary([f"--model_dir={config.model_dir}"] + small_flags() + [flag])
-    assert_one_line_error(result, name, "--model_dir")
+    # The binary: one line (one subprocess; the other fields in-process, same check).
+    result = run_binary([f"--model_dir={config.model_dir}"] + small_flags() + ["--dim=32"])
+    assert_one_line_error(result, "--dim", "--model_dir")
+    for field, value in (("queue_size", 128), ("backbone", "resnet18_cifar")):
+        other = TrainConfig(**dict(vars(config), **{field: value}))
+        with pytest.raises(UserError, match=f"--{field}.*--model_dir"):
+            training.train(other, verbose=0)
     assert _listing(config.model_dir) == before
 
 
@@ -133,6 +136,38 @@ def test_summary_and_tensorboard(finished_run):
     assert "augmented_view_pairs" in images
     ckpt = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
     assert ckpt.endswith("-12")
+
+
+def test_epoch_scalars_are_written_whatever_step_the_epoch_ends_at(tmp_path):
+    """Keras records epoch scalars only under its batch record_if (step % update_freq):
+    an epoch of 5 steps with --log_every=2 lost its epoch_knn_top1."""
+    from co2_tf.callbacks import GlobalStepTensorBoard
+
+    class Counted(tf.keras.Sequential):
+        def __init__(self):
+            super().__init__([tf.keras.layers.Dense(1)])
+            self.step_counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    class Knn(tf.keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.model.step_counter.assign_add(1)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs["knn_top1"] = 0.5
+
+    model = Counted()
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.zeros((10, 2), "float32")
+    log_dir = str(tmp_path / "logs")
+    model.fit(x, x[:, :1], batch_size=2, epochs=2, verbose=0, shuffle=False,
+              callbacks=[Knn(), GlobalStepTensorBoard(log_dir, update_freq=2)])
+    steps = {}
+    for path in glob.glob(os.path.join(log_dir, "train", "events*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    assert sorted(steps["epoch_knn_top1"]) == [0, 1], steps  # epoch ends at steps 5, 10
+    assert sorted(set(steps["batch_loss"])) == [2, 4, 6, 8, 10], steps
 
 
 def test_training_beats_random_init(tmp_path):
@@ -189,9 +224,12 @@ RESUME = small_flags(train_steps=30, checkpoint_every=3, deterministic=True) + [
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """RESUME's run in-process (the same training.train the binary calls; a subprocess
+    would cost a TF import)."""
     model_dir = str(tmp_path_factory.mktemp("straight") / "run")
-    result = run_binary([f"--model_dir={model_dir}"] + RESUME)
-    assert result.returncode == 0, result.stderr
+    training.train(TrainConfig(model_dir=model_dir, **dict(
+        SMALL, train_steps=30, checkpoint_every=3, deterministic=True, knn_every=0)),
+        verbose=0)
     return model_dir
 
 
@@ -224,27 +262,8 @@ def test_kill9_then_rerun_resumes_to_the_same_end(tmp_path, uninterrupted):
         np.testing.assert_allclose(resumed[key], straight[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
-    model_dir = str(tmp_path / "run")
-    flags = small_flags(train_steps=5000, checkpoint_every=100000) + ["--knn_every=0"]
-    args = [sys.executable, TRAIN, f"--model_dir={model_dir}"] + flags
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Wait for training to start (TensorBoard's first events), then a little more.
-    deadline = time.time() + 300
-    while not glob.glob(os.path.join(model_dir, "logs", "train", "events*")):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-        time.sleep(0.2)
-    time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: stopped by SIGTERM at step"), last
-    step = int(last.split("at step ")[1].split(";")[0])
-    assert 0 < step < 5000
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    assert latest.endswith(f"-{step}")
+# SIGTERM (checkpoint at the step, exit 143, one line): tests/test_faults.py, in the
+# second-run test, whose first run it stops (one training subprocess for both).
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

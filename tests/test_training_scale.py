@@ -132,69 +132,16 @@ def _launch_workers(config, dumps, timeout=300):
     return outputs
 
 
-def test_two_workers_on_localhost_match_one_process_and_resume_from_the_chief(
+def test_two_workers_stop_together_on_sigterm_resume_from_the_chief_and_match_one_process(
         tmp_path, folder, two_replicas):
-    """2 workers x 1 replica (MultiWorkerMirroredStrategy) train 3 steps, stop,
-    restart and train to 6; the single-process 2-replica run of the same global
-    batch does the 6 steps at once. Same index-based input, same shuffle-BN
-    permutations: same weights, same queue, on both workers."""
-    model_dir = tmp_path / "multi"
-    dumps = [str(tmp_path / f"worker{i}.npz") for i in range(2)]
-    _launch_workers(run_config(model_dir, folder, strategy="multi_worker", train_steps=3,
-                               checkpoint_every=100), dumps)
-    assert _checkpoint_steps(str(model_dir)) == [3]
-    assert not glob.glob(str(model_dir / ".worker_*")), "the scratch checkpoints stayed"
-    # With the kNN monitor this time: every worker evaluates (Keras's predict
-    # would gather both workers' features).
-    _launch_workers(run_config(model_dir, folder, strategy="multi_worker", train_steps=6,
-                               checkpoint_every=100, knn_every=1, eval_split="train"), dumps)
-    assert _checkpoint_steps(str(model_dir)) == [3, 6]
-    assert not glob.glob(str(model_dir / ".worker_*"))
-    with open(model_dir / "summary.json") as f:
-        summary = json.load(f)
-    assert summary["steps"] == 6 and 0 <= summary["knn_top1"] <= 1
-    workers = [dict(np.load(d)) for d in dumps]
+    """2 workers x 1 replica (MultiWorkerMirroredStrategy). SIGTERM to worker 1 only: both
+    workers save the same step (the chief writes it) and exit 143. Restarted (with the kNN
+    monitor this time: every worker evaluates, as Keras's predict would gather both
+    workers' features), they train 3 steps more; the single-process 2-replica run of the
+    same global batch does all the steps at once. Same index-based input, same shuffle-BN
+    permutations: same weights, same queue, on both workers.
 
-    reference_dump = str(tmp_path / "reference.npz")
-    training.train(run_config(tmp_path / "single", folder, train_steps=6),
-                   strategy=two_replicas, callbacks=[DumpWeights(reference_dump)], verbose=0)
-    reference = dict(np.load(reference_dump))
-
-    for worker in workers:
-        assert int(worker["step"]) == 6
-        assert int(find(worker, "co2/queue_ptr")) == 6 * 8 % 32
-    compared = 0
-    for name, value in workers[0].items():
-        if name.startswith("queue_replica"):
-            continue
-        # Worker 0 is the single process's replica 0 (all-reduce order differs: a tolerance).
-        np.testing.assert_allclose(value, reference[name], rtol=1e-4, atol=1e-5, err_msg=name)
-        if "moving_" in name:
-            # BN moving statistics are per replica, as with PyTorch DDP (Keras
-            # creates them with aggregation "none"): the chief's are saved.
-            continue
-        # Everything trained, the EMA encoder, queue and optimizer: identical on both workers.
-        np.testing.assert_array_equal(workers[1][name], value, err_msg=name)
-        compared += 1
-    assert compared >= 34  # 2 x (4 convs, 4 BN gamma + beta, 2 dense + biases), queue, pointer
-    # The queue holds both workers' keys: 6 steps of 8 keys (4 per worker)
-    # overwrote all 32 initial rows; the last 4 global batches are in it.
-    queue = find(workers[0], "co2/queue")
-    np.testing.assert_allclose(np.linalg.norm(queue, axis=1), 1.0, rtol=1e-5)
-    initial = _initial_queue()
-    assert not np.isclose(queue, initial, atol=1e-6).all(axis=1).any()
-    np.testing.assert_allclose(queue, reference["queue_replica_1"], rtol=1e-4, atol=1e-5)
-
-
-def _initial_queue():
-    model, _ = build(batch_size=8, queue_size=32)
-    return model.queue.numpy()
-
-
-def test_sigterm_on_one_worker_stops_every_worker_at_the_same_saved_step(
-        tmp_path, folder, two_replicas):
-    """SIGTERM to worker 1 only: both workers save the same step (the chief
-    writes it) and exit 143; restarting both ends where an uninterrupted run does."""
+    (One scenario, not two: each worker launch costs two TF imports.)"""
     model_dir = tmp_path / "multi"
     dumps = [str(tmp_path / f"worker{i}.npz") for i in range(2)]
     procs = _start_workers(run_config(model_dir, folder, strategy="multi_worker",
@@ -220,22 +167,50 @@ def test_sigterm_on_one_worker_stops_every_worker_at_the_same_saved_step(
     assert "stopped by SIGTERM" in outputs[1] and "another worker was stopped" in outputs[0]
     assert steps[0] == steps[1] and 3 <= steps[0] < 100000
     assert _checkpoint_steps(str(model_dir))[-1] == steps[0]
-    assert not glob.glob(str(model_dir / ".worker_*"))
+    assert not glob.glob(str(model_dir / ".worker_*")), "the scratch checkpoints stayed"
 
     end = steps[0] + 3
     _launch_workers(run_config(model_dir, folder, strategy="multi_worker", train_steps=end,
-                               checkpoint_every=3), dumps)
+                               checkpoint_every=100, knn_every=1, eval_split="train"), dumps)
+    saved = _checkpoint_steps(str(model_dir))  # (+ an epoch end in between, epochs of 6)
+    assert saved[-1] == end and steps[0] in saved
+    assert not glob.glob(str(model_dir / ".worker_*"))
+    with open(model_dir / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["steps"] == end and 0 <= summary["knn_top1"] <= 1
     workers = [dict(np.load(d)) for d in dumps]
+
     reference_dump = str(tmp_path / "reference.npz")
     training.train(run_config(tmp_path / "single", folder, train_steps=end),
                    strategy=two_replicas, callbacks=[DumpWeights(reference_dump)], verbose=0)
     reference = dict(np.load(reference_dump))
-    for index, worker in enumerate(workers):
-        for name, value in worker.items():
-            if (name.startswith("queue_replica") or name == "step"
-                    or (index == 1 and "moving_" in name)):  # per worker: the chief's saved
-                continue
-            np.testing.assert_allclose(value, reference[name], rtol=1e-4, atol=1e-5,
-                                       err_msg=name)
-    np.testing.assert_allclose(find(workers[1], "co2/queue"), reference["queue_replica_1"],
-                               rtol=1e-4, atol=1e-5)
+
+    for worker in workers:
+        assert int(worker["step"]) == end
+        assert int(find(worker, "co2/queue_ptr")) == end * 8 % 32
+    compared = 0
+    for name, value in workers[0].items():
+        if name.startswith("queue_replica"):
+            continue
+        # Worker 0 is the single process's replica 0 (all-reduce order differs: a tolerance).
+        np.testing.assert_allclose(value, reference[name], rtol=1e-4, atol=1e-5, err_msg=name)
+        if "moving_" in name:
+            # BN moving statistics are per replica, as with PyTorch DDP (Keras
+            # creates them with aggregation "none"): the chief's are saved.
+            continue
+        # Everything trained, the EMA encoder, queue and optimizer: identical on both workers.
+        np.testing.assert_array_equal(workers[1][name], value, err_msg=name)
+        compared += 1
+    assert compared >= 34  # 2 x (4 convs, 4 BN gamma + beta, 2 dense + biases), queue, pointer
+    # The queue holds both workers' keys: >= 6 steps of 8 keys (4 per worker)
+    # overwrote all 32 initial rows; the last 4 global batches are in it.
+    queue = find(workers[0], "co2/queue")
+    np.testing.assert_allclose(np.linalg.norm(queue, axis=1), 1.0, rtol=1e-5)
+    initial = _initial_queue()
+    assert not np.isclose(queue, initial, atol=1e-6).all(axis=1).any()
+    np.testing.assert_allclose(queue, reference["queue_replica_1"], rtol=1e-4, atol=1e-5)
+
+
+def _initial_queue():
+    model, _ = build(batch_size=8, queue_size=32)
+    return model.queue.numpy()
