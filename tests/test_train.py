@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,7 +227,9 @@ def test_kill9_then_rerun_resumes_to_the_same_end(tmp_path, uninterrupted):
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     model_dir = str(tmp_path / "run")
-    flags = small_flags(train_steps=5000, checkpoint_every=100000) + ["--knn_every=0"]
+    # stdout is a pipe, not a terminal: progress lines every --log_every_secs.
+    flags = small_flags(train_steps=5000, checkpoint_every=100000, log_every_secs=0.5) + [
+        "--knn_every=0"]
     args = [sys.executable, TRAIN, f"--model_dir={model_dir}"] + flags
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Wait for training to start (TensorBoard's first events), then a little more.
@@ -236,7 +239,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
         time.sleep(0.2)
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -245,6 +248,11 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     assert 0 < step < 5000
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     assert latest.endswith(f"-{step}")
+    # The first step (tracing) takes over 0.5 s: at least one line, of the whole run's
+    # 5000 steps, with the loss (tests/test_progress.py checks the arithmetic).
+    lines = re.findall(r"^train: (\d+)/5000 steps \(\d+%\), [\d.]+ steps/s, \S+ elapsed, "
+                       r"ETA \S+, loss [-\d.e+]+$", out, re.MULTILINE)
+    assert lines and 0 < int(lines[-1]) <= step, out
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -11,6 +11,8 @@ import keras
 import tensorflow as tf
 
 from co2_tf import optimizers
+from co2_tf import progress as progress_lib
+from co2_tf.callbacks import progress_callbacks
 from co2_tf.errors import UserError
 
 
@@ -71,7 +73,8 @@ def linear_layer(num_classes, seed, name="classifier"):
         bias_initializer="zeros", name=name)
 
 
-def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_every=1, verbose=1):
+def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_every=1, verbose=1,
+                     progress=None):
     """Fits a compiled classifier for `epochs`; returns the final held-out metrics.
 
     train_data(epoch) -> the dataset of that epoch (a fresh order and
@@ -79,9 +82,11 @@ def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_ever
     epochs and after the last. `model` must be compiled with the metrics of
     `classification_metrics`. Epoch scalars go to TensorBoard in log_dir
     (train/ and validation/, as Keras's TensorBoard callback names them).
-    Returns {"top1", "top5", "loss"} of the last evaluation.
+    Returns {"top1", "top5", "loss"} of the last evaluation. `progress` (a
+    co2_tf.progress.Reporter): progress lines named after the model.
     """
-    callbacks = [EpochScalars(log_dir), _StopAfterOneEpoch()]
+    callbacks = [EpochScalars(log_dir), _StopAfterOneEpoch()] + progress_callbacks(
+        progress_lib.reporter(progress), model.name)
     for epoch in range(epochs):
         last = epoch == epochs - 1
         validate = last or (eval_every > 0 and (epoch + 1) % eval_every == 0)

@@ -9,10 +9,11 @@ results.
 """
 
 import dataclasses
+import math
 
 import keras
 
-from co2_tf import build, data, io, rundir
+from co2_tf import build, data, io, progress, rundir
 from co2_tf.errors import UserError
 from co2_tf.sources import make_source
 
@@ -36,6 +37,7 @@ class EvalConfig:
     batch_size: int = 256
     output_dir: str = ""
     seed: int = 0
+    log_every_secs: float = 60.0  # progress lines off a terminal (co2_tf.progress)
 
     def check(self):
         """Static checks (no TF, no files): raises UserError on the first problem."""
@@ -49,7 +51,13 @@ class EvalConfig:
             raise UserError(f"--image_size={self.image_size} must be > 0 (0 = the run's)")
         if self.batch_size <= 0:
             raise UserError(f"--batch_size={self.batch_size} must be > 0")
+        if not (self.log_every_secs >= 0 and math.isfinite(self.log_every_secs)):
+            raise UserError(f"--log_every_secs={self.log_every_secs} must be >= 0 (0 = off)")
         return self
+
+    def reporter(self):
+        """Progress lines every log_every_secs when stdout is not a terminal."""
+        return progress.Reporter.for_stdout(self.log_every_secs)
 
 
 EVAL_HELP = {
@@ -66,6 +74,7 @@ EVAL_HELP = {
     "output_dir": "where results go ('' = a subdirectory of the run dir; required with "
                   "--keras_model)",
     "seed": "seed of classifier init, data order and augmentation",
+    "log_every_secs": progress.HELP,
 }
 
 
@@ -189,7 +198,7 @@ def resolve_data(config: EvalConfig, loaded: LoadedBackbone):
         raise UserError("which dataset? pass --dataset=builtin|tfds:NAME|folder:PATH")
     inherited = pretrained if dataset == pretrained.get("dataset") else {}
     source = make_source(dataset, config.data_dir or inherited.get("data_dir") or None,
-                         getattr(loaded.run_config, "max_image_pixels", None))
+                         getattr(loaded.run_config, "max_image_pixels", None), config.reporter())
     split = config.split or inherited.get("split") or "train"
     source.validate(split)  # first: names an unprepared dataset
     eval_split = (config.eval_split or inherited.get("eval_split")

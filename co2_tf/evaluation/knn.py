@@ -17,25 +17,35 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from co2_tf import progress as progress_lib
 from co2_tf.errors import UserError
 from co2_tf.evaluation import common, projector
 
 
-def extract_features(backbone, dataset, normalize=True, verbose=0):
+def extract_features(backbone, dataset, normalize=True, verbose=0, progress=None,
+                     what="features"):
     """Features (L2-normalised unless normalize=False) and labels of a finite dataset.
 
-    `dataset` yields (images, labels) batches; verbose=1 shows a progress bar.
+    `dataset` yields (images, labels) batches; verbose=1 shows a progress bar;
+    `progress` (a co2_tf.progress.Reporter) prints lines `what: N/M images, ...`.
     """
     features, labels = [], []
     steps = int(dataset.cardinality())
-    progress = keras.utils.Progbar(steps if steps >= 0 else None, verbose=verbose,
-                                   unit_name="batch")
+    bar = keras.utils.Progbar(steps if steps >= 0 else None, verbose=verbose,
+                              unit_name="batch")
+    lines = None
     for images, y in dataset:
-        progress.add(1)
+        bar.add(1)
+        if lines is None:  # images: batches x the first batch's size (the last may be short)
+            lines = progress_lib.reporter(progress).task(
+                what, steps * int(y.shape[0]) if steps > 0 else None, unit="images")
+        lines.add(int(y.shape[0]))
         # Keras's own compiled predict function, traced once per model.
         f = tf.cast(backbone.predict_on_batch(images), tf.float32)
         features.append(tf.math.l2_normalize(f, -1) if normalize else f)
         labels.append(tf.cast(y, tf.int32))
+    if lines is not None:
+        lines.done(lines.count)
     return tf.concat(features, 0), tf.concat(labels, 0)
 
 
@@ -66,10 +76,13 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     return float(np.mean(predicted == np.asarray(test_labels)))
 
 
-def knn_top1(backbone, train_dataset, test_dataset, num_classes, k=200, temperature=0.1):
+def knn_top1(backbone, train_dataset, test_dataset, num_classes, k=200, temperature=0.1,
+             progress=None):
     """kNN top-1 of `backbone` features: memory bank from train, queries from test."""
-    train_f, train_y = extract_features(backbone, train_dataset)
-    test_f, test_y = extract_features(backbone, test_dataset)
+    train_f, train_y = extract_features(backbone, train_dataset, progress=progress,
+                                        what="kNN features (memory bank)")
+    test_f, test_y = extract_features(backbone, test_dataset, progress=progress,
+                                      what="kNN features (queries)")
     return knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature)
 
 
@@ -109,10 +122,12 @@ def knn_eval(config: KnnConfig, verbose=1):
     out = common.output_dir(config, "knn_eval")
     loaded = common.load_backbone(config)
     d = common.resolve_data(config, loaded)
-    bank_f, bank_y = extract_features(loaded.backbone, d.labelled(d.split),
-                                                 verbose=verbose)
+    bank_f, bank_y = extract_features(loaded.backbone, d.labelled(d.split), verbose=verbose,
+                                      progress=config.reporter(),
+                                      what=f"kNN features ({d.split})")
     query_f, query_y = extract_features(loaded.backbone, d.labelled(d.eval_split),
-                                                   verbose=verbose)
+                                        verbose=verbose, progress=config.reporter(),
+                                        what=f"kNN features ({d.eval_split})")
     scores = knn_predict_scores(bank_f, bank_y, query_f, d.num_classes, config.k,
                                            config.temperature).numpy()
     truth = query_y.numpy()

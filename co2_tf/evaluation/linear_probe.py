@@ -104,7 +104,7 @@ def frozen_classifier(backbone, image_size, num_classes, seed):
                        name="linear_probe")
 
 
-def cached_features(loaded, d, cache_path=None, verbose=0):
+def cached_features(loaded, d, cache_path=None, verbose=0, progress=None):
     """(train features, train labels, eval features, eval labels), numpy, not normalised.
 
     Reuses cache_path when it holds the features of the same source, data and
@@ -119,7 +119,8 @@ def cached_features(loaded, d, cache_path=None, verbose=0):
     arrays = {}
     for name, split in (("train", d.split), ("eval", d.eval_split)):
         f, y = knn.extract_features(loaded.backbone, d.labelled(split), normalize=False,
-                                    verbose=verbose)
+                                    verbose=verbose, progress=progress,
+                                    what=f"features ({split})")
         arrays[f"{name}_f"], arrays[f"{name}_y"] = f.numpy(), y.numpy()
     if cache_path:
         buffer = stdio.BytesIO()
@@ -130,7 +131,8 @@ def cached_features(loaded, d, cache_path=None, verbose=0):
 
 def _fast(config, loaded, d, out, verbose):
     cache = io.join(out, FEATURES_FILE) if config.cache_features else None
-    train_f, train_y, eval_f, eval_y = cached_features(loaded, d, cache, verbose)
+    train_f, train_y, eval_f, eval_y = cached_features(loaded, d, cache, verbose,
+                                                       config.reporter())
     n = len(train_y)
     inputs = keras.Input((train_f.shape[1],), name="features")
     standardised = keras.layers.Normalization(
@@ -168,7 +170,7 @@ def linear_eval(config: LinearEvalConfig, verbose=1):
         model, train_data, eval_data, n = _moco(config, loaded, d)
     metrics = classifier.train_classifier(
         model, train_data, eval_data, epochs=config.epochs, eval_every=config.eval_every,
-        log_dir=io.join(out, common.LOG_SUBDIR), verbose=verbose)
+        log_dir=io.join(out, common.LOG_SUBDIR), verbose=verbose, progress=config.reporter())
     results = dict(metrics, protocol=config.protocol, backbone=loaded.as_dict(),
                    data=dict(d.as_dict(), train_examples=n, image_size=d.image_size),
                    hyper_parameters=dict(

@@ -141,7 +141,8 @@ def retrieval_picture(config: RetrievalConfig, verbose=1):
     loaded = common.load_backbone(config)
     d = common.resolve_data(config, loaded)
     bank_f, bank_y = knn.extract_features(loaded.backbone, d.labelled(d.split),
-                                                 verbose=verbose)
+                                          verbose=verbose, progress=config.reporter(),
+                                          what=f"features ({d.split})")
     n_eval = d.source.num_examples(d.eval_split)
     rng = np.random.default_rng(config.seed)
     queries = np.sort(rng.choice(n_eval, size=min(config.num_queries, n_eval), replace=False))

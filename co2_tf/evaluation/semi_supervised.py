@@ -232,7 +232,7 @@ def fine_tune(config: SemiSupervisedConfig, verbose=1):
     metrics = classifier.train_classifier(
         model, train_data, d.labelled(d.eval_split), epochs=config.epochs,
         eval_every=config.eval_every, log_dir=io.join(out, common.LOG_SUBDIR),
-        verbose=verbose)
+        verbose=verbose, progress=config.reporter())
     # A plain functional copy: loads without co2_tf.
     keras.Model(model.inputs, model.outputs, name="fine_tuned").save(
         io.join(out, MODEL_FILE))
