@@ -227,6 +227,13 @@ class GlobalStepTensorBoard(keras.callbacks.TensorBoard):
             keras_compat.set_tensorboard_batch_step(self, self._global_step())
         super().on_train_batch_end(batch, logs)
 
+    def on_epoch_end(self, epoch, logs=None):
+        # Keras leaves its batch-level condition (step % update_freq == 0) in force at
+        # epoch end: epoch scalars (epoch_knn_top1 among them) were written only for
+        # epochs that ended on a multiple of --log_every.
+        with tf.summary.record_if(True):
+            super().on_epoch_end(epoch, logs)
+
 
 class KnnMonitor(keras.callbacks.Callback):
     """Weighted kNN top-1 of the query backbone every N epochs, into the epoch logs."""

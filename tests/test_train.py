@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from helpers.references import numpy_knn, split_arrays, topk
 
 from co2_tf import build, rundir, training
+from co2_tf.callbacks import GlobalStepTensorBoard
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
 
@@ -134,6 +136,23 @@ def test_summary_and_tensorboard(finished_run):
     assert "augmented_view_pairs" in images
     ckpt = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
     assert ckpt.endswith("-12")
+
+
+def test_epoch_scalars_are_written_at_every_epoch_end(tmp_path):
+    """Not only at epochs ending on a multiple of update_freq (Keras's batch condition)."""
+    class StepIsIterations(GlobalStepTensorBoard):  # a plain model has no step_counter
+        def _global_step(self):
+            return int(self.model.optimizer.iterations.numpy())
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((12, 2), np.float32)
+    history = model.fit(x, x[:, :1], batch_size=4, epochs=3, verbose=0, callbacks=[
+        StepIsIterations(str(tmp_path / "logs"), update_freq=10, write_graph=False)])
+    # Epochs end at steps 3, 6, 9: none a multiple of 10.
+    logged = rundir.read_scalars(str(tmp_path), "epoch_loss")
+    assert [step for step, _ in logged] == [0, 1, 2]
+    np.testing.assert_allclose([v for _, v in logged], history.history["loss"], rtol=1e-6)
 
 
 def test_training_beats_random_init(tmp_path):
