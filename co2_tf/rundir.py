@@ -101,7 +101,7 @@ def log_dir(model_dir):
 
 
 def read_scalars(model_dir, tag, subdir="train"):
-    """[(step, value)] of a scalar in the run's TensorBoard logs (logs/<subdir>), by step.
+    """[(step, value)] of a scalar in the TensorBoard logs DIR/logs/<subdir> ("" = logs), by step.
 
     Keras writes scalars as tensors, tf.compat.v1 as simple values: both are
     read. A step written twice (a run resumed before its last checkpoint

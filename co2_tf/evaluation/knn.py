@@ -6,8 +6,10 @@ features, the k nearest neighbours vote for their class with weight
 exp(similarity / t). `knn_top1` is what the pretraining monitor reports;
 `knn_eval(KnnConfig)` is tools/knn_eval.py: the same classifier (memory
 bank: the training split, queries: the held-out split, both centre-cropped)
-from a run dir, a checkpoint or an exported backbone.keras, optionally with
-the held-out embeddings for TensorBoard's projector.
+from a run dir, a checkpoint or an exported backbone.keras, with top-1 and
+top-5 in OUTPUT_DIR/knn_eval.json and as TensorBoard scalars knn_top1 /
+knn_top5 (OUTPUT_DIR/logs, at the checkpoint's step), optionally with the
+held-out embeddings for TensorBoard's projector.
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from co2_tf import io
 from co2_tf import progress as progress_lib
 from co2_tf.errors import UserError
 from co2_tf.evaluation import common, projector
@@ -147,5 +150,10 @@ def knn_eval(config: KnnConfig, verbose=1):
         projector.write_projector(config.projector_dir, query_f[:n].numpy(), truth[:n],
                                    d.class_names, images)
         results["projector_dir"] = config.projector_dir
+    # At the checkpoint's step: evaluating several checkpoints into one dir draws a curve.
+    with tf.summary.create_file_writer(io.join(out, common.LOG_SUBDIR)).as_default():
+        for name in ("top1", "top5"):
+            tf.summary.scalar(f"knn_{name}", results[name], step=loaded.step or 0)
+    results["log_dir"] = io.join(out, common.LOG_SUBDIR)
     common.write_results(out, RESULTS_FILE, results)
     return results
