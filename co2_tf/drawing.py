@@ -68,8 +68,9 @@ def line_chart(xs, ys, *, title, x_label, y_label, references=(), percent=False,
                size=(560, 320)):
     """A PIL image: the points (xs, ys) joined by a line, on labelled axes.
 
-    references: (label, y) horizontal dashed lines (e.g. a baseline);
-    percent: y values are fractions, labelled as percentages.
+    The title names y_label too (in parentheses) when they differ. references:
+    (label, y) horizontal dashed lines (e.g. a baseline); percent: y values
+    are fractions, labelled as percentages.
     """
     from PIL import Image, ImageDraw  # noqa: PLC0415
 
@@ -88,8 +89,8 @@ def line_chart(xs, ys, *, title, x_label, y_label, references=(), percent=False,
         return (left + (x - x0) / (x1 - x0) * (width - left - right),
                 top + (y1 - y) / (y1 - y0) * (height - top - bottom))
 
-    def y_text(y):
-        return f"{100 * y:.0f}%" if percent else f"{y:g}"
+    def y_text(y, digits=0):
+        return f"{100 * y:.{digits}f}%" if percent else f"{y:.{digits + 3}g}"
 
     for y in y_ticks:
         a, b = px(x0, y), px(x1, y)
@@ -104,7 +105,7 @@ def line_chart(xs, ys, *, title, x_label, y_label, references=(), percent=False,
         (a, ya), (b, _) = px(x0, y), px(x1, y)
         for start in range(int(a), int(b), 10):  # dashed
             draw.line([(start, ya), (min(start + 6, b), ya)], fill=_ORANGE, width=2)
-        draw.text((b - 4, ya - 3), f"{label} {y_text(y)}", fill=_ORANGE, font=small,
+        draw.text((b - 4, ya - 3), f"{label} {y_text(y, 2)}", fill=_ORANGE, font=small,
                   anchor="rb")
     points = [px(x, y) for x, y in zip(xs, ys)]
     if len(points) > 1:
@@ -112,11 +113,11 @@ def line_chart(xs, ys, *, title, x_label, y_label, references=(), percent=False,
     for x, y in points:
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=_BLUE)
     last_x, last_y = points[-1]
-    draw.text((last_x - 4, last_y - 6), y_text(ys[-1]), fill=_BLUE, font=small, anchor="rb")
-    draw.text((left, 8), title, fill=_BLACK, font=large)
+    draw.text((last_x - 4, last_y - 6), y_text(ys[-1], 2), fill=_BLUE, font=small, anchor="rb")
+    draw.text((left, 8), title if title == y_label else f"{title} ({y_label})", fill=_BLACK,
+              font=large)
     draw.text(((left + width - right) / 2, height - 6), x_label, fill=_BLACK, font=small,
               anchor="mb")
-    draw.text((4, top - 4), y_label, fill=_BLACK, font=small, anchor="lb")
     return canvas
 
 
@@ -148,7 +149,7 @@ HELP = {
     "height": "picture height in pixels",
 }
 
-_TITLES = {"epoch_knn_top1": "kNN top-1 on the held-out split during pretraining"}
+_TITLES = {"epoch_knn_top1": "kNN top-1 on the held-out split, per epoch of pretraining"}
 
 
 def write_curve(config: CurveConfig):
