@@ -63,7 +63,7 @@ def test_tools_on_file_uris_write_nothing_in_the_working_directory(tmp_path):
     split_file = f"{out}/semi/labels_0.5_seed0.txt"
     _tool("semi_supervised", cwd, model_dir=run, label_fraction=0.5, epochs=1,
           split_file=split_file, output_dir=f"{out}/semi_again")
-    assert _listdir(f"{out}/knn") == ["knn_eval.json"]
+    assert _listdir(f"{out}/knn") == ["knn_eval.json", "logs"]  # logs: TensorBoard scalars
     assert "linear_eval.json" in _listdir(f"{out}/linear")
     assert {"fine_tuned.keras", "labels_0.5_seed0.txt", "semi_supervised.json"} <= set(
         _listdir(f"{out}/semi"))
@@ -103,7 +103,7 @@ def test_library_chain_on_ram_uris(tmp_path, monkeypatch):
         output_dir=f"{out}/semi"), verbose=0)
     assert again["subset"]["split_file"] == split_file
     assert again["subset"]["examples"] == first["subset"]["examples"]
-    assert _listdir(f"{out}/knn") == ["knn_eval.json"]
+    assert _listdir(f"{out}/knn") == ["knn_eval.json", "logs"]  # logs: TensorBoard scalars
     assert {"linear_eval_fast", "semi_supervised_0.5"} <= set(_listdir(run))
     assert "fine_tuned.keras" in _listdir(f"{out}/semi")
     assert os.listdir(tmp_path) == []
