@@ -4,6 +4,7 @@
   refusing a non-finite loss or non-finite weights;
 - the checkpoint manager of a non-chief worker of a multi-worker run;
 - Keras's TensorBoard callback with batch summaries at the global step;
+- progress lines off a terminal (co2_tf.progress), also for the evaluation tools' fits;
 - the weighted kNN monitor of the query backbone.
 """
 
@@ -253,11 +254,51 @@ class KnnMonitor(keras.callbacks.Callback):
             self.last = (int(self.model.step_counter.numpy()), logs["knn_top1"])
 
 
-def knn_evaluator(config, source):
+class ProgressCallback(keras.callbacks.Callback):
+    """Progress lines during Keras's fit: step, steps/s, ETA of the whole run, loss.
+
+    The step is the model's `step_counter` (co2_tf.model.CO2Model) or its
+    optimizer's `iterations`: it survives resumes and successive fit() calls
+    (one callback serves them all; its clock starts at the first). `total`:
+    the run's last step; None = epochs x steps of the first fit() call.
+    """
+
+    def __init__(self, reporter, what="train", total=None):
+        super().__init__()
+        self.reporter, self.what, self.total = reporter, what, total
+        self.progress = None
+
+    def _step(self):
+        counter = getattr(self.model, "step_counter", None)
+        if counter is None:
+            counter = self.model.optimizer.iterations
+        return int(counter.numpy())
+
+    def on_train_begin(self, logs=None):
+        if self.progress is None:
+            total = self.total
+            if total is None and self.params.get("steps"):
+                total = self.params["epochs"] * self.params["steps"]
+            self.progress = self.reporter.task(self.what, total, "steps", start=self._step())
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.progress.due():  # reads nothing from the device otherwise
+            loss = (logs or {}).get("loss")
+            scalars = {} if loss is None else {"loss": float(loss)}
+            self.progress.update(self._step(), **scalars)
+
+
+def progress_callbacks(reporter, what="train", total=None):
+    """[ProgressCallback] for Keras's fit when `reporter` is on, else [] (no per-step cost)."""
+    return [ProgressCallback(reporter, what, total)] if reporter.on else []
+
+
+def knn_evaluator(config, source, reporter=None):
     """A function backbone -> kNN top-1 on the held-out split, or None if there is none.
 
     The held-out split is --eval_split, else the dataset's usual one
     (`Source.default_eval_split`); without one the monitor is off (one log line).
+    `reporter` (co2_tf.progress.Reporter): progress lines of the feature extraction.
     """
     try:
         eval_split = config.eval_split or source.default_eval_split()
@@ -284,5 +325,5 @@ def knn_evaluator(config, source):
             local_copy[0].set_weights(backbone.get_weights())
             backbone = local_copy[0]
         return knn_lib.knn_top1(backbone, bank, queries, classes, k=config.knn_k,
-                                temperature=config.knn_temperature)
+                                temperature=config.knn_temperature, progress=reporter)
     return evaluate

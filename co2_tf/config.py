@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 
+from co2_tf import progress
 from co2_tf.errors import UserError
 
 AUGMENTS = ("mocov1", "mocov2")
@@ -80,6 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps; also at every epoch end and on SIGTERM
     keep_checkpoints: int = 3
     log_every: int = 10  # steps between TensorBoard scalars
+    log_every_secs: float = 60.0  # progress lines off a terminal (co2_tf.progress); 0 = off
     knn_every: int = 6  # epochs between kNN evaluations; 0 = off
     knn_k: int = 200
     knn_temperature: float = 0.1
@@ -124,6 +126,8 @@ class TrainConfig:
              f"{self.batch_size}: the queue takes whole global batches; use e.g. --queue_size="
              f"{max(1, round(self.queue_size / self.batch_size)) * self.batch_size}")
         need(self.knn_every >= 0, "--knn_every must be >= 0")
+        need(self.log_every_secs >= 0 and math.isfinite(self.log_every_secs),
+             f"--log_every_secs={self.log_every_secs} must be >= 0 (0 = no progress lines)")
         return self
 
     def check_replicas(self, num_replicas):
@@ -187,6 +191,7 @@ HELP = {
     "checkpoint_every": "steps between checkpoints (also at epoch ends and on SIGTERM)",
     "keep_checkpoints": "checkpoints kept",
     "log_every": "steps between TensorBoard scalars",
+    "log_every_secs": progress.HELP,
     "knn_every": "epochs between kNN evaluations (0 = off)",
     "knn_k": "k of the weighted kNN monitor",
     "knn_temperature": "temperature of the weighted kNN monitor",

@@ -1,7 +1,8 @@
 """Exporting the pretrained query backbone for use outside co2_tf.
 
 `export(ExportConfig(model_dir=..., export_dir=...))` writes, from a run's
-latest (or a named) checkpoint:
+latest (or a named) checkpoint (or, with random_init, the run's architecture
+with its fresh initial weights, a baseline):
 
 - ``backbone.keras``: the query backbone as a plain functional Keras model
   (built-in layers only: `keras.models.load_model` needs no co2_tf code). Its
@@ -63,6 +64,7 @@ class ExportConfig:
     checkpoint: str = ""
     export_dir: str = ""
     overwrite: bool = False
+    random_init: bool = False
 
     def check(self):
         if not (self.model_dir or self.checkpoint):
@@ -70,6 +72,9 @@ class ExportConfig:
                             "(or --checkpoint=RUN_DIR/checkpoints/ckpt-N)")
         if not self.export_dir:
             raise UserError("--export_dir is required: the directory to write the export to")
+        if self.random_init and self.checkpoint:
+            raise UserError("--random_init exports fresh weights: pass --model_dir, not "
+                            "--checkpoint")
         return self
 
 
@@ -79,6 +84,8 @@ HELP = {
     "export_dir": "output directory (backbone.keras, feature_maps.keras, saved_model/, "
                   "export.json)",
     "overwrite": "replace a non-empty --export_dir",
+    "random_init": "export the run's architecture with fresh random weights (its step 0): a "
+                   "baseline for evaluations outside co2_tf; needs only the run's config.json",
 }
 
 
@@ -182,7 +189,8 @@ def export_info(run, feature_dim):
                                "+ horizontal flip, scale to [0, 1]",
         },
         "step": run.step,
-        "checkpoint": io.absolute(run.checkpoint),
+        "checkpoint": io.absolute(run.checkpoint) if run.checkpoint else None,
+        "random_init": run.checkpoint is None,
         "run_dir": io.absolute(run.run_dir),
         "pretraining": {name: getattr(config, name)
                         for name in ("dataset", "data_dir", "split", "eval_split", "augment",
@@ -254,5 +262,6 @@ def export(config: ExportConfig):
     """tools/export.py: checks, loads the run's checkpoint, writes the export."""
     config.check()
     check_target(io.absolute(config.export_dir), config.overwrite)  # before loading
-    run = rundir.load_run(config.model_dir, config.checkpoint)
+    run = rundir.load_run(config.model_dir, config.checkpoint,
+                          restore_weights=not config.random_init)
     return export_run(run, config.export_dir, overwrite=config.overwrite)

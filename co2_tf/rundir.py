@@ -100,6 +100,27 @@ def log_dir(model_dir):
     return io.join(model_dir, LOG_SUBDIR)
 
 
+def read_scalars(model_dir, tag, subdir="train"):
+    """[(step, value)] of a scalar in the TensorBoard logs DIR/logs/<subdir> ("" = logs), by step.
+
+    Keras writes scalars as tensors, tf.compat.v1 as simple values: both are
+    read. A step written twice (a run resumed before its last checkpoint
+    redoes steps) keeps the value of the newest event file.
+    """
+    folder = io.join(log_dir(model_dir), subdir)
+    if not io.isdir(folder):
+        return []
+    by_step = {}
+    for name in sorted(n for n in io.listdir(folder) if "tfevents" in n):  # by start time
+        for event in tf.compat.v1.train.summary_iterator(io.join(folder, name)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    by_step[event.step] = float(
+                        tf.make_ndarray(value.tensor) if value.HasField("tensor")
+                        else value.simple_value)
+    return sorted(by_step.items())
+
+
 # ---------------------------------------------------------------- run dirs
 def run_config(run_dir):
     """The config of an existing run dir; UserError if it is not one."""

@@ -29,7 +29,7 @@ import sys
 
 import tensorflow as tf
 
-from co2_tf import checkpoints, data, distribute, rundir, runlock
+from co2_tf import checkpoints, data, distribute, progress, rundir, runlock
 from co2_tf.build import backbone_fn, build_model, build_optimizer, compile_model
 from co2_tf.callbacks import (
     CheckpointCallback,
@@ -41,6 +41,7 @@ from co2_tf.callbacks import (
     WorkerCheckpointManager,
     any_worker,
     knn_evaluator,
+    progress_callbacks,
 )
 from co2_tf.checkpoints import SaveFailed
 from co2_tf.config import TrainConfig, check_compatible
@@ -110,7 +111,11 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     config.check()
     if verbose is None:  # a progress bar on a terminal, a line per epoch in logs
         verbose = 1 if sys.stdout.isatty() else 2
-    source = make_source(config.dataset, config.data_dir or None, config.max_image_pixels)
+    # Off a terminal, also a line every --log_every_secs (steps, rate, ETA, loss), during the
+    # folder scan and the kNN feature extraction too.
+    reporter = progress.Reporter.for_stdout(config.log_every_secs)
+    source = make_source(config.dataset, config.data_dir or None, config.max_image_pixels,
+                         reporter)
     source.validate(config.split)
     data.pretraining_data_warnings(source, config.split, config.queue_size)
     saved = rundir.load_run_config(config.model_dir)
@@ -131,7 +136,8 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     if saved is None:  # a new run dir: writable? (before minutes of building)
         rundir.check_writable(config.model_dir)
     # The end-of-run kNN costs seconds on in-memory data: reported even with --knn_every=0.
-    knn = knn_evaluator(config, source) if config.knn_every or source.in_memory else None
+    knn = (knn_evaluator(config, source, reporter) if config.knn_every or source.in_memory
+           else None)
 
     with strategy.scope():
         model = build_model(config, bn_groups)
@@ -186,6 +192,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
             if chief:
                 cbs.append(GlobalStepTensorBoard(log_dir, update_freq=config.log_every,
                                                  write_graph=False))
+            cbs.extend(progress_callbacks(reporter, "train", total_steps))
             cbs.extend(callbacks)
             segments = execution_segments(epoch_segments(step, total_steps, steps_per_epoch),
                                           config.steps_per_execution)

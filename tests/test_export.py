@@ -8,11 +8,12 @@ import sys
 import textwrap
 import uuid
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from co2_tf import backbones, export, rundir
+from co2_tf import backbones, build, export, rundir
 from co2_tf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,6 +260,14 @@ def test_missing_and_incompatible_checkpoints_are_user_errors(run_dir, tmp_path)
     shutil.copy(os.path.join(run_dir, "config.json"), empty)
     with pytest.raises(UserError, match="has no checkpoint"):
         export.export(export.ExportConfig(model_dir=str(empty), export_dir=str(tmp_path / "b")))
+    # --random_init needs no checkpoint: the run's architecture at its seeded initial weights.
+    info = export.export(export.ExportConfig(model_dir=str(empty), random_init=True,
+                                             export_dir=str(tmp_path / "r")))
+    assert info["random_init"] and info["checkpoint"] is None and info["step"] is None
+    fresh = build.backbone_fn(rundir.run_config(str(empty)))("fresh")
+    x = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
+    reloaded = keras.models.load_model(str(tmp_path / "r" / "backbone.keras"))
+    np.testing.assert_allclose(reloaded(x).numpy(), fresh(x).numpy(), atol=1e-5)
     with pytest.raises(UserError, match="not a co2_tf run dir"):
         export.export(export.ExportConfig(model_dir=str(tmp_path), export_dir=str(tmp_path / "c")))
 

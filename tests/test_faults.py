@@ -5,6 +5,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -269,8 +270,10 @@ def test_a_second_run_on_a_dir_in_use_is_refused_and_sigterm_stops_the_first_cle
     """The first run goes on; then SIGTERM saves a checkpoint at its step (the only one:
     --checkpoint_every is beyond the run), exits 143 with one line and frees the lock."""
     model_dir = str(tmp_path / "run")
+    # stdout is a pipe, not a terminal: progress lines every --log_every_secs.
     flags = [f"--model_dir={model_dir}"] + small_flags(train_steps=5000,
-                                                       checkpoint_every=100000)
+                                                       checkpoint_every=100000,
+                                                       log_every_secs=0.5)
     first = subprocess.Popen([sys.executable, TRAIN] + flags, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     # Training has started (TensorBoard's first events): the lock is held.
@@ -284,7 +287,7 @@ def test_a_second_run_on_a_dir_in_use_is_refused_and_sigterm_stops_the_first_cle
     assert "since" in last
     assert first.poll() is None, "the first run was harmed"
     first.send_signal(signal.SIGTERM)
-    _, err = first.communicate(timeout=120)
+    out, err = first.communicate(timeout=120)
     assert first.returncode == 143, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -294,6 +297,11 @@ def test_a_second_run_on_a_dir_in_use_is_refused_and_sigterm_stops_the_first_cle
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     assert latest.endswith(f"-{step}")
     assert not os.path.exists(os.path.join(model_dir, ".lock")), "not released on SIGTERM"
+    # The first run trained for seconds while the second was refused: progress lines, of
+    # the whole run's 5000 steps, with the loss (tests/test_progress.py checks the arithmetic).
+    lines = re.findall(r"^train: (\d+)/5000 steps \(\d+%\), [\d.]+ steps/s, \S+ elapsed, "
+                       r"ETA \S+, loss [-\d.e+]+$", out, re.MULTILINE)
+    assert lines and 0 < int(lines[-1]) <= step, out
 
 
 def _dead_pid():

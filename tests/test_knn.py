@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from helpers.references import SMALL, numpy_knn, topk, unit
 
-from co2_tf import export
+from co2_tf import export, rundir
 from co2_tf.evaluation import knn
 from co2_tf.sources import builtin
 
@@ -50,6 +50,10 @@ def test_knn_tool_matches_numpy_the_monitor_and_the_export(run_dir, reference, t
     assert on_disk["data"]["query_examples"] == len(test_y) == 2000
     assert on_disk["backbone"]["step"] == SMALL["train_steps"]
     assert not on_disk["backbone"]["random_init"]
+    # TensorBoard: both scalars at the checkpoint's step (read as rundir reads a run's logs).
+    for name, expected in (("top1", top1), ("top5", top5)):
+        (step, value), = rundir.read_scalars(str(tmp_path / "knn"), f"knn_{name}", "")
+        assert step == SMALL["train_steps"] and value == pytest.approx(expected, abs=1e-3)
 
     # Projector: the first 50 held-out embeddings, their classes, thumbnails.
     projector = tmp_path / "projector"

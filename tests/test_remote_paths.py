@@ -61,7 +61,7 @@ def test_tools_on_file_uris_write_nothing_in_the_working_directory(tmp_path):
           output_dir=f"{out}/linear")
     _tool("semi_supervised", cwd, model_dir=run, label_fraction=0.5, epochs=1,
           output_dir=f"{out}/semi")
-    assert _listdir(f"{out}/knn") == ["knn_eval.json"]
+    assert _listdir(f"{out}/knn") == ["knn_eval.json", "logs"]  # logs: TensorBoard scalars
     assert {"linear_eval.json", "linear_classifier.keras"} <= set(_listdir(f"{out}/linear"))
     assert {"semi_supervised_classifier.keras", "labels_0.5_seed0.txt", "semi_supervised.json",
             "checkpoints"} <= set(_listdir(f"{out}/semi"))
@@ -99,7 +99,7 @@ def test_library_chain_on_ram_uris(tmp_path, monkeypatch):
         output_dir=f"{out}/semi"), verbose=0)
     assert again["subset"]["split_file"] == split_file
     assert again["subset"]["examples"] == first["subset"]["examples"]
-    assert _listdir(f"{out}/knn") == ["knn_eval.json"]
+    assert _listdir(f"{out}/knn") == ["knn_eval.json", "logs"]  # logs: TensorBoard scalars
     assert {"linear_eval_fast", "semi_supervised_0.5"} <= set(_listdir(run))
     assert {"semi_supervised_classifier.keras", "checkpoints"} <= set(_listdir(f"{out}/semi"))
     assert "linear_classifier.keras" in _listdir(f"{run}/linear_eval_fast")

@@ -1,6 +1,9 @@
 """Tests for co2_tf.evaluation.retrieval: the neighbours the picture shows."""
 
+import json
+
 import numpy as np
+import pytest
 from helpers.references import unit
 
 from co2_tf.evaluation import retrieval
@@ -18,6 +21,15 @@ def test_retrieval_picture_shows_the_nearest_neighbours(run_dir, reference, tmp_
     assert result["neighbours"] == expected.tolist()
     np.testing.assert_allclose(result["similarities"], np.take_along_axis(sims, expected, 1),
                                atol=1e-5)
+    # The JSON beside the picture holds the same neighbours and their labels.
+    with open(tmp_path / "grid.json") as f:
+        on_disk = json.load(f)
+    assert on_disk["neighbours"] == expected.tolist() and on_disk["picture"].endswith("grid.png")
+    train_y, test_y = ref["train"][1], ref["test"][1]
+    assert on_disk["query_labels"] == test_y[result["queries"]].tolist()
+    assert on_disk["neighbour_labels"] == train_y[expected].tolist()
+    assert on_disk["precision_at_k"] == pytest.approx(
+        np.mean(train_y[expected] == test_y[result["queries"]][:, None]))
     from PIL import Image  # noqa: PLC0415
     with Image.open(tmp_path / "grid.png") as picture:
         assert picture.format == "PNG"

@@ -128,7 +128,11 @@ def main(argv):
     print(line, flush=True)
 
 
-if __name__ == "__main__":
+def define_flags():
     common.define_flags(TrainConfig, HELP, skip=benchmark_lib.UNUSED_TRAIN_FIELDS)
     common.define_flags(CompareConfig, COMPARE_HELP)
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -3,6 +3,8 @@
   python tools/export.py --model_dir=/tmp/co2_demo --export_dir=/tmp/co2_demo_export
   python tools/export.py --checkpoint=/tmp/co2_demo/checkpoints/ckpt-200 \\
       --export_dir=/tmp/export --overwrite
+  # the same architecture with fresh weights, a baseline for evaluations outside co2_tf:
+  python tools/export.py --model_dir=/tmp/co2_demo --random_init --export_dir=/tmp/random_export
 
 Fine-tune with `keras.models.load_model(".../backbone.keras")` or
 `keras.layers.TFSMLayer(".../saved_model", call_endpoint="serve",
@@ -25,8 +27,10 @@ def main(argv):
     common.quiet_logs()
     config = common.config_from_flags(export_lib.ExportConfig)
     info = common.run_guarded(export_lib.export, config)
-    print(f"exported {info['backbone']} (features {info['feature_dim']}, step {info['step']}) "
-          f"from {info['checkpoint']} to {config.export_dir}: backbone.keras, "
+    what, origin = (("random initial weights", "") if info["random_init"]
+                    else (f"step {info['step']}", f" from {info['checkpoint']}"))
+    print(f"exported {info['backbone']} (features {info['feature_dim']}, {what}){origin} "
+          f"to {config.export_dir}: backbone.keras, "
           "feature_maps.keras, saved_model/ (endpoints serve, serve_training, projection, "
           "feature_maps), export.json")
 

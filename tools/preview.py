@@ -1,14 +1,14 @@
-"""The preview grid of tools/preview_augmentations.py: source images and their two views."""
+"""Pictures of the data: the augmentation grid of tools/preview_augmentations.py (source
+images and their two views) and the class grid of tools/preview_classes.py."""
 
 import dataclasses
-import io as stdio
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from co2_tf import augment as _augment
-from co2_tf import data, io
+from co2_tf import data, drawing
 from co2_tf.config import AUGMENTS
 from co2_tf.errors import UserError
 from co2_tf.sources import make_source
@@ -77,12 +77,65 @@ def write_preview(config):
     grid = preview_grid(config.dataset, split=config.split, data_dir=config.data_dir or None,
                         image_size=config.image_size, augment=config.augment,
                         num_images=config.num_images, seed=config.seed)
-    buffer = stdio.BytesIO()
-    Image.fromarray(grid).save(buffer, format="PNG")
-    try:
-        io.write_bytes_atomic(config.out, buffer.getvalue())
-    except (OSError, tf.errors.OpError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot write {config.out}: {first}: pass a writable --out path "
-                        "ending in .png") from None
+    drawing.write_png(config.out, Image.fromarray(grid))
     return grid.shape[:2]
+
+
+# ------------------------------------------------------------------- classes
+def class_grid(spec, *, split="train", data_dir=None, image_size=48, per_class=8, seed=0):
+    """A PIL image: a row per class, its name then `per_class` of its examples.
+
+    The examples are drawn at random (`seed`) from each class of `split`,
+    shown resized and centre-cropped as for evaluation.
+    """
+    source = make_source(spec, data_dir)
+    if per_class < 1 or image_size < 8:
+        raise UserError("--per_class must be >= 1 and --image_size >= 8")
+    source.validate(split)
+    names = source.class_names(split)  # UserError for unlabelled data
+    labels = np.asarray(source.labels(split))
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(np.concatenate([
+        rng.choice(np.flatnonzero(labels == c), min(per_class, int(np.sum(labels == c))),
+                   replace=False) for c in range(len(names))]))
+    rows = {c: [] for c in range(len(names))}
+    for images, y in data.labelled_dataset(source, split=split, image_size=image_size,
+                                           batch_size=256, indices=chosen):
+        for image, label in zip(images.numpy(), y.numpy()):
+            rows[int(label)].append(image)
+    pad, name_width = 4, 8 + max(len(n) for n in names) * 7
+    width = name_width + per_class * (image_size + pad) + pad
+    canvas = Image.new("RGB", (width, len(names) * (image_size + pad) + pad), (255, 255, 255))
+    draw, font = ImageDraw.Draw(canvas), drawing.font(12)
+    for c, name in enumerate(names):
+        y = pad + c * (image_size + pad)
+        draw.text((pad, y + image_size // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
+        for j, image in enumerate(rows[c]):
+            pixels = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+            canvas.paste(Image.fromarray(pixels), (name_width + j * (image_size + pad), y))
+    return canvas
+
+
+@dataclasses.dataclass
+class ClassesConfig:
+    dataset: str = "builtin"
+    image_size: int = 48
+    per_class: int = 8
+    out: str = "classes.png"
+    seed: int = 0
+    data_dir: str = ""
+    split: str = "train"
+
+
+CLASSES_HELP = dict(
+    HELP, image_size="side of each example, in pixels", per_class="examples per class (columns)",
+    seed="seed of the examples drawn")
+
+
+def write_class_grid(config):
+    """Writes the class grid PNG of `config`; returns its (height, width)."""
+    picture = class_grid(config.dataset, split=config.split, data_dir=config.data_dir or None,
+                         image_size=config.image_size, per_class=config.per_class,
+                         seed=config.seed)
+    drawing.write_png(config.out, picture)
+    return picture.size[::-1]

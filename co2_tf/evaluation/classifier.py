@@ -12,6 +12,8 @@ import keras
 import tensorflow as tf
 
 from co2_tf import distribute, optimizers
+from co2_tf import progress as progress_lib
+from co2_tf.callbacks import progress_callbacks
 from co2_tf.errors import UserError
 
 
@@ -92,7 +94,7 @@ def linear_layer(num_classes, seed, name="classifier"):
 
 
 def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_every=1, verbose=1,
-                     resumable=None, callbacks=()):
+                     resumable=None, callbacks=(), progress=None):
     """Fits a compiled classifier for `epochs`; returns the final held-out metrics.
 
     train_data(epoch, skip_batches) -> the dataset of that epoch from that
@@ -102,6 +104,7 @@ def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_ever
     to TensorBoard in log_dir (train/ and validation/, as Keras's TensorBoard
     callback names them). `resumable` (co2_tf.evaluation.resume.Resumable,
     entered): training goes on from its position, with its checkpoints.
+    `progress` (a co2_tf.progress.Reporter): progress lines named after the model.
     Returns {"top1", "top5", "loss"} of the final evaluation.
     """
     replicas = model.distribute_strategy.num_replicas_in_sync
@@ -111,6 +114,7 @@ def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_ever
     scalars = EpochScalars(log_dir)
     saver = resumable.callback if resumable is not None else None
     callbacks = [scalars, _StopAfterOneEpoch(), *([saver] if saver else []), *callbacks]
+    fit_callbacks = callbacks + progress_callbacks(progress_lib.reporter(progress), model.name)
     first, skip = (resumable.epoch, resumable.skip) if resumable is not None else (0, 0)
     for epoch in range(first, epochs):
         # The last epoch's evaluation comes after the loop (also for a resumed, finished run).
@@ -119,7 +123,7 @@ def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_ever
             saver.start_epoch(epoch, skip)
         # One epoch per fit() call (a fresh dataset each), numbered out of all epochs.
         model.fit(train_data(epoch, skip), initial_epoch=epoch, epochs=epochs,
-                  validation_data=eval_data if validate else None, callbacks=callbacks,
+                  validation_data=eval_data if validate else None, callbacks=fit_callbacks,
                   verbose=verbose)
         skip = 0
     logs = model.evaluate(eval_data, callbacks=callbacks[2:], return_dict=True, verbose=0)

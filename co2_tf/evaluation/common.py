@@ -10,10 +10,11 @@ description; `output_dir` and `write_results` place the results.
 """
 
 import dataclasses
+import math
 
 import keras
 
-from co2_tf import build, data, distribute, io, rundir
+from co2_tf import build, data, distribute, io, progress, rundir
 from co2_tf.config import HELP as TRAIN_HELP
 from co2_tf.config import STRATEGIES
 from co2_tf.errors import UserError
@@ -43,6 +44,7 @@ class EvalConfig:
     strategy: str = "auto"
     tpu: str = ""
     cpu_devices: int = 0
+    log_every_secs: float = 60.0  # progress lines off a terminal (co2_tf.progress)
 
     # Fields that take one of a list of values (the tools' --help lists them).
     CHOICES = {"strategy": STRATEGIES}
@@ -67,7 +69,13 @@ class EvalConfig:
                             "tpu or one_device")
         if self.cpu_devices < 0:
             raise UserError(f"--cpu_devices={self.cpu_devices} must be >= 0 (0 = one device)")
+        if not (self.log_every_secs >= 0 and math.isfinite(self.log_every_secs)):
+            raise UserError(f"--log_every_secs={self.log_every_secs} must be >= 0 (0 = off)")
         return self
+
+    def reporter(self):
+        """Progress lines every log_every_secs when stdout is not a terminal."""
+        return progress.Reporter.for_stdout(self.log_every_secs)
 
 
 EVAL_HELP = {
@@ -88,6 +96,7 @@ EVAL_HELP = {
     "tpu": TRAIN_HELP["tpu"],
     "cpu_devices": "split the CPU into this many logical devices (e.g. 2 for "
                    "--strategy=mirrored without GPUs); 0 = leave it as one",
+    "log_every_secs": progress.HELP,
 }
 
 
@@ -248,7 +257,7 @@ def resolve_data(config: EvalConfig, loaded: LoadedBackbone):
         raise UserError("which dataset? pass --dataset=builtin|tfds:NAME|folder:PATH")
     inherited = pretrained if dataset == pretrained.get("dataset") else {}
     source = make_source(dataset, config.data_dir or inherited.get("data_dir") or None,
-                         getattr(loaded.run_config, "max_image_pixels", None))
+                         getattr(loaded.run_config, "max_image_pixels", None), config.reporter())
     split = config.split or inherited.get("split") or "train"
     source.validate(split)  # first: names an unprepared dataset
     eval_split = (config.eval_split or inherited.get("eval_split")

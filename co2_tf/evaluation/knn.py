@@ -6,8 +6,10 @@ features, the k nearest neighbours vote for their class with weight
 exp(similarity / t). `knn_top1` is what the pretraining monitor reports;
 `knn_eval(KnnConfig)` is tools/knn_eval.py: the same classifier (memory
 bank: the training split, queries: the held-out split, both centre-cropped)
-from a run dir, a checkpoint or an exported backbone.keras, optionally with
-the held-out embeddings for TensorBoard's projector.
+from a run dir, a checkpoint or an exported backbone.keras, with top-1 and
+top-5 in OUTPUT_DIR/knn_eval.json and as TensorBoard scalars knn_top1 /
+knn_top5 (OUTPUT_DIR/logs, at the checkpoint's step), optionally with the
+held-out embeddings for TensorBoard's projector.
 """
 
 import dataclasses
@@ -17,23 +19,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import distribute
+from co2_tf import distribute, io
+from co2_tf import progress as progress_lib
 from co2_tf.errors import UserError
 from co2_tf.evaluation import common, projector
 
 
-def extract_features(backbone, dataset, normalize=True, verbose=0, strategy=None):
+def extract_features(backbone, dataset, normalize=True, verbose=0, strategy=None,
+                     progress=None, what="features"):
     """Features (L2-normalised unless normalize=False) and labels of a finite dataset.
 
     `dataset` yields (images, labels) global batches; verbose=1 shows a
-    progress bar. With a `strategy` of several replicas (the backbone built
-    under its scope) each batch is split across them; the result keeps the
-    dataset's order.
+    progress bar; `progress` (a co2_tf.progress.Reporter) prints lines
+    `what: N/M images, ...`. With a `strategy` of several replicas (the
+    backbone built under its scope) each batch is split across them; the
+    result keeps the dataset's order.
     """
     features, labels = [], []
     steps = int(dataset.cardinality())
-    progress = keras.utils.Progbar(steps if steps >= 0 else None, verbose=verbose,
-                                   unit_name="batch")
+    bar = keras.utils.Progbar(steps if steps >= 0 else None, verbose=verbose,
+                              unit_name="batch")
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         batches = strategy.experimental_distribute_dataset(
             dataset.map(distribute.pad_batch(strategy.num_replicas_in_sync)))
@@ -41,12 +46,19 @@ def extract_features(backbone, dataset, normalize=True, verbose=0, strategy=None
     else:
         # Keras's own compiled predict function, traced once per model.
         batches, embed = dataset, lambda batch: (backbone.predict_on_batch(batch[0]), batch[1])
+    lines = None
     for batch in batches:
-        progress.add(1)
+        bar.add(1)
         f, y = embed(batch)
+        if lines is None:  # images: batches x the first batch's size (the last may be short)
+            lines = progress_lib.reporter(progress).task(
+                what, steps * int(y.shape[0]) if steps > 0 else None, unit="images")
+        lines.add(int(y.shape[0]))
         f = tf.cast(f, tf.float32)
         features.append(tf.math.l2_normalize(f, -1) if normalize else f)
         labels.append(tf.cast(y, tf.int32))
+    if lines is not None:
+        lines.done(lines.count)
     return tf.concat(features, 0), tf.concat(labels, 0)
 
 
@@ -94,10 +106,13 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     return float(np.mean(predicted == np.asarray(test_labels)))
 
 
-def knn_top1(backbone, train_dataset, test_dataset, num_classes, k=200, temperature=0.1):
+def knn_top1(backbone, train_dataset, test_dataset, num_classes, k=200, temperature=0.1,
+             progress=None):
     """kNN top-1 of `backbone` features: memory bank from train, queries from test."""
-    train_f, train_y = extract_features(backbone, train_dataset)
-    test_f, test_y = extract_features(backbone, test_dataset)
+    train_f, train_y = extract_features(backbone, train_dataset, progress=progress,
+                                        what="kNN features (memory bank)")
+    test_f, test_y = extract_features(backbone, test_dataset, progress=progress,
+                                      what="kNN features (queries)")
     return knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature)
 
 
@@ -139,9 +154,12 @@ def knn_eval(config: KnnConfig, verbose=1, strategy=None):
     out = common.output_dir(config.check(), "knn_eval")
     strategy, loaded, d = common.prepare(config, strategy)
     bank_f, bank_y = extract_features(loaded.backbone, d.labelled(d.split), verbose=verbose,
-                                      strategy=strategy)
+                                      strategy=strategy, progress=config.reporter(),
+                                      what=f"kNN features ({d.split})")
     query_f, query_y = extract_features(loaded.backbone, d.labelled(d.eval_split),
-                                        verbose=verbose, strategy=strategy)
+                                        verbose=verbose, strategy=strategy,
+                                        progress=config.reporter(),
+                                        what=f"kNN features ({d.eval_split})")
     scores = knn_predict_scores(bank_f, bank_y, query_f, d.num_classes, config.k,
                                            config.temperature).numpy()
     truth = query_y.numpy()
@@ -162,5 +180,10 @@ def knn_eval(config: KnnConfig, verbose=1, strategy=None):
         projector.write_projector(config.projector_dir, query_f[:n].numpy(), truth[:n],
                                    d.class_names, images)
         results["projector_dir"] = config.projector_dir
+    # At the checkpoint's step: evaluating several checkpoints into one dir draws a curve.
+    with tf.summary.create_file_writer(io.join(out, common.LOG_SUBDIR)).as_default():
+        for name in ("top1", "top5"):
+            tf.summary.scalar(f"knn_{name}", results[name], step=loaded.step or 0)
+    results["log_dir"] = io.join(out, common.LOG_SUBDIR)
     common.write_results(out, RESULTS_FILE, results)
     return results

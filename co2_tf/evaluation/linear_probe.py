@@ -115,7 +115,7 @@ def frozen_classifier(backbone, image_size, num_classes, seed):
                        name="linear_probe")
 
 
-def cached_features(loaded, d, cache_path=None, verbose=0, strategy=None):
+def cached_features(loaded, d, cache_path=None, verbose=0, strategy=None, progress=None):
     """(train features, train labels, eval features, eval labels), numpy, not normalised.
 
     Reuses cache_path when it holds the features of the same source, data and
@@ -130,7 +130,8 @@ def cached_features(loaded, d, cache_path=None, verbose=0, strategy=None):
     arrays = {}
     for name, split in (("train", d.split), ("eval", d.eval_split)):
         f, y = knn.extract_features(loaded.backbone, d.labelled(split), normalize=False,
-                                    verbose=verbose, strategy=strategy)
+                                    verbose=verbose, strategy=strategy, progress=progress,
+                                    what=f"features ({split})")
         arrays[f"{name}_f"], arrays[f"{name}_y"] = f.numpy(), y.numpy()
     if cache_path:
         buffer = stdio.BytesIO()
@@ -141,7 +142,8 @@ def cached_features(loaded, d, cache_path=None, verbose=0, strategy=None):
 
 def _fast(config, loaded, d, out, verbose, strategy):
     cache = io.join(out, FEATURES_FILE) if config.cache_features else None
-    train_f, train_y, eval_f, eval_y = cached_features(loaded, d, cache, verbose, strategy)
+    train_f, train_y, eval_f, eval_y = cached_features(loaded, d, cache, verbose, strategy,
+                                                       config.reporter())
     n = len(train_y)
     with strategy.scope():
         inputs = keras.Input((train_f.shape[1],), name="features")
@@ -195,7 +197,7 @@ def linear_eval(config: LinearEvalConfig, verbose=1, strategy=None, callbacks=()
         metrics = classifier.train_classifier(
             model, train_data, eval_data, epochs=config.epochs, eval_every=config.eval_every,
             log_dir=io.join(out, common.LOG_SUBDIR), verbose=verbose, resumable=checkpoints,
-            callbacks=callbacks)
+            callbacks=callbacks, progress=config.reporter())
     results = dict(metrics, protocol=config.protocol, backbone=loaded.as_dict(),
                    replicas=strategy.num_replicas_in_sync,
                    data=dict(d.as_dict(), train_examples=n, image_size=d.image_size),

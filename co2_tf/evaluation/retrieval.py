@@ -5,20 +5,22 @@ their top-k neighbours in the training split by cosine similarity of
 backbone features (centre crops), and draws a PNG grid: one row per query,
 the query first, then its neighbours, each captioned with its class (and
 the neighbours with their similarity), framed green when the neighbour's
-class is the query's and red when it is not.
+class is the query's and red when it is not. The same neighbours go to a
+JSON file beside the PNG (retrieval.json for retrieval.png): query and
+neighbour indices, labels, similarities and precision@k.
 """
 
 import dataclasses
-import io as stdio
 
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import io
+from co2_tf import drawing, io
 from co2_tf.errors import UserError
 from co2_tf.evaluation import common, knn
 
 PICTURE_FILE = "retrieval.png"
+RESULTS_FILE = "retrieval.json"
 _GREEN, _RED, _GRAY = (40, 160, 60), (200, 40, 40), (150, 150, 150)
 
 
@@ -41,7 +43,8 @@ class RetrievalConfig(common.EvalConfig):
 
 HELP = dict(
     common.EVAL_HELP,
-    out="PNG file to write ('' = OUTPUT_DIR/retrieval.png)",
+    out="PNG file to write ('' = OUTPUT_DIR/retrieval.png); the neighbours go to the same "
+        "name ending in .json",
     num_queries="rows: held-out images drawn at random (--seed)",
     k="neighbours per query, from the training split",
     thumb_size="side of each thumbnail in pixels",
@@ -57,15 +60,6 @@ def nearest_neighbours(query_features, bank_features, k):
     sims = tf.matmul(query_features, bank_features, transpose_b=True)
     top = tf.math.top_k(sims, k=min(k, int(bank_features.shape[0])))
     return top.values.numpy(), top.indices.numpy()
-
-
-def _font(size):
-    from PIL import ImageFont  # noqa: PLC0415 (optional dependency, only needed here)
-
-    try:
-        return ImageFont.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
-    except TypeError:
-        return ImageFont.load_default()
 
 
 def retrieval_grid(query_images, query_labels, neighbour_images, neighbour_labels,
@@ -86,7 +80,7 @@ def retrieval_grid(query_images, query_labels, neighbour_images, neighbour_label
     height = title + q * (cell_h + pad) + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = _font(12)
+    font = drawing.font(12)
     draw.text((pad, 4), f"query (held-out)   |   top-{k} neighbours in the training split, "
                         "cosine similarity of backbone features", fill=(0, 0, 0), font=font)
 
@@ -141,7 +135,8 @@ def retrieval_picture(config: RetrievalConfig, verbose=1):
     loaded = common.load_backbone(config)
     d = common.resolve_data(config, loaded)
     bank_f, bank_y = knn.extract_features(loaded.backbone, d.labelled(d.split),
-                                                 verbose=verbose)
+                                          verbose=verbose, progress=config.reporter(),
+                                          what=f"features ({d.split})")
     n_eval = d.source.num_examples(d.eval_split)
     rng = np.random.default_rng(config.seed)
     queries = np.sort(rng.choice(n_eval, size=min(config.num_queries, n_eval), replace=False))
@@ -153,11 +148,12 @@ def retrieval_picture(config: RetrievalConfig, verbose=1):
     neighbour_labels = bank_y.numpy()[idx]
     grid = retrieval_grid(query_images, query_labels.tolist(), neighbour_images,
                           neighbour_labels.tolist(), sims, d.class_names, config.thumb_size)
-    buffer = stdio.BytesIO()
-    try:
-        grid.save(buffer, format="PNG")  # --out is checked to end in .png
-        io.write_bytes_atomic(path, buffer.getvalue())
-    except (OSError, ValueError, tf.errors.OpError) as e:
-        raise UserError(f"cannot write {path} ({e}): pass a writable --out") from None
-    return {"picture": path, "queries": queries.tolist(), "neighbours": idx.tolist(),
-            "similarities": sims.tolist(), "backbone": loaded.as_dict()}
+    drawing.write_png(path, grid)
+    results = {"picture": path, "results_file": path[:-len(".png")] + ".json",
+               "queries": queries.tolist(), "query_labels": query_labels.tolist(),
+               "neighbours": idx.tolist(), "neighbour_labels": neighbour_labels.tolist(),
+               "similarities": sims.tolist(), "class_names": list(d.class_names),
+               "precision_at_k": float(np.mean(neighbour_labels == query_labels[:, None])),
+               "backbone": loaded.as_dict(), "data": d.as_dict(), "k": config.k}
+    io.write_json_atomic(results["results_file"], results)  # --out ends in .png (checked)
+    return results

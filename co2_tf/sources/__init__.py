@@ -72,10 +72,11 @@ def parse_dataset_spec(text):
     raise UserError(f"unknown dataset spec {text!r}: use {SPEC_FORMS}")
 
 
-def make_source(spec, data_dir=None, max_image_pixels=None):
+def make_source(spec, data_dir=None, max_image_pixels=None, progress=None):
     """The Source for a spec (string or DatasetSpec); a Source is returned as it is.
 
     max_image_pixels: the image-file pixel limit (None = co2_tf.image_files' default).
+    progress: a co2_tf.progress.Reporter for the scan of image folders (None = silent).
     """
     from co2_tf.sources import base  # noqa: PLC0415 (imports TF)
 
@@ -84,4 +85,4 @@ def make_source(spec, data_dir=None, max_image_pixels=None):
     spec = parse_dataset_spec(spec)
     module, cls = _SOURCE_CLASSES[spec.kind]
     return getattr(importlib.import_module(f"co2_tf.sources.{module}"), cls)(
-        spec, data_dir, max_image_pixels)
+        spec, data_dir, max_image_pixels, progress)

@@ -34,8 +34,9 @@ class Source:
     # Held-out split names tried, in order, by default_eval_split.
     eval_split_candidates = ()
 
-    def __init__(self, spec, data_dir=None, max_image_pixels=None):
+    def __init__(self, spec, data_dir=None, max_image_pixels=None, progress=None):
         self.spec = spec
+        self.progress = progress  # a co2_tf.progress.Reporter for long scans (None = silent)
         self.data_dir = data_dir or None
         # Image files over this many pixels: decoded smaller or skipped (co2_tf.image_files).
         self.max_image_pixels = (image_files.DEFAULT_MAX_PIXELS if max_image_pixels is None

@@ -20,7 +20,8 @@ class FolderSource(base.Source):
     eval_split_candidates = ("val", "validation", "test")
 
     def listing(self, split):
-        return image_files.list_folder(self.spec.folder_root(split), self.max_image_pixels)
+        return image_files.list_folder(self.spec.folder_root(split), self.max_image_pixels,
+                                       self.progress)
 
     def validate(self, split="train"):
         self.listing(split)

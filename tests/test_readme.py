@@ -1,0 +1,109 @@
+"""README.md against the tools: every flag its commands and its flag table name exists, and
+the commands beside its pictures run (on a tiny run) and write PNGs.
+
+One subprocess (tests/helpers/tool_runner.py) loads every tool the README names and runs the
+picture commands: one TF import for all of them.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from co2_tf import rundir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "tests", "helpers", "tool_runner.py")
+with open(os.path.join(ROOT, "README.md")) as _f:
+    README = _f.read()
+# absl's own flags, which every tool has.
+ABSL = {"flagfile", "help", "helpfull", "helpshort", "helpxml"}
+# Appended to the picture commands: tiny sizes (absl keeps a flag's last value).
+TINY = {"preview_classes": ["--image_size=16", "--per_class=2"],
+        "preview_augmentations": ["--image_size=16", "--num_images=2"],
+        "retrieval": ["--num_queries=2", "--k=3", "--thumb_size=16"],
+        "plot_curve": ["--width=240", "--height=160"]}
+PICTURES_BUDGET = 400 * 1024  # bytes, all of docs/*.png
+
+
+def readme_commands():
+    """(tool, [args]) of every `python tools/TOOL.py ...` in README.md (continuations joined)."""
+    text = README.replace("\\\n", " ")
+    return [(m.group(1), m.group(2).split())
+            for m in re.finditer(r"python3? tools/(\w+)\.py([^\n`#|]*)", text)]
+
+
+def flag_names(args):
+    return {m.group(1) for arg in args for m in [re.match(r"\[?--(\w+)", arg)] if m}
+
+
+def picture_commands():
+    """{docs/NAME.png: (tool, args)} of the commands that write the README's pictures."""
+    found = {}
+    for tool, args in readme_commands():
+        for arg in args:
+            m = re.fullmatch(r"--out=(docs/\w+\.png)", arg)
+            if m:
+                found[m.group(1)] = (tool, args)
+    return found
+
+
+def fake_knn_run(path):
+    """A run dir with only what tools/plot_curve.py reads: kNN scalars and summary.json."""
+    with tf.summary.create_file_writer(os.path.join(path, "logs", "train")).as_default():
+        for step, value in ((1, 0.3), (3, 0.6), (5, 0.7)):
+            tf.summary.scalar("epoch_knn_top1", value, step=step)
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump({"knn_top1": 0.7, "knn_top1_random_init": 0.2, "steps": 60}, f)
+    return path
+
+
+def test_readme_flags_exist_and_picture_commands_draw(run_dir, tmp_path):
+    commands = readme_commands()
+    tools = sorted({tool for tool, _ in commands})
+    assert {"train", "export", "knn_eval", "linear_eval", "retrieval"} <= set(tools)
+
+    # The pictures the README shows are the ones its commands write, small, and all there.
+    shown = set(re.findall(r"!\[[^\]]*\]\((docs/[\w.]+)\)", README))
+    pictures = picture_commands()
+    assert shown == set(pictures) and len(shown) == 4, (shown, sorted(pictures))
+    sizes = [os.path.getsize(os.path.join(ROOT, p)) for p in shown]
+    assert sum(sizes) <= PICTURES_BUDGET, sizes
+
+    fake = fake_knn_run(str(tmp_path / "knn_run"))
+    runs = []
+    for picture, (tool, args) in sorted(pictures.items()):
+        model_dir = fake if tool == "plot_curve" else run_dir
+        args = [f"--model_dir={model_dir}" if a.startswith("--model_dir=") else
+                f"--out={tmp_path / os.path.basename(picture)}" if a.startswith("--out=") else a
+                for a in args]
+        runs.append([tool] + args + TINY[tool])
+    result = subprocess.run([sys.executable, RUNNER, json.dumps({"flags": tools, "run": runs})],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    # Every flag a README command names is one of its tool's flags.
+    for tool, args in commands:
+        unknown = flag_names(args) - set(report["flags"][tool]) - ABSL
+        assert not unknown, f"README: tools/{tool}.py has no --{', --'.join(sorted(unknown))}"
+    # ... and so is every flag of the train.py flag table.
+    table = README.split("## Flags of `tools/train.py`")[1].split("\n## ")[0]
+    named = set(re.findall(r"`--(\w+)`", table))
+    assert len(named) > 30 and not named - set(report["flags"]["train"]) - ABSL
+
+    assert report["exit"] == [0] * len(runs), result.stderr[-3000:]
+    for picture in pictures:
+        with Image.open(tmp_path / os.path.basename(picture)) as image:
+            assert image.format == "PNG" and min(image.size) > 16, picture
+            image.verify()
+    # The curve's points: what the logs hold, as plot_curve reads them.
+    assert rundir.read_scalars(fake, "epoch_knn_top1") == [
+        (1, pytest.approx(0.3)), (3, pytest.approx(0.6)), (5, pytest.approx(0.7))]
+    with Image.open(tmp_path / "knn_curve.png") as image:
+        assert image.size == (240, 160)
