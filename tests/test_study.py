@@ -1,0 +1,60 @@
+"""co2_tf.study: the grid's parsing, a 2-cell run, the reuse of finished cells."""
+
+import dataclasses
+
+import pytest
+from helpers.references import SMALL
+
+from co2_tf import io, study, training
+from co2_tf.config import TrainConfig
+from co2_tf.errors import UserError
+
+
+def test_cells_expand_to_settings_and_bad_cells_are_one_line_errors():
+    got = study.settings(["consistency_weight=0",
+                          "consistency_weight=0.1,1 consistency_temperature=0.04,0.2",
+                          "consistency_weight=0 ", "deterministic=true"])
+    assert got == [{"consistency_weight": 0.0},
+                   {"consistency_weight": 0.1, "consistency_temperature": 0.04},
+                   {"consistency_weight": 0.1, "consistency_temperature": 0.2},
+                   {"consistency_weight": 1.0, "consistency_temperature": 0.04},
+                   {"consistency_weight": 1.0, "consistency_temperature": 0.2},
+                   {"deterministic": True}]
+    assert study.setting_name(got[2]) == "alpha=0.1_tau_con=0.2"
+    for cell, match in (("alpha=1", "not a training flag"), ("seed=1", "--seeds"),
+                        ("consistency_weight", "field=value"),
+                        ("consistency_weight=x", "not a float")):
+        with pytest.raises(UserError, match=match):
+            study.settings([cell])
+
+
+def test_a_two_cell_study_runs_then_reuses_its_cells(tmp_path, monkeypatch):
+    base = TrainConfig(**dict(SMALL, train_steps=2))
+    config = study.StudyConfig(
+        study_dir=str(tmp_path / "study"), seeds=(0,), linear_epochs=1, base=base,
+        cells=("consistency_weight=0", "consistency_weight=1 consistency_warmup_epochs=1 "
+               "consistency_over=positive_and_negatives consistency_kl=one_sided"))
+    lines = []
+    text = study.run_study(config, log=lines.append)
+    assert [line.split(":")[0] for line in lines] == [
+        "ran alpha=0 seed 0",
+        "ran alpha=1_warmup=1_over=positive_and_negatives_kl=one_sided seed 0"]
+    rows = text.splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| alpha=0 | 1 | ")
+    assert io.read_text(io.join(config.study_dir, study.TABLE_FILE)) == text + "\n"
+    cell = io.read_json(io.join(config.study_dir, "alpha=0", "seed0", study.CELL_FILE))
+    assert cell["steps"] == 2 and 0 <= cell["knn_top1"] <= 1 and 0 <= cell["linear_top1"] <= 1
+    assert cell["collapse"]["detected"] is None and cell["ms_per_step"] is None  # 2 steps
+    assert cell["config"]["consistency_weight"] == 0 and "model_dir" not in cell["config"]
+
+    # Reused: nothing trains; the same table. A grown grid only runs its new cells.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+    monkeypatch.setattr(training, "train", no_training)
+    lines.clear()
+    assert study.run_study(config, log=lines.append) == text
+    assert all(line.startswith("reused") for line in lines)
+    # A finished cell made with other flags is not silently mixed in.
+    other = dataclasses.replace(config, base=dataclasses.replace(base, train_steps=3))
+    with pytest.raises(UserError, match="train_steps=2 there, 3 now"):
+        study.run_study(other, log=lines.append)
