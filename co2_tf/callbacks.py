@@ -252,7 +252,7 @@ class CollapseMonitor(keras.callbacks.Callback):
     goes into summary.json.
     """
 
-    def __init__(self, queue_size, patience=10):
+    def __init__(self, queue_size, patience=collapse.CollapseDetector.patience):
         super().__init__()
         self.detector = collapse.CollapseDetector(queue_size, patience)
 

@@ -16,7 +16,8 @@ have been made with the same config: otherwise a one-line error.
 
 Per setting the table gives kNN and linear-probe top-1 (mean +- sample std
 over seeds), the mean of the last steps' batch_pos_sim / batch_neg_sim, how
-many seeds the collapse detector flagged (co2_tf.collapse), and the median
+many seeds the collapse detector flagged during the run and how many were
+still collapsed at its last step (co2_tf.collapse), and the median
 ms per training step (wall clock: only comparable between runs made on the
 same machine under the same load).
 """
@@ -172,10 +173,11 @@ def _mean_std(values, scale=100.0, digits=1):
 
 def table(rows):
     """Markdown: one line per setting, from [(setting name, [cell dicts])]."""
-    lines = ["| setting | seeds | kNN top-1 % | linear top-1 % | pos_sim | neg_sim | collapse |"
-             " ms/step |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | seeds | kNN top-1 % | linear top-1 % | pos_sim | neg_sim | "
+             "collapse: flagged / at end | ms/step |", "|---|---|---|---|---|---|---|---|"]
     for name, cells in rows:
         flagged = sum(1 for c in cells if c["collapse"]["detected"])
+        at_end = sum(1 for c in cells if c["collapse"]["collapsed_at_end"])
         times = [c["ms_per_step"] for c in cells if c["ms_per_step"] is not None]
         ms = f"{statistics.median(times):.0f}" if times else "-"
         lines.append(
@@ -183,27 +185,28 @@ def table(rows):
             f"{_mean_std([c['linear_top1'] for c in cells])} | "
             f"{_mean_std([c['pos_sim'] for c in cells], 1, 2)} | "
             f"{_mean_std([c['neg_sim'] for c in cells], 1, 2)} | "
-            f"{flagged}/{len(cells)} | {ms} |")
+            f"{flagged} / {at_end} of {len(cells)} | {ms} |")
     return "\n".join(lines)
 
 
 def run_study(config: StudyConfig, verbose=0, log=print):
     """Runs (or reuses) every cell of the grid; returns the markdown table (also written)."""
     config.check()
-    rows = []
-    for setting in settings(config.cells):
-        name = setting_name(setting)
-        cells = []
-        for seed in config.seeds:
+    grid = settings(config.cells)
+    results = {setting_name(s): [] for s in grid}
+    # Seed by seed: a study cut short still has every setting for its first seeds.
+    for seed in config.seeds:
+        for setting in grid:
+            name = setting_name(setting)
             run = dataclasses.replace(config.base, **setting, seed=seed,
                                       model_dir=io.join(config.study_dir, name, f"seed{seed}"))
             run.check()
             reused = io.exists(io.join(run.model_dir, CELL_FILE))
             cell = run_cell(run, config.linear_epochs, verbose)
-            cells.append(cell)
+            results[name].append(cell)
             log(f"{'reused' if reused else 'ran'} {name} seed {seed}: kNN "
                 f"{100 * cell['knn_top1']:.1f}%, linear {100 * cell['linear_top1']:.1f}%")
-        rows.append((name, cells))
+    rows = list(results.items())
     text = table(rows)
     io.write_text_atomic(io.join(config.study_dir, TABLE_FILE), text + "\n")
     return text

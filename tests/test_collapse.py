@@ -65,3 +65,17 @@ def test_recovery_is_reported():
     feed(detector, [(0.97, 0.96, 8.3)] * 3 + [(0.5, 0.0, 6.0)])
     report = detector.report()
     assert report["detected"]["step"] == 2 and report["collapsed_at_end"] is False
+
+
+def test_moco_early_transient_on_digits_does_not_fire_at_the_default_patience():
+    """Plain MoCo on the digits study (measured, every 10 steps): alike keys from step ~10
+    to ~80, recovered by step 100. 80 steps of it are below the default patience."""
+    transient = [(0.76, 0.71, 6.56), (0.86, 0.81, 6.53), (0.90, 0.86, 6.65),
+                 (0.90, 0.87, 6.73), (0.87, 0.85, 6.73), (0.82, 0.79, 6.66),
+                 (0.75, 0.72, 6.61), (0.67, 0.62, 6.51)]
+    rows = [row for row in transient for _ in range(10)] + [(0.50, 0.43, 6.33)] * 50
+    detector = collapse.CollapseDetector(1024)
+    assert feed(detector, rows) == {} and detector.report()["collapsed_at_end"] is False
+    # The same state held on (what a large alpha does) is reported once.
+    detector = collapse.CollapseDetector(1024)
+    assert list(feed(detector, [(0.88, 0.79, 6.6)] * 150)) == [100]

@@ -2,8 +2,9 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
-from helpers.references import SMALL
+import tensorflow as tf
 
 from co2_tf import io, study, training
 from co2_tf.config import TrainConfig
@@ -28,8 +29,23 @@ def test_cells_expand_to_settings_and_bad_cells_are_one_line_errors():
             study.settings([cell])
 
 
+def _tiny_folder(root):
+    """3 classes of flat-colour 8x8 PNGs: 12 train and 4 test images each (fast to evaluate)."""
+    rng = np.random.RandomState(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for c in range(3):
+            io.makedirs(io.join(root, split, f"c{c}"))
+            for i in range(n):
+                pixels = np.clip(rng.normal(80 * c + 40, 20, (8, 8, 3)), 0, 255).astype(np.uint8)
+                io.write_bytes_atomic(io.join(root, split, f"c{c}", f"{i}.png"),
+                                      tf.io.encode_png(pixels).numpy())
+    return f"folder:{root}/{{split}}"
+
+
 def test_a_two_cell_study_runs_then_reuses_its_cells(tmp_path, monkeypatch):
-    base = TrainConfig(**dict(SMALL, train_steps=2))
+    base = TrainConfig(dataset=_tiny_folder(str(tmp_path / "data")), eval_split="test",
+                       image_size=16, batch_size=12, queue_size=24, dim=16, train_steps=2,
+                       knn_every=0, knn_k=5)
     config = study.StudyConfig(
         study_dir=str(tmp_path / "study"), seeds=(0,), linear_epochs=1, base=base,
         cells=("consistency_weight=0", "consistency_weight=1 consistency_warmup_epochs=1 "
