@@ -54,8 +54,8 @@ class TrainConfig:
     ema_momentum: float = 0.99
     temperature: float = 0.1
     consistency_temperature: float = 0.04
-    # alpha = 1 with tau_con = 0.04 collapsed the embedding in the demo (the
-    # term is minimised by making every similarity equal); 0.1 trains well.
+    # docs/study.md: alpha = 1 at tau_con = 0.04 collapses (the term's gradient,
+    # as large as InfoNCE's, turns against it); at tau_con 0.2 it does not.
     consistency_weight: float = 0.1
     consistency_over: str = "negatives"  # the paper's P and Q: the K negatives only
     consistency_kl: str = "symmetric"  # the paper's 1/2 KL(P||Q) + 1/2 KL(Q||P)
