@@ -42,28 +42,40 @@ def _tiny_folder(root):
     return f"folder:{root}/{{split}}"
 
 
-def test_a_two_cell_study_runs_then_reuses_its_cells(tmp_path, monkeypatch):
+def test_a_two_cell_study_runs_one_cell_reuses_the_other(tmp_path, monkeypatch):
+    """One cell is already finished (its file written here): reused; the other trains."""
     base = TrainConfig(dataset=_tiny_folder(str(tmp_path / "data")), eval_split="test",
                        image_size=16, batch_size=12, queue_size=24, dim=16, train_steps=2,
                        knn_every=0, knn_k=5)
     config = study.StudyConfig(
         study_dir=str(tmp_path / "study"), seeds=(0,), linear_epochs=1, base=base,
-        cells=("consistency_weight=0", "consistency_weight=1 consistency_warmup_epochs=1 "
+        cells=("consistency_weight=0",
+               "consistency_weight=1 consistency_warmup_epochs=1 "
                "consistency_over=positive_and_negatives consistency_kl=one_sided"))
+    finished = dataclasses.replace(base, consistency_weight=0.0, seed=0,
+                                   model_dir=io.join(config.study_dir, "alpha=0", "seed0"))
+    io.makedirs(finished.model_dir)
+    io.write_json_atomic(io.join(finished.model_dir, study.CELL_FILE), {
+        "knn_top1": 0.5, "linear_top1": 0.625, "pos_sim": 0.5, "neg_sim": 0.125,
+        "collapse": {"detected": None, "collapsed_at_end": False}, "ms_per_step": 12.0,
+        "steps": 2, "config": study._comparable(finished)})
     lines = []
     text = study.run_study(config, log=lines.append)
-    assert [line.split(":")[0] for line in lines] == [
-        "ran alpha=0 seed 0",
-        "ran alpha=1_warmup=1_over=positive_and_negatives_kl=one_sided seed 0"]
+    name = "alpha=1_warmup=1_over=positive_and_negatives_kl=one_sided"
+    assert [line.split(":")[0] for line in lines] == ["reused alpha=0 seed 0",
+                                                      f"ran {name} seed 0"]
     rows = text.splitlines()
-    assert len(rows) == 4 and rows[2].startswith("| alpha=0 | 1 | ")
+    assert len(rows) == 4
+    assert rows[2] == "| alpha=0 | 1 | 50.0 | 62.5 | 0.50 | 0.12 | 0 / 0 of 1 | 12 |"
+    assert rows[3].startswith(f"| {name} | 1 | ")
     assert io.read_text(io.join(config.study_dir, study.TABLE_FILE)) == text + "\n"
-    cell = io.read_json(io.join(config.study_dir, "alpha=0", "seed0", study.CELL_FILE))
+    cell = io.read_json(io.join(config.study_dir, name, "seed0", study.CELL_FILE))
     assert cell["steps"] == 2 and 0 <= cell["knn_top1"] <= 1 and 0 <= cell["linear_top1"] <= 1
     assert cell["collapse"]["detected"] is None and cell["ms_per_step"] is None  # 2 steps
-    assert cell["config"]["consistency_weight"] == 0 and "model_dir" not in cell["config"]
+    assert cell["config"]["consistency_over"] == "positive_and_negatives"
+    assert "model_dir" not in cell["config"]
 
-    # Reused: nothing trains; the same table. A grown grid only runs its new cells.
+    # Rerun: nothing trains, the same table.
     def no_training(*args, **kwargs):
         raise AssertionError("a finished cell was trained again")
     monkeypatch.setattr(training, "train", no_training)
