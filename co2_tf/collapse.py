@@ -11,11 +11,11 @@ that state (P = Q when every similarity is equal), which is why a large
 
 A healthy run has batch_neg_sim near 0 once the queue holds real keys, but
 plain MoCo can pass through the same state early and recover: on the digits
-study (docs/study.md) alpha = 0 sat at batch_neg_sim 0.7-0.87 with
-batch_pos_sim 0.03-0.05 above it from step ~10 to ~80. So the detector fires
-only after the condition has held for `patience` consecutive steps (100 by
-default), and the report also says whether the run was still collapsed at
-its end.
+study (docs/study.md) alpha = 0 sat at batch_neg_sim 0.66-0.89 with
+batch_pos_sim 0.02-0.05 above it from step ~10 to ~80, and alpha = 0.1 (seed
+2) for ~105 steps. So the detector fires only after the condition has held
+for `patience` consecutive steps (200 by default), and the report also says
+whether the run was still collapsed at its end.
 """
 
 import dataclasses
@@ -53,7 +53,7 @@ class CollapseDetector:
     goes into summary.json.
     """
     queue_size: int
-    patience: int = 100
+    patience: int = 200
     run_length: int = 0
     detected: dict | None = None
     last: dict | None = None

@@ -78,4 +78,4 @@ def test_moco_early_transient_on_digits_does_not_fire_at_the_default_patience():
     assert feed(detector, rows) == {} and detector.report()["collapsed_at_end"] is False
     # The same state held on (what a large alpha does) is reported once.
     detector = collapse.CollapseDetector(1024)
-    assert list(feed(detector, [(0.88, 0.79, 6.6)] * 150)) == [100]
+    assert list(feed(detector, [(0.88, 0.79, 6.6)] * 250)) == [200]
