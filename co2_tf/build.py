@@ -29,8 +29,10 @@ def backbone_fn(config):
     return build
 
 
-def build_model(config, bn_groups):
+def build_model(config, bn_groups, steps_per_epoch=1):
     """A CO2Model for `config`; call under the strategy's scope.
+
+    `steps_per_epoch` turns --consistency_warmup_epochs into steps.
 
     The encoders compute in `config.precision` (see co2_tf.precision); the
     queue, the losses and all variables stay float32.
@@ -41,7 +43,11 @@ def build_model(config, bn_groups):
             queue_size=config.queue_size, ema_momentum=config.ema_momentum,
             temperature=config.temperature,
             consistency_temperature=config.consistency_temperature,
-            consistency_weight=config.consistency_weight, bn=config.bn, bn_groups=bn_groups,
+            consistency_weight=config.consistency_weight,
+            consistency_over=config.consistency_over, consistency_kl=config.consistency_kl,
+            consistency_warmup_steps=int(round(config.consistency_warmup_epochs
+                                               * steps_per_epoch)),
+            bn=config.bn, bn_groups=bn_groups,
             seed=config.seed, name="co2")
 
 

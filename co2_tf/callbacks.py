@@ -5,7 +5,8 @@
 - the checkpoint manager of a non-chief worker of a multi-worker run;
 - Keras's TensorBoard callback with batch summaries at the global step;
 - progress lines off a terminal (co2_tf.progress), also for the evaluation tools' fits;
-- the weighted kNN monitor of the query backbone.
+- the weighted kNN monitor of the query backbone;
+- the collapse monitor (co2_tf.collapse): one line when the embedding collapses.
 """
 
 import contextlib
@@ -17,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import build, checkpoints, data, keras_compat
+from co2_tf import build, checkpoints, collapse, data, keras_compat
 from co2_tf.errors import UserError
 from co2_tf.evaluation import knn as knn_lib
 
@@ -291,6 +292,32 @@ class ProgressCallback(keras.callbacks.Callback):
 def progress_callbacks(reporter, what="train", total=None):
     """[ProgressCallback] for Keras's fit when `reporter` is on, else [] (no per-step cost)."""
     return [ProgressCallback(reporter, what, total)] if reporter.on else []
+
+
+class CollapseMonitor(keras.callbacks.Callback):
+    """Warns once (one log line) when the step's similarities say the embedding collapsed.
+
+    Training goes on: the detector cannot tell a lasting collapse from one the
+    run recovers from, an interrupted run would leave the study's cells of
+    unequal length, and the user can stop it (Ctrl-C checkpoints). `report()`
+    goes into summary.json.
+    """
+
+    def __init__(self, queue_size, patience=collapse.CollapseDetector.patience):
+        super().__init__()
+        self.detector = collapse.CollapseDetector(queue_size, patience)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not logs or not all(name in logs for name in ("pos_sim", "neg_sim", "loss_ins")):
+            return
+        message = self.detector.update(int(self.model.step_counter.numpy()),
+                                       float(logs["pos_sim"]), float(logs["neg_sim"]),
+                                       float(logs["loss_ins"]))
+        if message:
+            log.warning("%s", message)
+
+    def report(self):
+        return self.detector.report()
 
 
 def knn_evaluator(config, source, reporter=None):

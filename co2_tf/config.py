@@ -21,6 +21,9 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 # How the KEY encoder's BN sees the batch (backbones.LAYER_BN_MODES is per layer).
 BN_MODES = ("shuffle", "sync", "local")
 HEADS = ("linear", "mlp")
+# The consistency term's variants (co2_tf.losses).
+CONSISTENCY_OVER = ("negatives", "positive_and_negatives")
+CONSISTENCY_KL = ("symmetric", "one_sided")
 
 # What a checkpoint's shapes and layers depend on: a run dir written with
 # other values cannot be resumed with these.
@@ -29,7 +32,8 @@ ARCHITECTURE_FIELDS = ("backbone", "head", "dim", "queue_size", "bn")
 # and listed by the tools' --help (absl enum flags).
 CHOICES = {"backbone": BACKBONES, "head": HEADS, "bn": BN_MODES, "strategy": STRATEGIES,
            "augment": AUGMENTS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
-           "precision": PRECISIONS}
+           "precision": PRECISIONS, "consistency_over": CONSISTENCY_OVER,
+           "consistency_kl": CONSISTENCY_KL}
 
 
 @dataclasses.dataclass
@@ -51,9 +55,12 @@ class TrainConfig:
     ema_momentum: float = 0.99
     temperature: float = 0.1
     consistency_temperature: float = 0.04
-    # alpha = 1 with tau_con = 0.04 collapsed the embedding in the demo (the
-    # term is minimised by making every similarity equal); 0.1 trains well.
+    # docs/study.md: alpha = 1 at tau_con = 0.04 collapses (the term's gradient,
+    # as large as InfoNCE's, turns against it); at tau_con 0.2 it does not.
     consistency_weight: float = 0.1
+    consistency_over: str = "negatives"  # the paper's P and Q: the K negatives only
+    consistency_kl: str = "symmetric"  # the paper's 1/2 KL(P||Q) + 1/2 KL(Q||P)
+    consistency_warmup_epochs: float = 0.0  # alpha ramped up from ~0 over these epochs
     bn: str = "shuffle"
     bn_groups: int = 0  # 0 = 1 group per replica, or 4 on a single replica
     # optimisation
@@ -121,6 +128,10 @@ class TrainConfig:
              "set --epochs or --train_steps to a positive number")
         need(self.train_steps >= 0 and self.epochs >= 0 and self.warmup_epochs >= 0,
              "--epochs, --train_steps and --warmup_epochs must be >= 0")
+        need(self.consistency_warmup_epochs >= 0
+             and math.isfinite(self.consistency_warmup_epochs),
+             f"--consistency_warmup_epochs={self.consistency_warmup_epochs} must be >= 0 "
+             "(0 = the full alpha from the first step)")
         need(self.queue_size % self.batch_size == 0,
              f"--queue_size={self.queue_size} is not a multiple of --batch_size="
              f"{self.batch_size}: the queue takes whole global batches; use e.g. --queue_size="
@@ -169,6 +180,12 @@ HELP = {
     "temperature": "tau of InfoNCE",
     "consistency_temperature": "tau_con of the consistency term",
     "consistency_weight": "alpha, weight of the consistency term (0 = MoCo)",
+    "consistency_over": "what P and Q range over: negatives (the K queue keys, the paper's) | "
+                        "positive_and_negatives (1 + K, q.k at index 0 in both, lightly's)",
+    "consistency_kl": "symmetric (1/2 KL(P||Q) + 1/2 KL(Q||P), the paper's) | one_sided "
+                      "(KL(P||Q), P the pseudo label)",
+    "consistency_warmup_epochs": "epochs over which alpha ramps up from ~0 (sigmoid-shaped "
+                                 "exp(-5(1-t)^2), as in Mean Teacher); 0 = off",
     "bn": "key encoder BN: shuffle (MoCo shuffle-BN) | sync | local",
     "bn_groups": "shuffle-BN groups per replica (0 = 1 per replica, 4 on one replica)",
     "batch_size": "global batch size",

@@ -11,6 +11,12 @@ float16 exp would overflow, a bfloat16 log-sum-exp loses digits.
 
 import tensorflow as tf
 
+# The variants: what P and Q range over, the K negatives (the paper's) or 1 + K
+# with the positive q.k at index 0 in both (lightly's CO2Regularizer); and the
+# KL, symmetric (the paper's) or one-sided KL(P||Q), P the pseudo label (the
+# direction of the semi-supervised consistency losses).
+from co2_tf.config import CONSISTENCY_KL, CONSISTENCY_OVER
+
 
 def _f32(*tensors):
     return [tf.cast(t, tf.float32) for t in tensors]
@@ -33,11 +39,42 @@ def _info_nce(positive, q_neg, temperature):
     return -tf.nn.log_softmax(logits, axis=-1)[:, 0]
 
 
-def _consistency(q_neg, k_neg, temperature):
+def _consistency(q_neg, k_neg, temperature, positive=None, kl="symmetric"):
+    """Per-example KL between P (keys vs queue) and Q (queries vs queue).
+
+    With `positive` ([B], q.k), both distributions get it at index 0 (lightly's
+    variant): P then depends on q, and its gradient is kept, as lightly keeps it.
+    """
+    if positive is not None:
+        q_neg = tf.concat([positive[:, None], q_neg], axis=-1)
+        k_neg = tf.concat([positive[:, None], k_neg], axis=-1)
     log_q = tf.nn.log_softmax(q_neg / temperature, axis=-1)
     log_p = tf.nn.log_softmax(k_neg / temperature, axis=-1)
+    if kl == "one_sided":
+        return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
+    if kl != "symmetric":
+        raise ValueError(f"kl must be one of {CONSISTENCY_KL}, got {kl!r}")
     # KL(P||Q) + KL(Q||P) = sum_i (P_i - Q_i)(log P_i - log Q_i).
     return 0.5 * tf.reduce_sum((tf.exp(log_p) - tf.exp(log_q)) * (log_p - log_q), axis=-1)
+
+
+def _consistency_terms(positive, q_neg, k_neg, temperature, over, kl):
+    if over not in CONSISTENCY_OVER:
+        raise ValueError(f"over must be one of {CONSISTENCY_OVER}, got {over!r}")
+    with_positive = positive if over == "positive_and_negatives" else None
+    return _consistency(q_neg, k_neg, temperature, with_positive, kl)
+
+
+def consistency_ramp(step, warmup_steps):
+    """The factor of alpha at `step` (float32 tensor): exp(-5 (1 - t)^2), t = step / warmup.
+
+    The sigmoid-shaped ramp-up of the semi-supervised consistency methods CO2
+    borrows from (Laine & Aila 2017, Mean Teacher): it starts at exp(-5) = 0.7%
+    and stays small while every similarity is still alike (29% at half the
+    warmup, where a linear ramp is at 50%), then reaches 1 at `warmup_steps`.
+    """
+    t = tf.minimum(tf.cast(step, tf.float32) / float(max(warmup_steps, 1)), 1.0)
+    return tf.exp(-5.0 * tf.square(1.0 - t))
 
 
 def contrastive_logits(q, k, queue, temperature):
@@ -58,7 +95,7 @@ def info_nce_loss(q, k, queue, temperature):
     return _info_nce(positive, q_neg, temperature)
 
 
-def consistency_loss(q, k, queue, temperature):
+def consistency_loss(q, k, queue, temperature, over="negatives", kl="symmetric"):
     """CO2's consistency term: symmetric KL between P and Q over the negatives.
 
     Q = softmax(q.queue^T / t) and P = softmax(k.queue^T / t) range over the K
@@ -66,23 +103,30 @@ def consistency_loss(q, k, queue, temperature):
     gradient reaches k through it, all of it reaches q through Q (both halves).
 
     L_con = 1/2 KL(P || Q) + 1/2 KL(Q || P), per example.
+
+    Variants (CONSISTENCY_OVER, CONSISTENCY_KL): over="positive_and_negatives"
+    puts q.k at index 0 of both P and Q (lightly's); kl="one_sided" is KL(P || Q).
     """
-    _, q_neg, k_neg = _similarities(q, k, queue)
-    return _consistency(q_neg, k_neg, temperature)
+    positive, q_neg, k_neg = _similarities(q, k, queue)
+    return _consistency_terms(positive, q_neg, k_neg, temperature, over, kl)
 
 
-def co2_loss(q, k, queue, temperature, consistency_temperature, consistency_weight):
+def co2_loss(q, k, queue, temperature, consistency_temperature, consistency_weight,
+             consistency_over="negatives", consistency_kl="symmetric"):
     """Per-example L = L_ins + alpha * L_con, plus what the trainer logs.
 
     Returns a dict of [B] tensors: loss, loss_ins, loss_con, and positive /
     negative (mean) cosine similarities and whether the positive wins (acc).
     With alpha == 0 the consistency term is still measured (for monitoring) but
     kept out of the loss, so the loss and its gradient are exactly MoCo's.
+    `consistency_weight` may be a scalar tensor (a warmup ramp); only a Python
+    0 means MoCo.
     """
     positive, q_neg, k_neg = _similarities(q, k, queue)
     l_ins = _info_nce(positive, q_neg, temperature)
-    l_con = _consistency(q_neg, k_neg, consistency_temperature)
-    if consistency_weight == 0:
+    l_con = _consistency_terms(positive, q_neg, k_neg, consistency_temperature,
+                               consistency_over, consistency_kl)
+    if isinstance(consistency_weight, (int, float)) and consistency_weight == 0:
         total = l_ins
         l_con = tf.stop_gradient(l_con)
     else:

@@ -89,6 +89,10 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
       temperature: tau of InfoNCE.
       consistency_temperature: tau_con of the consistency term.
       consistency_weight: alpha; 0 is exactly MoCo.
+      consistency_over, consistency_kl: the consistency term's variant
+        (co2_tf.losses.consistency_loss).
+      consistency_warmup_steps: alpha ramps up over these steps
+        (co2_tf.losses.consistency_ramp); 0 = the full alpha from step 0.
       bn: how the key encoder's batch statistics are formed: "shuffle"
         (MoCo's shuffle-BN), "sync" (the backbone has synchronized BN) or
         "local" (plain per-replica BN).
@@ -100,7 +104,9 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
 
     def __init__(self, backbone_fn, *, image_size, head="mlp", dim=128, queue_size=65536,
                  ema_momentum=0.999, temperature=0.2, consistency_temperature=0.04,
-                 consistency_weight=1.0, bn="shuffle", bn_groups=1, seed=0, **kwargs):
+                 consistency_weight=1.0, consistency_over="negatives",
+                 consistency_kl="symmetric", consistency_warmup_steps=0, bn="shuffle",
+                 bn_groups=1, seed=0, **kwargs):
         super().__init__(**kwargs)
         if bn not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
@@ -113,6 +119,9 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         self.temperature = temperature
         self.consistency_temperature = consistency_temperature
         self.consistency_weight = consistency_weight
+        self.consistency_over = consistency_over
+        self.consistency_kl = consistency_kl
+        self.consistency_warmup_steps = consistency_warmup_steps
         self.bn = bn
         self.bn_groups = bn_groups
         self.seed = seed
@@ -239,10 +248,14 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
 
         keys, all_keys = self.encode_keys(x_k, step)
         qvars = self.query_variables
+        alpha = self.consistency_weight
+        if alpha and self.consistency_warmup_steps:
+            alpha = alpha * losses.consistency_ramp(step, self.consistency_warmup_steps)
         with tf.GradientTape() as tape:
             q = self.encode_query(x_q, training=True)
             terms = losses.co2_loss(q, keys, self.queue, self.temperature,
-                                    self.consistency_temperature, self.consistency_weight)
+                                    self.consistency_temperature, alpha,
+                                    self.consistency_over, self.consistency_kl)
             # Per-replica share of the global mean: the optimizer sums over replicas.
             loss = tf.reduce_sum(terms["loss"]) / global_b
             scaled = self.optimizer.scale_loss(loss)
@@ -258,6 +271,7 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         logs = {name: ctx.all_reduce("sum", tf.reduce_sum(v)) / global_b
                 for name, v in terms.items()}
         logs["lr"] = tf.cast(lr, tf.float32)
+        logs["alpha"] = tf.cast(alpha, tf.float32)  # the weight this step (warmup ramp)
         if _keras_reduces_logs_along_axis_0(tf.distribute.get_strategy()):
             logs = {name: v[None] for name, v in logs.items()}
         return logs

@@ -15,6 +15,8 @@ before it writes anything, then runs Keras's `fit` with co2_tf's callbacks:
   a pure function of the step, so a resumed run sees exactly the batches an
   uninterrupted one would have seen;
 - a non-finite loss stops the run before anything is saved at that step;
+- a collapsed embedding (co2_tf.collapse) is reported in one line and in
+  summary.json, and training goes on;
 - TensorBoard in DIR/logs: per-step scalars, the augmented view pairs at the
   start, kNN accuracy per epoch.
 
@@ -33,6 +35,7 @@ from co2_tf import checkpoints, data, distribute, progress, rundir, runlock
 from co2_tf.build import backbone_fn, build_model, build_optimizer, compile_model
 from co2_tf.callbacks import (
     CheckpointCallback,
+    CollapseMonitor,
     GlobalStepTensorBoard,
     KnnMonitor,
     NonFiniteLoss,
@@ -140,7 +143,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
            else None)
 
     with strategy.scope():
-        model = build_model(config, bn_groups)
+        model = build_model(config, bn_groups, steps_per_epoch)
         optimizer = build_optimizer(config, steps_per_epoch, total_steps)
         compile_model(model, optimizer, config)
     checkpoint = checkpoints.training_checkpoint(model, optimizer)
@@ -184,7 +187,8 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
             saver = CheckpointCallback(manager, config.checkpoint_every, preemption,
                                        any_worker(strategy))
             saver.last_saved_step = step if restored else None
-            cbs = [saver]
+            collapse_monitor = CollapseMonitor(config.queue_size)
+            cbs = [saver, collapse_monitor]
             monitor = (KnnMonitor(knn, config.knn_every)
                        if knn is not None and config.knn_every else None)
             if monitor is not None:
@@ -215,7 +219,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
             step = int(model.step_counter.numpy())
             saver.save(step)
 
-        summary = {"steps": step}
+        summary = {"steps": step, "collapse": collapse_monitor.report()}
         if knn is not None:
             # The monitor's evaluation at the last epoch end is of these weights.
             last = monitor.last if monitor is not None else None

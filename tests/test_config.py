@@ -54,6 +54,9 @@ BAD_VALUES = [
     (dict(batch_size=96, queue_size=4100),
      "--queue_size=4100 is not a multiple of --batch_size=96"),
     (dict(knn_every=-1), "--knn_every must be >= 0"),
+    (dict(consistency_over="all"), "unknown --consistency_over='all'"),
+    (dict(consistency_kl="reverse"), "unknown --consistency_kl='reverse'"),
+    (dict(consistency_warmup_epochs=-1.0), "--consistency_warmup_epochs=-1.0 must be >= 0"),
 ]
 
 

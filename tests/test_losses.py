@@ -163,3 +163,67 @@ def test_co2_loss_combines_the_terms():
                                (terms["loss_ins"] + 2.5 * terms["loss_con"]).numpy(), rtol=1e-6)
     np.testing.assert_allclose(terms["pos_sim"].numpy(), np.sum(q.numpy() * k.numpy(), -1),
                                rtol=1e-5)
+
+
+# ------------------------------------------------------------------ variants
+def ref_consistency_variant(q, k, queue, t, over, kl):
+    """NumPy: P and Q over the K negatives or over 1 + K with q.k at index 0 in both."""
+    s_q, s_k = q @ queue.T, k @ queue.T
+    if over == "positive_and_negatives":
+        pos = (q * k).sum(-1, keepdims=True)
+        s_q, s_k = np.concatenate([pos, s_q], -1), np.concatenate([pos, s_k], -1)
+    log_q, log_p = _log_softmax(s_q / t), _log_softmax(s_k / t)
+    kl_pq = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    if kl == "one_sided":
+        return kl_pq
+    return 0.5 * kl_pq + 0.5 * (np.exp(log_q) * (log_q - log_p)).sum(-1)
+
+
+@pytest.mark.parametrize("over,kl", [("negatives", "one_sided"),
+                                     ("positive_and_negatives", "symmetric"),
+                                     ("positive_and_negatives", "one_sided")])
+def test_variants_match_reference_values_and_finite_differences(over, kl):
+    """Values against the NumPy reference; the gradient in q against its central
+    differences (with the positive in P, P depends on q: lightly keeps that gradient)."""
+    q, k, queue = make_inputs(3, 8, 32, seed=3)
+    q32, k32, queue32 = (a.astype(np.float32).astype(np.float64) for a in (q, k, queue))
+    tq, tk, tqueue = (tf.constant(a, tf.float32) for a in (q, k, queue))
+    with tf.GradientTape() as tape:
+        tape.watch(tq)
+        con = losses.consistency_loss(tq, tk, tqueue, 0.1, over=over, kl=kl)
+        total = tf.reduce_sum(con)
+    ref = ref_consistency_variant(q32, k32, queue32, 0.1, over, kl)
+    np.testing.assert_allclose(con.numpy(), ref, rtol=1e-4, atol=1e-6)
+    assert ref.mean() > 1e-2  # not trivially small
+    eps, fd = 1e-6, np.zeros_like(q32)
+    for i, j in np.ndindex(*q32.shape):
+        dq = np.zeros_like(q32)
+        dq[i, j] = eps
+        fd[i, j] = (ref_consistency_variant(q32 + dq, k32, queue32, 0.1, over, kl).sum()
+                    - ref_consistency_variant(q32 - dq, k32, queue32, 0.1, over, kl).sum()) / (
+                        2 * eps)
+    g = tape.gradient(total, tq).numpy()
+    np.testing.assert_allclose(g, fd, rtol=2e-3, atol=2e-3 * np.abs(fd).max())
+    # co2_loss passes the variant through, with a tensor weight (a warmup ramp).
+    terms = losses.co2_loss(tq, tk, tqueue, 0.2, 0.1, tf.constant(0.5), over, kl)
+    np.testing.assert_allclose(terms["loss"].numpy(),
+                               ref_info_nce(q32, k32, queue32, 0.2) + 0.5 * ref, rtol=1e-4)
+
+
+def test_the_positive_variant_differs_and_defaults_are_the_paper():
+    q, k, queue = (tf.constant(a, tf.float32) for a in make_inputs(4, 16, 64))
+    paper = losses.consistency_loss(q, k, queue, 0.1)
+    np.testing.assert_array_equal(
+        paper.numpy(), losses.consistency_loss(q, k, queue, 0.1, "negatives", "symmetric"))
+    lightly = losses.consistency_loss(q, k, queue, 0.1, "positive_and_negatives")
+    assert np.abs((paper - lightly).numpy()).max() > 1e-3
+    with pytest.raises(ValueError, match="over must be one of"):
+        losses.consistency_loss(q, k, queue, 0.1, over="all")
+
+
+def test_consistency_ramp_is_the_sigmoid_shaped_rampup():
+    steps = np.array([0, 25, 50, 99, 100, 150])
+    ramp = np.array([float(losses.consistency_ramp(s, 100)) for s in steps])
+    t = np.minimum(steps / 100, 1.0)
+    np.testing.assert_allclose(ramp, np.exp(-5 * (1 - t) ** 2), rtol=1e-6)
+    assert ramp[0] == pytest.approx(np.exp(-5)) and ramp[-1] == 1.0

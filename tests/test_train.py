@@ -271,20 +271,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 # ------------------------------------------------------------------ presets
 @pytest.mark.parametrize("preset", sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg"))))
 def test_presets_parse_and_check(preset):
+    # flags/study_*.cfg are tools/study.py's: the training flags of every cell, and the grid.
+    tool = "study" if os.path.basename(preset).startswith("study_") else "train"
     code = ("import sys; sys.argv=['x', '--flagfile=%s', '--model_dir=/tmp/unused'];"
-            "sys.path.insert(0, %r); import common, train; from absl import flags;"
+            "sys.path.insert(0, %r); import common, %s; from absl import flags;"
             "flags.FLAGS(sys.argv); from co2_tf.config import TrainConfig;"
-            "c = common.config_from_flags(TrainConfig); c.check(); print(c.to_json())"
-            % (preset, os.path.join(ROOT, "tools")))
+            "c = common.config_from_flags(TrainConfig, model_dir='/tmp/unused'); c.check();"
+            "from co2_tf import study; 'cell' in flags.FLAGS and study.settings(flags.FLAGS.cell);"
+            "print(c.to_json())"
+            % (preset, os.path.join(ROOT, "tools"), tool))
+    if tool == "study":  # no --model_dir there: one run dir per cell
+        code = code.replace(", '--model_dir=/tmp/unused'", "")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout[result.stdout.index("{"):])
     with open(preset) as f:
         head = f.read()
-    assert "python tools/train.py --flagfile=flags/" in head  # the run command on top
+    assert f"python tools/{tool}.py --flagfile=flags/" in head  # the run command on top
     for line in head.splitlines():
         if line.startswith("--"):
             name, value = line[2:].split("=", 1)
+            if name not in config:  # the study's own flags (--cell, --seeds, ...)
+                assert tool == "study", line
+                continue
             if isinstance(config[name], str):
                 assert config[name] == value, line
             else:
