@@ -78,6 +78,7 @@ def test_two_replicas_give_the_one_replica_results(run_dir, reference, two_repli
 def test_a_last_batch_smaller_than_the_replicas_is_padded(two_replicas, tmp_path):
     # 101 examples in batches of 50: the last one has 1 image for 2 replicas, which
     # Keras's layers fail on unless padded; the padding (weight 0) counts nowhere.
+    keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.random((101, 4, 4, 3), np.float32)
     y = rng.integers(0, 3, 101).astype(np.int32)
@@ -95,7 +96,15 @@ def test_a_last_batch_smaller_than_the_replicas_is_padded(two_replicas, tmp_path
     copy = model()  # on one device: its predictions are the reference
     copy.set_weights(trained.get_weights())
     logits = copy.predict(x, verbose=0)
-    assert metrics["top1"] == pytest.approx(np.mean(np.argmax(logits, 1) == y), abs=1e-6)
+    # 2 replicas and 1 device round differently (~1e-6): an example whose two best
+    # logits are that close may flip (CI once flipped one of 101). Those may go either
+    # way; every other example must count exactly as on one device.
+    top2 = np.sort(logits, 1)[:, -2:]
+    tied = top2[:, 1] - top2[:, 0] < 1e-4
+    assert tied.sum() <= 2, "too many near-ties for the check to mean anything"
+    correct = np.argmax(logits, 1) == y
+    low, high = np.sum(correct & ~tied), np.sum(correct | tied)
+    assert low / 101 - 1e-6 <= metrics["top1"] <= high / 101 + 1e-6
     # The loss is Keras's mean of the replicas' batch means: the padded last batch (1
     # image) does not weigh as 1 image of 101. Measured: 0.8% off the exact mean.
     xent = np.log(np.exp(logits).sum(1)) - logits[np.arange(101), y]
