@@ -144,8 +144,9 @@ def test_fine_tuning_resumes_after_sigterm_as_if_uninterrupted(semi_resumed):
     ckpts = os.path.join(s["config"]("resumed").output_dir, "checkpoints")
     assert "ckpt-6.index" in os.listdir(ckpts) and "evaluation.json" in os.listdir(ckpts)
     # Same batches, same optimizer state: the resumed run is the uninterrupted one
-    # (measured: identical top-1; weights equal to float rounding, 1e-6).
-    assert s["results"]["top1"] == s["whole"]["top1"]
+    # (measured: identical top-1; weights equal to float rounding, 1e-6, which may
+    # flip a prediction at a near tie on another CPU: one image of 2000 allowed).
+    assert s["results"]["top1"] == pytest.approx(s["whole"]["top1"], abs=1 / 2000 + 1e-9)
     resumed = keras.models.load_model(s["results"]["model_file"]).get_weights()
     whole = keras.models.load_model(s["whole"]["model_file"]).get_weights()
     for a, b in zip(resumed, whole, strict=True):
@@ -187,8 +188,10 @@ def test_linear_eval_resumes_after_kill_9_and_its_models_reload(
     whole = linear_probe.linear_eval(
         linear_probe.LinearEvalConfig(model_dir=run_dir, output_dir=str(tmp_path / "whole"),
                                       **flags), verbose=0, strategy=two_replicas)
-    # Measured: the same top-1 and weights to float rounding (1e-6).
-    assert results["top1"] == whole["top1"] and results["replicas"] == 2
+    # Measured: the same top-1 and weights to float rounding (1e-6); one image of 2000
+    # may flip at a near tie on another CPU.
+    assert results["top1"] == pytest.approx(whole["top1"], abs=1 / 2000 + 1e-9)
+    assert results["replicas"] == 2
     for a, b in zip(_weights(results["model_file"]), _weights(whole["model_file"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
