@@ -39,7 +39,7 @@ TABLE_FILE = "study.md"
 # Short names for the table and the run dirs.
 SHORT = {"consistency_weight": "alpha", "consistency_temperature": "tau_con",
          "consistency_over": "over", "consistency_kl": "kl",
-         "consistency_warmup_epochs": "warmup"}
+         "consistency_warmup_epochs": "warmup", "consistency_temperature_scaling": "scaled"}
 LAST_STEPS = 20  # the similarities reported: the mean over the run's last steps
 
 
