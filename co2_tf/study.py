@@ -64,7 +64,8 @@ class StudyConfig:
         return self
 
 
-def _typed(name, text):
+def typed(name, text):
+    """`text` as a value of TrainConfig's field `name` (bools: true/false/1/0)."""
     default = getattr(TrainConfig(), name)
     try:
         if isinstance(default, bool):
@@ -73,7 +74,7 @@ def _typed(name, text):
             return text.lower() in ("true", "1")
         return type(default)(text)
     except ValueError:
-        raise UserError(f"--cell: {name}={text!r} is not a {type(default).__name__}") from None
+        raise UserError(f"{name}={text!r} is not a {type(default).__name__}") from None
 
 
 def settings(cells):
@@ -89,7 +90,7 @@ def settings(cells):
             if name not in fields or name in ("model_dir", "seed"):
                 raise UserError(f"--cell={cell!r}: {name!r} is not a training flag the grid "
                                 "can vary (seeds go in --seeds)")
-            axes.append([(name, _typed(name, v)) for v in values.split(",")])
+            axes.append([(name, typed(name, v)) for v in values.split(",")])
         for combo in itertools.product(*axes):
             setting = dict(combo)
             if setting not in out:
