@@ -190,8 +190,8 @@ HELP = {
                                  "exp(-5(1-t)^2), as in Mean Teacher); 0 = off",
     "consistency_temperature_scaling": "multiply alpha by (tau_con / tau)^2, as knowledge "
                                        "distillation multiplies its KL by T^2: alpha = 1 at "
-                                       "tau_con 0.04 then trains without collapse "
-                                       "(docs/study.md)",
+                                       "tau_con 0.04 then trained without collapse in the "
+                                       "demo study (docs/study.md)",
     "bn": "key encoder BN: shuffle (MoCo shuffle-BN) | sync | local",
     "bn_groups": "shuffle-BN groups per replica (0 = 1 per replica, 4 on one replica)",
     "batch_size": "global batch size",
