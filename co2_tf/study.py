@@ -126,14 +126,25 @@ def _comparable(config):
     return values
 
 
+def config_diffs(saved, config):
+    """What differs between a finished cell's saved flags and `config` (a list of lines).
+
+    A flag added after the cell ran is missing from `saved`: it ran with that flag's
+    default (a new flag's default keeps the old behaviour), so a grid survives new flags.
+    """
+    saved = {**_comparable(TrainConfig()), **saved}
+    now = _comparable(config)
+    return [f"--{k}={saved.get(k)!r} there, {now.get(k)!r} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
 def run_cell(config, linear_epochs, verbose=0):
     """Trains (or resumes) and evaluates one run; writes and returns its CELL_FILE."""
     path = io.join(config.model_dir, CELL_FILE)
     if io.exists(path):
         cell = io.read_json(path)
-        if cell["config"] != _comparable(config):
-            diffs = [f"--{k}={cell['config'].get(k)!r} there, {v!r} now"
-                     for k, v in _comparable(config).items() if cell["config"].get(k) != v]
+        diffs = config_diffs(cell["config"], config)
+        if diffs:
             raise UserError(f"{config.model_dir} was run with other flags ({'; '.join(diffs)})"
                             ": use a new --study_dir or the same flags")
         return cell
