@@ -7,7 +7,7 @@ here trains, checkpoints or touches files.
 
 import dataclasses
 
-from co2_tf import backbones, distribute, fused_batchnorm, optimizers, precision
+from co2_tf import backbones, distribute, fused_batchnorm, losses, optimizers, precision
 from co2_tf.model import CO2Model
 
 
@@ -29,6 +29,15 @@ def backbone_fn(config):
     return build
 
 
+def consistency_weight(config):
+    """The alpha the model trains with: --consistency_weight, times (tau_con / tau)^2 with
+    --consistency_temperature_scaling (the paper's alpha, and MoCo's 0, without it)."""
+    if not config.consistency_temperature_scaling:
+        return config.consistency_weight
+    return config.consistency_weight * losses.consistency_scale(
+        config.consistency_temperature, config.temperature)
+
+
 def build_model(config, bn_groups, steps_per_epoch=1):
     """A CO2Model for `config`; call under the strategy's scope.
 
@@ -43,7 +52,7 @@ def build_model(config, bn_groups, steps_per_epoch=1):
             queue_size=config.queue_size, ema_momentum=config.ema_momentum,
             temperature=config.temperature,
             consistency_temperature=config.consistency_temperature,
-            consistency_weight=config.consistency_weight,
+            consistency_weight=consistency_weight(config),
             consistency_over=config.consistency_over, consistency_kl=config.consistency_kl,
             consistency_warmup_steps=int(round(config.consistency_warmup_epochs
                                                * steps_per_epoch)),

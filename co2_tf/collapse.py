@@ -29,10 +29,11 @@ NEG_SIMILARITY = 0.6
 MAX_GAP = 0.15
 LOSS_FRACTION = 0.9
 
-# What the measurements support (docs/study.md): tau_con 0.2 at alpha = 1 trained like MoCo;
-# the warmup ramp only postponed the collapse.
-ADVICE = ("raise --consistency_temperature (0.2 at alpha = 1 trained like MoCo in "
-          "docs/study.md) or lower --consistency_weight; --consistency_warmup_epochs only "
+# What the measurements support (docs/study.md): the temperature scaling trained alpha = 1
+# at tau_con 0.04 (3 seeds), as did tau_con 0.2; the warmup ramp only postponed the collapse.
+ADVICE = ("add --consistency_temperature_scaling (alpha x (tau_con/tau)^2) or raise "
+          "--consistency_temperature (both trained alpha = 1 without collapse in "
+          "docs/study.md), or lower --consistency_weight; --consistency_warmup_epochs only "
           "postpones it")
 
 

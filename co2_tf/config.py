@@ -61,6 +61,8 @@ class TrainConfig:
     consistency_over: str = "negatives"  # the paper's P and Q: the K negatives only
     consistency_kl: str = "symmetric"  # the paper's 1/2 KL(P||Q) + 1/2 KL(Q||P)
     consistency_warmup_epochs: float = 0.0  # alpha ramped up from ~0 over these epochs
+    # alpha x (tau_con / tau)^2 (co2_tf.losses.consistency_scale); off: the paper's alpha.
+    consistency_temperature_scaling: bool = False
     bn: str = "shuffle"
     bn_groups: int = 0  # 0 = 1 group per replica, or 4 on a single replica
     # optimisation
@@ -186,6 +188,10 @@ HELP = {
                       "(KL(P||Q), P the pseudo label)",
     "consistency_warmup_epochs": "epochs over which alpha ramps up from ~0 (sigmoid-shaped "
                                  "exp(-5(1-t)^2), as in Mean Teacher); 0 = off",
+    "consistency_temperature_scaling": "multiply alpha by (tau_con / tau)^2, as knowledge "
+                                       "distillation multiplies its KL by T^2: alpha = 1 at "
+                                       "tau_con 0.04 then trained without collapse in the "
+                                       "demo study (docs/study.md)",
     "bn": "key encoder BN: shuffle (MoCo shuffle-BN) | sync | local",
     "bn_groups": "shuffle-BN groups per replica (0 = 1 per replica, 4 on one replica)",
     "batch_size": "global batch size",

@@ -195,6 +195,7 @@ def export_info(run, feature_dim):
         "pretraining": {name: getattr(config, name)
                         for name in ("dataset", "data_dir", "split", "eval_split", "augment",
                                      "consistency_weight", "consistency_temperature",
+                                     "consistency_temperature_scaling",
                                      "temperature", "bn")},
         "files": {"keras": KERAS_FILE, "saved_model": SAVED_MODEL_DIR,
                   "feature_maps": FEATURE_MAPS_FILE},

@@ -77,6 +77,20 @@ def consistency_ramp(step, warmup_steps):
     return tf.exp(-5.0 * tf.square(1.0 - t))
 
 
+def consistency_scale(consistency_temperature, temperature):
+    """(tau_con / tau)^2: the factor --consistency_temperature_scaling puts on alpha.
+
+    The consistency term's gradient grows as tau_con falls (the KL of two
+    softmaxes at tau_con, ~1/tau_con here), so one alpha means a different
+    weight at each tau_con. Knowledge distillation multiplies its soft-target KL
+    by T^2 for the same reason (Hinton et al. 2015); here the reference is
+    InfoNCE's tau, so alpha means the same at tau_con = tau with or without it.
+    At a fixed tau_con it is a rescaled alpha: alpha 1 at 0.04 (tau 0.1) trains
+    as alpha 0.16 does without it (docs/study.md).
+    """
+    return (float(consistency_temperature) / float(temperature)) ** 2
+
+
 def contrastive_logits(q, k, queue, temperature):
     """Logits [B, 1 + K]: the positive q.k at index 0, then q.queue^T."""
     q, k, queue = _f32(q, k, queue)

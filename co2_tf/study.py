@@ -39,7 +39,7 @@ TABLE_FILE = "study.md"
 # Short names for the table and the run dirs.
 SHORT = {"consistency_weight": "alpha", "consistency_temperature": "tau_con",
          "consistency_over": "over", "consistency_kl": "kl",
-         "consistency_warmup_epochs": "warmup"}
+         "consistency_warmup_epochs": "warmup", "consistency_temperature_scaling": "scaled"}
 LAST_STEPS = 20  # the similarities reported: the mean over the run's last steps
 
 
@@ -64,7 +64,8 @@ class StudyConfig:
         return self
 
 
-def _typed(name, text):
+def typed(name, text):
+    """`text` as a value of TrainConfig's field `name` (bools: true/false/1/0)."""
     default = getattr(TrainConfig(), name)
     try:
         if isinstance(default, bool):
@@ -73,7 +74,7 @@ def _typed(name, text):
             return text.lower() in ("true", "1")
         return type(default)(text)
     except ValueError:
-        raise UserError(f"--cell: {name}={text!r} is not a {type(default).__name__}") from None
+        raise UserError(f"{name}={text!r} is not a {type(default).__name__}") from None
 
 
 def settings(cells):
@@ -89,7 +90,7 @@ def settings(cells):
             if name not in fields or name in ("model_dir", "seed"):
                 raise UserError(f"--cell={cell!r}: {name!r} is not a training flag the grid "
                                 "can vary (seeds go in --seeds)")
-            axes.append([(name, _typed(name, v)) for v in values.split(",")])
+            axes.append([(name, typed(name, v)) for v in values.split(",")])
         for combo in itertools.product(*axes):
             setting = dict(combo)
             if setting not in out:
@@ -125,14 +126,25 @@ def _comparable(config):
     return values
 
 
+def config_diffs(saved, config):
+    """What differs between a finished cell's saved flags and `config` (a list of lines).
+
+    A flag added after the cell ran is missing from `saved`: it ran with that flag's
+    default (a new flag's default keeps the old behaviour), so a grid survives new flags.
+    """
+    saved = {**_comparable(TrainConfig()), **saved}
+    now = _comparable(config)
+    return [f"--{k}={saved.get(k)!r} there, {now.get(k)!r} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
 def run_cell(config, linear_epochs, verbose=0):
     """Trains (or resumes) and evaluates one run; writes and returns its CELL_FILE."""
     path = io.join(config.model_dir, CELL_FILE)
     if io.exists(path):
         cell = io.read_json(path)
-        if cell["config"] != _comparable(config):
-            diffs = [f"--{k}={cell['config'].get(k)!r} there, {v!r} now"
-                     for k, v in _comparable(config).items() if cell["config"].get(k) != v]
+        diffs = config_diffs(cell["config"], config)
+        if diffs:
             raise UserError(f"{config.model_dir} was run with other flags ({'; '.join(diffs)})"
                             ": use a new --study_dir or the same flags")
         return cell

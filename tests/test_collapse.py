@@ -41,7 +41,7 @@ def test_fires_once_after_patience_with_the_step_and_the_advice():
     line = messages[13]
     assert "\n" not in line and "step 13" in line
     for flag in ("--consistency_weight", "--consistency_temperature",
-                 "--consistency_warmup_epochs"):
+                 "--consistency_warmup_epochs", "--consistency_temperature_scaling"):
         assert flag in line
     report = detector.report()
     assert report["detected"]["step"] == 13 and report["collapsed_at_end"] is True

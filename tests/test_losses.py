@@ -227,3 +227,38 @@ def test_consistency_ramp_is_the_sigmoid_shaped_rampup():
     t = np.minimum(steps / 100, 1.0)
     np.testing.assert_allclose(ramp, np.exp(-5 * (1 - t) ** 2), rtol=1e-6)
     assert ramp[0] == pytest.approx(np.exp(-5)) and ramp[-1] == 1.0
+
+
+# ------------------------------------------------------- temperature-scaled alpha
+def test_temperature_scaling_weights_the_term_by_tau_con_over_tau_squared():
+    """NumPy: L_ins + alpha (tau_con / tau)^2 L_con, values and gradient in q; off, the
+    model gets the paper's alpha itself, and MoCo's 0 stays 0."""
+    import dataclasses
+
+    from co2_tf import build, config
+
+    assert losses.consistency_scale(0.04, 0.1) == pytest.approx(0.16, rel=1e-12)
+    assert losses.consistency_scale(0.2, 0.1) == pytest.approx(4.0, rel=1e-12)
+    base = config.TrainConfig(consistency_weight=1.0, consistency_temperature=0.04,
+                              temperature=0.1)
+    scaled = dataclasses.replace(base, consistency_temperature_scaling=True)
+    assert build.consistency_weight(base) is base.consistency_weight  # bit-unchanged
+    assert build.consistency_weight(scaled) == pytest.approx(0.16, rel=1e-12)
+    moco = dataclasses.replace(scaled, consistency_weight=0.0)
+    assert build.consistency_weight(moco) == 0  # a Python 0: co2_loss's exact-MoCo path
+
+    q, k, queue = make_inputs(8, 32, 256, seed=4)
+    q32, k32, queue32 = (a.astype(np.float32).astype(np.float64) for a in (q, k, queue))
+    tq, tk, tqueue = (tf.constant(a, tf.float32) for a in (q, k, queue))
+    alpha = build.consistency_weight(scaled)
+    with tf.GradientTape() as tape:
+        tape.watch(tq)
+        total = tf.reduce_sum(losses.co2_loss(tq, tk, tqueue, 0.1, 0.04, alpha)["loss"])
+    weight = 1.0 * (0.04 / 0.1) ** 2
+    ref = (ref_info_nce(q32, k32, queue32, 0.1)
+           + weight * ref_consistency(q32, k32, queue32, 0.04)).sum()
+    ref_g = (ref_info_nce_grad_q(q32, k32, queue32, 0.1)
+             + weight * ref_consistency_grad_q(q32, k32, queue32, 0.04))
+    np.testing.assert_allclose(float(total), ref, rtol=1e-5)
+    np.testing.assert_allclose(tape.gradient(total, tq).numpy(), ref_g, rtol=1e-3,
+                               atol=1e-3 * np.abs(ref_g).max())

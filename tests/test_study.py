@@ -86,3 +86,16 @@ def test_a_two_cell_study_runs_one_cell_reuses_the_other(tmp_path, monkeypatch):
     other = dataclasses.replace(config, base=dataclasses.replace(base, train_steps=3))
     with pytest.raises(UserError, match="train_steps=2 there, 3 now"):
         study.run_study(other, log=lines.append)
+
+
+def test_a_cell_saved_before_a_flag_existed_is_that_flag_at_its_default():
+    config = TrainConfig(consistency_weight=1.0)
+    saved = study._comparable(config)
+    assert study.config_diffs(saved, config) == []
+    del saved["consistency_temperature_scaling"]  # a cell run before the flag existed
+    assert study.config_diffs(saved, config) == []
+    assert study.config_diffs(saved, dataclasses.replace(
+        config, consistency_temperature_scaling=True)) == [
+        "--consistency_temperature_scaling=False there, True now"]
+    saved["consistency_weight"] = 0.1
+    assert study.config_diffs(saved, config) == ["--consistency_weight=0.1 there, 1.0 now"]

@@ -19,6 +19,7 @@ import common
 from absl import app, flags
 
 from co2_tf import config as config_lib
+from co2_tf import study
 
 flags.DEFINE_integer("steps", 150, "training steps per run")
 flags.DEFINE_integer("every", 10, "steps between measurements")
@@ -35,7 +36,7 @@ def parse_overrides(text):
         name, _, value = item.partition("=")
         if not hasattr(defaults, name):
             common.fail(f"unknown TrainConfig field {name!r} in --runs")
-        out[name] = type(getattr(defaults, name))(value)
+        out[name] = common.run_guarded(study.typed, name, value)
     return out
 
 
