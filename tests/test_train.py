@@ -290,22 +290,57 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------ presets
-@pytest.mark.parametrize("preset", sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg"))))
-def test_presets_parse_and_check(preset):
+PRESETS = sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg")))
+# In one subprocess for all presets (each process costs a TF import: co2_tf.study imports
+# training): each preset's flags parsed by its tool's flag definitions (defined afresh per
+# preset, tests/helpers/tool_runner.py's load), checked, and its TrainConfig printed.
+PARSE_PRESETS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import tool_runner  # (puts tools/ on sys.path)
+import common
+from absl import flags
+from co2_tf import study
+from co2_tf.config import TrainConfig
+out = {}
+for preset, tool in json.loads(sys.argv[2]):
+    try:
+        tool_runner.load(tool, "preset_check")
+        # No --model_dir for the study: one run dir per cell.
+        flags.FLAGS(["x", "--flagfile=" + preset]
+                    + ([] if tool == "study" else ["--model_dir=/tmp/unused"]))
+        config = common.config_from_flags(TrainConfig, model_dir="/tmp/unused")
+        config.check()
+        if "cell" in flags.FLAGS:
+            study.settings(flags.FLAGS.cell)
+        out[preset] = json.loads(config.to_json())
+    except Exception as e:  # this preset's test fails with it, the others go on
+        out[preset] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"""
+
+
+def _preset_tool(preset):
     # flags/study_*.cfg are tools/study.py's: the training flags of every cell, and the grid.
-    tool = "study" if os.path.basename(preset).startswith("study_") else "train"
-    code = ("import sys; sys.argv=['x', '--flagfile=%s', '--model_dir=/tmp/unused'];"
-            "sys.path.insert(0, %r); import common, %s; from absl import flags;"
-            "flags.FLAGS(sys.argv); from co2_tf.config import TrainConfig;"
-            "c = common.config_from_flags(TrainConfig, model_dir='/tmp/unused'); c.check();"
-            "from co2_tf import study; 'cell' in flags.FLAGS and study.settings(flags.FLAGS.cell);"
-            "print(c.to_json())"
-            % (preset, os.path.join(ROOT, "tools"), tool))
-    if tool == "study":  # no --model_dir there: one run dir per cell
-        code = code.replace(", '--model_dir=/tmp/unused'", "")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    config = json.loads(result.stdout[result.stdout.index("{"):])
+    return "study" if os.path.basename(preset).startswith("study_") else "train"
+
+
+@pytest.fixture(scope="module")
+def parsed_presets():
+    """{preset: its TrainConfig as a dict, or the error that stopped it}."""
+    result = subprocess.run(
+        [sys.executable, "-c", PARSE_PRESETS, os.path.join(ROOT, "tests", "helpers"),
+         json.dumps([(preset, _preset_tool(preset)) for preset in PRESETS])],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_parse_and_check(preset, parsed_presets):
+    tool = _preset_tool(preset)
+    config = parsed_presets[preset]
+    assert isinstance(config, dict), config
     with open(preset) as f:
         head = f.read()
     assert f"python tools/{tool}.py --flagfile=flags/" in head  # the run command on top
