@@ -39,6 +39,18 @@ def _numbers(model_dir):
                   for p in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index")))
 
 
+def _no_summary_knn(patch):
+    """Turns off the end-of-run kNN of training.train (two kNN evaluations of the builtin
+    data, seconds each): the tests here check checkpoints, locks and steps, not the summary's
+    kNN (tests/test_train.py checks it)."""
+    patch.setattr(training, "knn_evaluator", lambda *args, **kwargs: None)
+
+
+@pytest.fixture(autouse=True)
+def _no_knn_here(monkeypatch):
+    _no_summary_knn(monkeypatch)
+
+
 class CountSteps(tf.keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
@@ -53,7 +65,9 @@ class CountSteps(tf.keras.callbacks.Callback):
 def twelve_steps(tmp_path_factory):
     """A finished run of 12 steps, checkpoints 4, 8, 12, and ckpt-12's values."""
     model_dir = tmp_path_factory.mktemp("twelve") / "run"
-    training.train(small_config(model_dir, train_steps=12, checkpoint_every=4), verbose=0)
+    with pytest.MonkeyPatch.context() as patch:
+        _no_summary_knn(patch)
+        training.train(small_config(model_dir, train_steps=12, checkpoint_every=4), verbose=0)
     assert _numbers(str(model_dir)) == [4, 8, 12]
     return str(model_dir), _values(os.path.join(model_dir, "checkpoints", "ckpt-12"))
 
@@ -203,10 +217,12 @@ def test_ctrl_c_writes_a_checkpoint_at_the_current_step_and_exits_130(tmp_path):
     assert first < step < 3000
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     assert latest.endswith(f"ckpt-{step}")
-    # Rerun: resumes at that step (a shorter run that ends 3 steps later).
-    result = run_binary(flags[:-len(small_flags())] + small_flags(train_steps=step + 3,
-                                                                  checkpoint_every=5))
-    assert result.returncode == 0, result.stderr
+    # Rerun: resumes at that step (a shorter run that ends 3 steps later). In-process: the
+    # binary's resume is tests/test_train.py's kill -9 test (a subprocess costs a TF import).
+    counter = CountSteps()
+    training.train(small_config(model_dir, train_steps=step + 3, checkpoint_every=5),
+                   callbacks=[counter], verbose=0)
+    assert counter.batches == 3
     assert json.load(open(os.path.join(model_dir, "summary.json")))["steps"] == step + 3
 
 

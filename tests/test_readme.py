@@ -8,17 +8,15 @@ picture commands: one TF import for all of them.
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import tensorflow as tf
+from helpers.tools_in_one_process import run_tools
 from PIL import Image
 
 from co2_tf import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = os.path.join(ROOT, "tests", "helpers", "tool_runner.py")
 with open(os.path.join(ROOT, "README.md")) as _f:
     README = _f.read()
 # absl's own flags, which every tool has.
@@ -83,10 +81,7 @@ def test_readme_flags_exist_and_picture_commands_draw(run_dir, tmp_path):
                 f"--out={tmp_path / os.path.basename(picture)}" if a.startswith("--out=") else a
                 for a in args]
         runs.append([tool] + args + TINY[tool])
-    result = subprocess.run([sys.executable, RUNNER, json.dumps({"flags": tools, "run": runs})],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report, result = run_tools(runs, flags=tools, cwd=ROOT)
 
     # Every flag a README command names is one of its tool's flags.
     for tool, args in commands:

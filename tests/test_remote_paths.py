@@ -7,20 +7,17 @@ there (what gs:// run dirs used to get).
 """
 
 import os
-import subprocess
-import sys
 import uuid
 
 import numpy as np
 import tensorflow as tf
 from helpers.image_folder import write_split_folders
+from helpers.tools_in_one_process import run_tools
 
 from co2_tf import export, training
 from co2_tf.config import TrainConfig
 from co2_tf.evaluation import knn, linear_probe, semi_supervised
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = os.path.join(ROOT, "tools")
 # Tiny convnet, 16 px, 3 classes x 8 images per split, a queue of 2 batches.
 SMALL = dict(image_size=16, batch_size=8, queue_size=16, dim=16, knn_every=0, log_every=1,
              seed=3)
@@ -28,11 +25,11 @@ RUN_FILES = ["checkpoints", "classes.txt", "config.json", "logs", "summary.json"
 EXPORT_FILES = ["backbone.keras", "export.json", "feature_maps.keras", "saved_model"]
 
 
-def _tool(name, cwd, **flags):
-    args = [sys.executable, os.path.join(TOOLS, f"{name}.py")]
-    args += [f"--{k}={v}" for k, v in flags.items()]
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+def _tools(cwd, *runs):
+    """Each (tool, flags) in turn, all in one subprocess run in `cwd`; returns its stdout."""
+    report, result = run_tools([[name] + [f"--{k}={v}" for k, v in flags.items()]
+                                for name, flags in runs], cwd=cwd)
+    assert report["exit"] == [0] * len(runs), (report["exit"], result.stderr[-3000:])
     return result.stdout
 
 
@@ -48,19 +45,20 @@ def test_tools_on_file_uris_write_nothing_in_the_working_directory(tmp_path):
     run, out = f"{base}/run", f"{base}/out"
     flags = dict(SMALL, model_dir=run, dataset=f"folder:{data}/{{split}}")
     # Resume and a reused split file on URIs: test_library_chain_on_ram_uris (in-process,
-    # the same library code the tools call; each subprocess here costs a TF import).
-    stdout = _tool("train", cwd, train_steps=4, **flags)
+    # the same library code the tools call). The five tools share one subprocess: each
+    # process costs a TF import, and the working directory is the same for all.
+    stdout = _tools(cwd, ("train", dict(train_steps=4, **flags)),
+                    ("export", dict(model_dir=run, export_dir=f"{out}/export")),
+                    ("knn_eval", dict(keras_model=f"{out}/export/backbone.keras",
+                                      output_dir=f"{out}/knn", k=5)),
+                    ("linear_eval", dict(model_dir=run, protocol="fast", epochs=2,
+                                         output_dir=f"{out}/linear")),
+                    ("semi_supervised", dict(model_dir=run, label_fraction=0.5, epochs=1,
+                                             output_dir=f"{out}/semi")))
     assert "done: 4 steps" in stdout
     assert _listdir(run) == RUN_FILES
     assert tf.train.latest_checkpoint(f"{run}/checkpoints").endswith("ckpt-4")
-    _tool("export", cwd, model_dir=run, export_dir=f"{out}/export")
     assert _listdir(f"{out}/export") == EXPORT_FILES
-    _tool("knn_eval", cwd, keras_model=f"{out}/export/backbone.keras",
-          output_dir=f"{out}/knn", k=5)
-    _tool("linear_eval", cwd, model_dir=run, protocol="fast", epochs=2,
-          output_dir=f"{out}/linear")
-    _tool("semi_supervised", cwd, model_dir=run, label_fraction=0.5, epochs=1,
-          output_dir=f"{out}/semi")
     assert _listdir(f"{out}/knn") == ["knn_eval.json", "logs"]  # logs: TensorBoard scalars
     assert {"linear_eval.json", "linear_classifier.keras"} <= set(_listdir(f"{out}/linear"))
     assert {"semi_supervised_classifier.keras", "labels_0.5_seed0.txt", "semi_supervised.json",

@@ -1,9 +1,12 @@
-"""Runs several tools/*.py in ONE process (one TF import), for tests/test_readme.py.
+"""Runs several tools/*.py in ONE process (one TF import): tests/test_readme.py and
+tests/test_remote_paths.py.
 
   python tests/helpers/tool_runner.py REQUEST_JSON
 
-REQUEST_JSON: {"flags": [tool, ...], "run": [[tool, arg, ...], ...]}. Prints one
-JSON line: {"flags": {tool: [its flag names]}, "exit": [exit code of each run]}.
+REQUEST_JSON: {"flags": [tool, ...], "run": [[tool, arg, ...], ...], "capture": bool}.
+Prints one JSON line: {"flags": {tool: [its flag names]}, "exit": [exit code of each
+run]}, and with "capture", "stdout" and "stderr": what each run wrote (file descriptors
+1 and 2, TF's own logs included), instead of the runner's streams.
 Each tool's module is executed afresh (runpy) after the previous tool's flags
 are removed from absl's FLAGS, so tools that define the same flags follow
 each other; a run executes it as `python tools/TOOL.py ARGS` would.
@@ -12,6 +15,7 @@ import json
 import os
 import runpy
 import sys
+import tempfile
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "tools")
@@ -35,17 +39,53 @@ def load(tool, run_name):
     return sorted(set(FLAGS) - ABSL_FLAGS)
 
 
+def run(tool, args):
+    """Runs tools/TOOL.py ARGS; returns its exit code."""
+    sys.argv = [os.path.join(TOOLS, f"{tool}.py")] + args
+    try:
+        load(tool, "__main__")  # app.run parses the flags, runs main and exits
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+
+
+def captured(fn, *args):
+    """fn(*args) with file descriptors 1 and 2 in temporary files: (result, stdout, stderr)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            result = fn(*args)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode(errors="replace"))
+    return result, texts[0], texts[1]
+
+
 def main(request):
     request = json.loads(request)
     result = {"flags": {tool: load(tool, "readme_check") for tool in request.get("flags", [])},
               "exit": []}
+    if request.get("capture"):
+        result.update(stdout=[], stderr=[])
     for tool, *args in request.get("run", []):
-        sys.argv = [os.path.join(TOOLS, f"{tool}.py")] + args
-        try:
-            load(tool, "__main__")  # app.run parses the flags, runs main and exits
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if request.get("capture"):
+            code, out, err = captured(run, tool, args)
+            result["stdout"].append(out)
+            result["stderr"].append(err)
+        else:
+            code = run(tool, args)
         result["exit"].append(code)
     print(json.dumps(result), flush=True)
 
