@@ -7,7 +7,7 @@ here trains, checkpoints or touches files.
 
 import dataclasses
 
-from co2_tf import backbones, distribute, fused_batchnorm, losses, optimizers, precision
+from co2_tf import backbones, conv_grad, distribute, fused_batchnorm, losses, optimizers, precision
 from co2_tf.model import CO2Model
 
 
@@ -25,7 +25,10 @@ def backbone_fn(config):
             backbone = backbones.build_backbone(config.backbone, config.image_size, bn=bn,
                                                 model_name=model_name, seed=config.seed)
         # Same BN semantics, one fused op per BN layer (the step's main cost otherwise).
-        return fused_batchnorm.fuse_batch_norm(backbone)
+        fused_batchnorm.fuse_batch_norm(backbone)
+        if conv_grad.pays_off():  # the same gradients, faster on AVX2 CPUs
+            conv_grad.matmul_filter_grad(backbone)
+        return backbone
     return build
 
 

@@ -33,6 +33,7 @@ ImageNet-like size and on the built-in dataset.
 import dataclasses
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -264,14 +265,17 @@ def count_flops(fn, *specs):
     corrections that make it exact: a conv's two backward ops count the
     multiply-adds of the forward conv, and ops whose outputs nothing reads
     (e.g. the first conv's input gradient, which the gradient function emits
-    and Grappler prunes) are not run, so not counted. The profiler's own total
-    is returned too.
+    and Grappler prunes) are not run, so not counted. A filter gradient computed
+    as a matmul (co2_tf.conv_grad) counts as Conv2DBackpropFilter. The
+    profiler's own total is returned too.
     """
     import collections
 
     import tensorflow as tf
     from tensorflow.python.framework import ops as tf_ops
     from tensorflow.python.util import deprecation
+
+    from co2_tf import conv_grad
     graph = fn.get_concrete_function(*specs).graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
@@ -291,7 +295,10 @@ def count_flops(fn, *specs):
             except (ValueError, TypeError):  # no statistics registered, or unknown shapes
                 flops = None
             if flops:
-                breakdown[op.type] += int(flops)
+                # Scope names are made unique: matmul_filter_grad, matmul_filter_grad_1, ...
+                by_matmul = op.type == "MatMul" and re.search(
+                    rf"(^|/){conv_grad.SCOPE}(_\d+)?/", op.name)
+                breakdown["Conv2DBackpropFilter" if by_matmul else op.type] += int(flops)
     return sum(breakdown.values()), dict(breakdown), profiler_total
 
 

@@ -1,0 +1,72 @@
+"""co2_tf.conv_grad: the filter gradient by matmul equals a NumPy reference."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from co2_tf import conv_grad
+
+
+def _numpy_filter_grad(x, g, kernel, stride, pads):
+    """sum over n, output pixel of x_padded[n, tap] * g[n, pixel]: float64."""
+    (top, bottom), (left, right) = pads
+    xp = np.pad(x.astype(np.float64), [(0, 0), (top, bottom), (left, right), (0, 0)])
+    _, oh, ow, _ = g.shape
+    grad = np.zeros((kernel, kernel, x.shape[-1], g.shape[-1]))
+    for i in range(kernel):
+        for j in range(kernel):
+            window = xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride]
+            grad[i, j] = np.einsum("nhwc,nhwd->cd", window, g.astype(np.float64))
+    return grad
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size,pads,at_once", [
+    (3, 1, "same", 8, ((1, 1), (1, 1)), True),
+    (3, 1, "same", 8, ((1, 1), (1, 1)), False),  # one kernel row at a time
+    (3, 2, "same", 8, ((0, 1), (0, 1)), True),  # TF's asymmetric "same"
+    (3, 2, "valid", 9, ((0, 0), (0, 0)), True),  # after ZeroPadding2D, as the ResNets
+    (1, 1, "same", 8, None, True),  # 1x1: left to TF
+])
+def test_filter_and_input_gradients_match_references(monkeypatch, kernel, stride, padding,
+                                                     size, pads, at_once):
+    if not at_once:
+        monkeypatch.setattr(conv_grad, "_PATCH_BYTES_AT_ONCE", 0)
+    rng = np.random.RandomState(kernel * 10 + stride)
+    x = rng.randn(4, size, size, 5).astype(np.float32)
+    layers = [keras.layers.Conv2D(6, kernel, strides=stride, padding=padding, use_bias=False)
+              for _ in range(2)]
+    model = keras.Sequential([keras.Input((size, size, 5)), layers[1]])
+    layers[0].build((None, size, size, 5))
+    layers[0].set_weights(layers[1].get_weights())
+    conv_grad.matmul_filter_grad(model)
+    assert type(layers[1]) is keras.layers.Conv2D
+    out_size = layers[0].compute_output_shape((4, size, size, 5))[1]
+    g = rng.randn(4, out_size, out_size, 6).astype(np.float32)
+
+    @tf.function
+    def grads(layer, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * g)
+        return (y,) + tuple(tape.gradient(loss, [x, layer.kernel]))
+
+    y_tf, dx_tf, dk_tf = grads(layers[0], tf.constant(x))
+    y, dx, dk = grads(layers[1], tf.constant(x))
+    np.testing.assert_array_equal(y.numpy(), y_tf.numpy())  # the forward op is TF's own
+    np.testing.assert_allclose(dx.numpy(), dx_tf.numpy(), rtol=1e-5, atol=1e-5)
+    if pads is not None:
+        reference = _numpy_filter_grad(x, g, kernel, stride, pads)
+        np.testing.assert_allclose(dk.numpy(), reference, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dk.numpy(), dk_tf.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_pays_off_only_on_avx2_without_avx512(tmp_path):
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("flags\t\t: fpu sse2 avx avx2 fma\n")
+    avx512 = tmp_path / "avx512"
+    avx512.write_text("flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni\n")
+    assert conv_grad.pays_off(str(avx2))  # the tests run on CPU only
+    assert not conv_grad.pays_off(str(avx512))
+    assert not conv_grad.pays_off(str(tmp_path / "missing"))
