@@ -8,8 +8,9 @@ than the forward kernel, and slowest on the small maps of the last stages
 patches(x)^T @ dy, which TF's oneDNN matmul runs about twice as fast on 4x4
 maps; on larger maps copying the patches costs more than it saves. So
 `matmul_filter_grad(model)` makes the model's Conv2D layers with output maps
-of at most 64 pixels compute their filter gradient that way (the forward
-conv and the input gradient stay TF's oneDNN ops); the result equals
+of at most 64 pixels and at least 4M multiply-adds per image compute their
+filter gradient that way (the forward conv and the input gradient stay TF's
+oneDNN ops; smaller convs ran slower by matmul); the result equals
 Conv2DBackpropFilter up to float32 rounding (another summation order). Only
 float32 channels-last convs with a kernel larger than 1x1, no dilation and
 no groups are changed. The layers stay `keras.layers.Conv2D` (only the bound
@@ -29,6 +30,9 @@ from co2_tf import keras_compat
 SCOPE = "matmul_filter_grad"
 # Measured per conv, AVX2: ~2x on 4x4 maps, ~1.1x on 8x8, slower on 16x16 and up.
 _MAX_OUTPUT_PIXELS = 64
+# Small convs keep TF's kernel: the tiny convnet's (1.2M multiply-adds per image each) made
+# the whole demo step 15-40% slower; ResNet-18's layer3/4 convs, which gain, have 19-38M.
+_MIN_MACS_PER_IMAGE = 4_000_000
 # Above this, the patch matrix is built one kernel row at a time: the whole
 # matrix of a 32x32 layer of 64 channels at batch 256 would be 600 MB.
 _PATCH_BYTES_AT_ONCE = 160 * 2**20
@@ -79,7 +83,9 @@ def _changed(layer, inputs):
             and layer.groups == 1):
         return False
     out_h, out_w = layer.compute_output_shape(inputs.shape)[1:3]
-    return out_h * out_w <= _MAX_OUTPUT_PIXELS
+    macs = out_h * out_w * layer.kernel_size[0] * layer.kernel_size[1] * inputs.shape[-1] * (
+        layer.filters)
+    return out_h * out_w <= _MAX_OUTPUT_PIXELS and macs >= _MIN_MACS_PER_IMAGE
 
 
 def _convolution_op(self, inputs, kernel):

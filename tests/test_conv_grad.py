@@ -30,6 +30,7 @@ def _numpy_filter_grad(x, g, kernel, stride, pads):
 ])
 def test_filter_and_input_gradients_match_references(monkeypatch, kernel, stride, padding,
                                                      size, pads, at_once):
+    monkeypatch.setattr(conv_grad, "_MIN_MACS_PER_IMAGE", 0)  # these convs are small
     if not at_once:
         monkeypatch.setattr(conv_grad, "_PATCH_BYTES_AT_ONCE", 0)
     rng = np.random.RandomState(kernel * 10 + stride)
@@ -42,6 +43,7 @@ def test_filter_and_input_gradients_match_references(monkeypatch, kernel, stride
     conv_grad.matmul_filter_grad(model)
     assert type(layers[1]) is keras.layers.Conv2D
     out_size = layers[0].compute_output_shape((4, size, size, 5))[1]
+    assert conv_grad._changed(layers[1], tf.constant(x)) == (kernel > 1)  # the path tested
     g = rng.randn(4, out_size, out_size, 6).astype(np.float32)
 
     @tf.function
@@ -70,3 +72,14 @@ def test_pays_off_only_on_avx2_without_avx512(tmp_path):
     assert conv_grad.pays_off(str(avx2))  # the tests run on CPU only
     assert not conv_grad.pays_off(str(avx512))
     assert not conv_grad.pays_off(str(tmp_path / "missing"))
+
+
+def test_small_convs_keep_tfs_kernel():
+    # The tiny convnet's convs (1.2M multiply-adds per image) ran slower by matmul;
+    # ResNet-18's layer4 conv (4x4 output, 512 -> 512: 38M) is changed.
+    tiny = keras.layers.Conv2D(256, 3, strides=2, padding="same")
+    tiny.build((None, 4, 4, 128))
+    assert not conv_grad._changed(tiny, tf.zeros((2, 4, 4, 128)))
+    layer4 = keras.layers.Conv2D(512, 3, padding="same")
+    layer4.build((None, 4, 4, 512))
+    assert conv_grad._changed(layer4, tf.zeros((2, 4, 4, 512)))
