@@ -68,6 +68,32 @@ def reference(run_dir):
 
 
 @pytest.fixture(autouse=True)
+def _no_end_of_run_knn(request, monkeypatch):
+    """training.train ends with two kNN evaluations on in-memory data (trained and random-init
+    backbones, ~5 CPU-s together), which the summary reports. Most tests never read them: off,
+    unless the test is marked `end_of_run_knn`. Fixtures of a wider scope (the session's
+    `run_dir`, module runs) are built before this one and keep them."""
+    if request.node.get_closest_marker("end_of_run_knn") is None:
+        from co2_tf import training  # noqa: PLC0415
+
+        monkeypatch.setattr(training, "knn_evaluator", lambda *args, **kwargs: None)
+
+
+# The modules that take longest, first: longest-first packs the two pytest-xdist workers of
+# `pytest -n 2 --dist loadscope` evenly (in file order, test_train and test_training_scale
+# came last and one worker ran them alone). Order: total time per module in a full run's
+# `--durations=0`, 2026-11-30.
+HEAVY_MODULES = ["test_benchmark.py", "test_train.py", "test_faults.py",
+                 "test_evaluation_scale.py", "test_convert.py", "test_remote_paths.py",
+                 "test_export.py", "test_training_scale.py", "test_data.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+@pytest.fixture(autouse=True)
 def _op_determinism_stays_local():
     """train(deterministic=True) turns TF op determinism on for the whole process (what
     --deterministic means for a one-run binary); left on, every later unseeded random op

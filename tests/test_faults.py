@@ -41,14 +41,9 @@ def _numbers(model_dir):
 
 def _no_summary_knn(patch):
     """Turns off the end-of-run kNN of training.train (two kNN evaluations of the builtin
-    data, seconds each): the tests here check checkpoints, locks and steps, not the summary's
-    kNN (tests/test_train.py checks it)."""
+    data, seconds each) in a module fixture (tests/conftest.py does it for each test): the
+    tests here check checkpoints, locks and steps, not the summary's kNN."""
     patch.setattr(training, "knn_evaluator", lambda *args, **kwargs: None)
-
-
-@pytest.fixture(autouse=True)
-def _no_knn_here(monkeypatch):
-    _no_summary_knn(monkeypatch)
 
 
 class CountSteps(tf.keras.callbacks.Callback):

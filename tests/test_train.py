@@ -174,6 +174,7 @@ def test_epoch_scalars_are_written_at_every_epoch_end(tmp_path):
     np.testing.assert_allclose([v for _, v in logged], history.history["loss"], rtol=1e-6)
 
 
+@pytest.mark.end_of_run_knn
 def test_training_beats_random_init(tmp_path):
     """124 steps (2 epochs) of the demo's settings lift kNN top-1 well above random init.
 
