@@ -208,7 +208,7 @@ def test_compare_torch_fields(tmp_path):
     result = subprocess.run(
         [sys.executable, COMPARE, "--backbone=tiny", "--image_size=16", "--batch_size=16",
          "--queue_size=64", "--dim=16", "--alternations=1", "--warmup=1", "--repeats=1",
-         "--notorch_compile", f"--output={output}"],
+         "--notorch_compile", "--matmul_size=256", f"--output={output}"],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -223,6 +223,7 @@ def test_compare_torch_fields(tmp_path):
     assert out["ratios"] == pytest.approx(ratios, rel=1e-3)
     assert out["ratio_median"] == pytest.approx(ratios[0], rel=1e-3)
     assert out["onednn_opts"] is True and out["jit_compile"] is False
+    assert out["runs"][0]["tf"]["matmul_size"] == 256  # passed on to benchmark.py
     assert "ratio (median of 1)" in result.stderr
 
 

@@ -39,11 +39,14 @@ class CompareConfig:
     warmup: int = 2
     repeats: int = 5
     torch_compile: bool = True
+    matmul_size: int = 4096  # of the ceiling benchmark.py reports beside the TF step
     output: str = ""  # "" = stdout only
 
     def check(self):
         if self.alternations <= 0 or self.repeats <= 0 or self.warmup < 0:
             raise UserError("--alternations and --repeats must be > 0, --warmup >= 0")
+        if self.matmul_size <= 0:
+            raise UserError("--matmul_size must be > 0")
         return self
 
 
@@ -52,6 +55,8 @@ COMPARE_HELP = {
     "warmup": "untimed steps of each run",
     "repeats": "timed steps of each run (each run reports their median)",
     "torch_compile": "torch.compile the PyTorch step (off: eager, only to check the tool)",
+    "matmul_size": "N of the N x N matmuls of the TF run's ceiling (benchmark.py --matmul_size); "
+                   "the ratio does not use it",
     "output": "also write the JSON here (local path or URI)",
 }
 
@@ -81,7 +86,8 @@ def compare(config, compare_config):
     timing = [f"--warmup={compare_config.warmup}", f"--repeats={compare_config.repeats}"]
     runs = []
     for i in range(compare_config.alternations):
-        tf_run = run_tool("benchmark.py", flags + timing)
+        tf_run = run_tool("benchmark.py", flags + timing + [
+            f"--matmul_size={compare_config.matmul_size}"])
         torch_run = run_tool("torch_step.py", flags + timing + [
             f"--torch_compile={compare_config.torch_compile}"])
         runs.append({"tf": tf_run, "torch": torch_run})
