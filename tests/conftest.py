@@ -79,8 +79,8 @@ def _no_end_of_run_knn(request, monkeypatch):
         monkeypatch.setattr(training, "knn_evaluator", lambda *args, **kwargs: None)
 
 
-# The modules that take longest, first: longest-first packs the two pytest-xdist workers of
-# `pytest -n 2 --dist loadscope` evenly (in file order, test_train and test_training_scale
+# The modules that take longest, first: longest-first packs the pytest-xdist workers of
+# `pytest -n 3 --dist loadscope` evenly (in file order, test_train and test_training_scale
 # came last and one worker ran them alone). Order: total time per module in a full run's
 # `--durations=0`, 2026-11-30.
 HEAVY_MODULES = ["test_benchmark.py", "test_train.py", "test_faults.py",
