@@ -20,7 +20,7 @@ tf.config.set_logical_device_configuration(
 
 import pytest  # noqa: E402
 from helpers.image_folder import make_image_folder  # noqa: E402
-from helpers.references import SMALL, split_arrays  # noqa: E402
+from helpers.references import SMALL, no_end_of_run_knn, split_arrays  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -74,14 +74,12 @@ def _no_end_of_run_knn(request, monkeypatch):
     unless the test is marked `end_of_run_knn`. Fixtures of a wider scope (the session's
     `run_dir`, module runs) are built before this one and keep them."""
     if request.node.get_closest_marker("end_of_run_knn") is None:
-        from co2_tf import training  # noqa: PLC0415
-
-        monkeypatch.setattr(training, "knn_evaluator", lambda *args, **kwargs: None)
+        no_end_of_run_knn(monkeypatch)
 
 
 # The modules that take longest, first: longest-first packs the pytest-xdist workers of
-# `pytest -n 3 --dist loadscope` evenly (in file order, test_train and test_training_scale
-# came last and one worker ran them alone). Order: total time per module in a full run's
+# `pytest -n 3 --dist loadscope` evenly (in file order, test_train and test_training_scale,
+# among the longest, would start last). Order: total time per module in a full run's
 # `--durations=0`, 2026-11-30.
 HEAVY_MODULES = ["test_benchmark.py", "test_train.py", "test_faults.py",
                  "test_evaluation_scale.py", "test_convert.py", "test_remote_paths.py",

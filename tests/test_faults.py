@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers.references import no_end_of_run_knn
 from test_train import SMALL, TRAIN, assert_one_line_error, run_binary, small_flags
 
 from co2_tf import training
@@ -39,13 +40,6 @@ def _numbers(model_dir):
                   for p in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index")))
 
 
-def _no_summary_knn(patch):
-    """Turns off the end-of-run kNN of training.train (two kNN evaluations of the builtin
-    data, seconds each) in a module fixture (tests/conftest.py does it for each test): the
-    tests here check checkpoints, locks and steps, not the summary's kNN."""
-    patch.setattr(training, "knn_evaluator", lambda *args, **kwargs: None)
-
-
 class CountSteps(tf.keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
@@ -61,7 +55,7 @@ def twelve_steps(tmp_path_factory):
     """A finished run of 12 steps, checkpoints 4, 8, 12, and ckpt-12's values."""
     model_dir = tmp_path_factory.mktemp("twelve") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        _no_summary_knn(patch)
+        no_end_of_run_knn(patch)  # the tests here check checkpoints, not the summary
         training.train(small_config(model_dir, train_steps=12, checkpoint_every=4), verbose=0)
     assert _numbers(str(model_dir)) == [4, 8, 12]
     return str(model_dir), _values(os.path.join(model_dir, "checkpoints", "ckpt-12"))

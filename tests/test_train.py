@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers.references import numpy_knn, split_arrays, topk
+from helpers.references import no_end_of_run_knn, numpy_knn, split_arrays, topk
 from helpers.tools_in_one_process import run_tools
 
 from co2_tf import build, rundir, training
@@ -236,7 +236,7 @@ def uninterrupted(tmp_path_factory):
     would cost a TF import)."""
     model_dir = str(tmp_path_factory.mktemp("straight") / "run")
     with pytest.MonkeyPatch.context() as patch:  # its end-of-run kNN: compared with nothing
-        patch.setattr(training, "knn_evaluator", lambda *args, **kwargs: None)
+        no_end_of_run_knn(patch)
         training.train(TrainConfig(model_dir=model_dir, **dict(
             SMALL, train_steps=30, checkpoint_every=3, deterministic=True, knn_every=0)),
             verbose=0)

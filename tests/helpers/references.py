@@ -8,6 +8,14 @@ SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, train_steps=3,
              seed=7)
 
 
+def no_end_of_run_knn(patch):
+    """Turns off training.train's end-of-run kNN (two kNN evaluations of in-memory data,
+    ~5 CPU-s) for `patch`'s lifetime: for runs whose summary kNN no test reads."""
+    from co2_tf import training  # noqa: PLC0415
+
+    patch.setattr(training, "knn_evaluator", lambda *args, **kwargs: None)
+
+
 def split_arrays(split, image_size=16):
     """Centre-cropped images and labels of a builtin split, as NumPy."""
     batches = list(data.labelled_dataset("builtin", split=split, image_size=image_size,
