@@ -131,9 +131,16 @@ def config_diffs(saved, config):
 
     A flag added after the cell ran is missing from `saved`: it ran with that flag's
     default (a new flag's default keeps the old behaviour), so a grid survives new flags.
+    With alpha = 0 on both sides the consistency term's other flags change nothing trained
+    (MoCo's cells inherit tau_con from the base flagfile, whose value may change), so they
+    are not compared.
     """
     saved = {**_comparable(TrainConfig()), **saved}
     now = _comparable(config)
+    if saved["consistency_weight"] == now["consistency_weight"] == 0:
+        for values in (saved, now):
+            for key in [k for k in values if k.startswith("consistency_")]:
+                values.pop(key)
     return [f"--{k}={saved.get(k)!r} there, {now.get(k)!r} now"
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 

@@ -99,3 +99,13 @@ def test_a_cell_saved_before_a_flag_existed_is_that_flag_at_its_default():
         "--consistency_temperature_scaling=False there, True now"]
     saved["consistency_weight"] = 0.1
     assert study.config_diffs(saved, config) == ["--consistency_weight=0.1 there, 1.0 now"]
+    # MoCo (alpha = 0) trains the same at any tau_con: a MoCo cell stays reusable when the
+    # base flagfile's tau_con changes, and not when a flag that matters does.
+    moco = study._comparable(TrainConfig(consistency_weight=0.0, consistency_temperature=0.04))
+    now = TrainConfig(consistency_weight=0.0, consistency_temperature=0.2)
+    assert study.config_diffs(moco, now) == []
+    assert study.config_diffs(moco, dataclasses.replace(now, temperature=0.2)) == [
+        "--temperature=0.1 there, 0.2 now"]
+    assert study.config_diffs(moco, dataclasses.replace(now, consistency_weight=1.0)) == [
+        "--consistency_temperature=0.04 there, 0.2 now",
+        "--consistency_weight=0.0 there, 1.0 now"]
