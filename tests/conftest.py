@@ -70,9 +70,10 @@ def reference(run_dir):
 @pytest.fixture(autouse=True)
 def _no_end_of_run_knn(request, monkeypatch):
     """training.train ends with two kNN evaluations on in-memory data (trained and random-init
-    backbones, ~5 CPU-s together), which the summary reports. Most tests never read them: off,
-    unless the test is marked `end_of_run_knn`. Fixtures of a wider scope (the session's
-    `run_dir`, module runs) are built before this one and keep them."""
+    backbones, 6-9 CPU-s together, measured under load), which the summary reports. Most
+    tests never read them: off, unless the test is marked `end_of_run_knn`. Fixtures of a
+    wider scope (the session's `run_dir`, module runs) are built before this one and keep
+    them."""
     if request.node.get_closest_marker("end_of_run_knn") is None:
         no_end_of_run_knn(monkeypatch)
 

@@ -10,7 +10,7 @@ SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, train_steps=3,
 
 def no_end_of_run_knn(patch):
     """Turns off training.train's end-of-run kNN (two kNN evaluations of in-memory data,
-    ~5 CPU-s) for `patch`'s lifetime: for runs whose summary kNN no test reads."""
+    6-9 CPU-s under load) for `patch`'s lifetime: for runs whose summary kNN no test reads."""
     from co2_tf import training  # noqa: PLC0415
 
     patch.setattr(training, "knn_evaluator", lambda *args, **kwargs: None)
