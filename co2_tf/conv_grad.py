@@ -76,20 +76,27 @@ def _filter_grad(x, dy, kernel_shape, strides, padding):
     return tf.reshape(grad, [kh, kw, cin, cout])
 
 
-def _changed(layer, inputs):
-    if not (inputs.dtype == tf.float32 and layer.data_format == "channels_last"
-            and len(inputs.shape) == 4 and None not in inputs.shape[1:]
+def applies(layer, input_shape, dtype=tf.float32):
+    """Whether `matmul_filter_grad` changes Conv2D `layer` on inputs of this shape and dtype."""
+    if not (dtype == tf.float32 and layer.data_format == "channels_last"
+            and len(input_shape) == 4 and None not in input_shape[1:]
             and max(layer.kernel_size) > 1 and tuple(layer.dilation_rate) == (1, 1)
             and layer.groups == 1):
         return False
-    out_h, out_w = layer.compute_output_shape(inputs.shape)[1:3]
-    macs = out_h * out_w * layer.kernel_size[0] * layer.kernel_size[1] * inputs.shape[-1] * (
+    out_h, out_w = layer.compute_output_shape(input_shape)[1:3]
+    macs = out_h * out_w * layer.kernel_size[0] * layer.kernel_size[1] * input_shape[-1] * (
         layer.filters)
     return out_h * out_w <= _MAX_OUTPUT_PIXELS and macs >= _MIN_MACS_PER_IMAGE
 
 
+def filter_grad(x, dy, kernel_shape, strides, padding):
+    """The filter gradient as the changed layers compute it (for benchmarks)."""
+    with tf.name_scope(SCOPE):
+        return _filter_grad(x, dy, kernel_shape, strides, padding)
+
+
 def _convolution_op(self, inputs, kernel):
-    if not _changed(self, inputs):
+    if not applies(self, tuple(inputs.shape), inputs.dtype):
         return keras.layers.Conv2D.convolution_op(self, inputs, kernel)
     strides = tuple(self.strides)
     padding = self.padding.upper()
@@ -102,8 +109,7 @@ def _convolution_op(self, inputs, kernel):
             dx = tf.raw_ops.Conv2DBackpropInput(
                 input_sizes=tf.shape(x), filter=k, out_backprop=dy,
                 strides=[1, *strides, 1], padding=padding)
-            with tf.name_scope(SCOPE):
-                return dx, _filter_grad(x, dy, k.shape, strides, self.padding)
+            return dx, filter_grad(x, dy, k.shape, strides, self.padding)
         return y, grad
 
     return conv(inputs, tf.convert_to_tensor(kernel))

@@ -3,6 +3,7 @@
   python tools/benchmark.py --backbone=resnet18_cifar --image_size=32 --batch_size=256 \\
       --queue_size=4096                                   # step vs this machine's matmul ceiling
   python tools/benchmark.py ... --ablate                  # + bare encoders and convs-only steps
+  python tools/benchmark.py ... --conv_kernels            # each conv's kernels alone, GFLOP/s
   python tools/benchmark.py ... --precision=mixed_bfloat16 --jit_compile --steps_per_execution=4
   python tools/benchmark.py --input_only --image_size=224 # two-crop MoCo v2 input pipeline
 
@@ -19,7 +20,11 @@ gflops_per_sec / ceiling_gflops_per_sec; cpu (instruction sets), onednn_opts
 and jit_compile (what ran). --ablate adds step_ms_bare / overhead_fraction
 (the CO2 term, EMA and queue priced against the two encoders alone) and
 utilisation_convs_only (the backbones' convs without BN: this machine's
-conv-kernel ceiling for the step).
+conv-kernel ceiling for the step). --conv_kernels times, instead of the step,
+each distinct conv of the backbone alone at the step's batch (forward, input
+gradient, filter gradient: TF's op and, where co2_tf.conv_grad applies, the
+matmul one) and adds up what the step's convs cost at those rates
+(conv_seconds_per_step).
 """
 
 import json

@@ -50,6 +50,7 @@ class BenchmarkConfig:
     repeats: int = 7  # timed executions (rounds)
     matmul_size: int = 4096
     ablate: bool = False
+    conv_kernels: bool = False
     intra_op_threads: int = 0  # 0 = TF's default (all cores)
     inter_op_threads: int = 0
     cpu_devices: int = 0  # 0 = leave the CPU as one device
@@ -95,6 +96,8 @@ HELP = {
     "inter_op_threads": "TF ops run at once (0 = TF's default)",
     "cpu_devices": "split the CPU into this many logical devices "
                    "(e.g. 2 for --strategy=mirrored without GPUs); 0 = leave as is",
+    "conv_kernels": "time each conv of the backbone alone instead of the step: forward, "
+                    "input gradient and filter gradient, against the matmul ceiling",
     "input_only": "benchmark the input pipeline instead of the train step",
     "num_jpegs": "--input_only: JPEGs generated (400-500 x 300-375 px)",
     "input_batch_size": "--input_only: batch size of the pipeline",
@@ -631,8 +634,114 @@ def benchmark_input(config, timing):
     return result
 
 
+def _conv_shapes(config):
+    """{(input HWC, kernel, strides, padding, filters, first): count} of the backbone's convs.
+
+    `first`: the first conv (the layers are in graph order) reads the images, so the step
+    computes no input gradient for it.
+    Also returns {key: whether conv_grad's matmul filter gradient applies to that conv}.
+    """
+    import collections
+
+    import keras
+
+    from co2_tf import backbones, conv_grad, keras_compat
+    net = backbones.build_backbone(config.backbone, config.image_size, bn="none",
+                                   seed=config.seed)
+    counts, matmul = collections.Counter(), {}
+    for layer in keras_compat.nested_layers(net):
+        if isinstance(layer, keras.layers.Conv2D):
+            shape = tuple(layer.input.shape[1:])
+            key = (shape, tuple(layer.kernel_size), tuple(layer.strides), layer.padding,
+                   layer.filters, not counts)
+            counts[key] += 1
+            matmul[key] = conv_grad.applies(layer, (config.batch_size, *shape))
+    return counts, matmul
+
+
+def _conv_ops(x, w, dy, strides, padding, with_matmul):
+    """{name: tf.function()} of one conv's kernels on these tensors."""
+    import tensorflow as tf
+
+    from co2_tf import conv_grad
+    pad, stride4 = padding.upper(), [1, *strides, 1]
+    ops = {
+        "forward": tf.function(lambda: tf.nn.conv2d(x, w, strides, pad)),
+        "input_grad": tf.function(lambda: tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=x.shape, filter=w, out_backprop=dy, strides=stride4, padding=pad)),
+        "filter_grad": tf.function(lambda: tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=w.shape, out_backprop=dy, strides=stride4, padding=pad)),
+    }
+    if with_matmul:
+        ops["filter_grad_matmul"] = tf.function(
+            lambda: conv_grad.filter_grad(x, dy, w.shape, strides, padding))
+    return ops
+
+
+def conv_kernel_rates(config, timing):
+    """Each distinct conv of the backbone, alone, at the step's batch: GFLOP/s of its kernels.
+
+    Per conv shape: TF's forward, input-gradient and filter-gradient ops (and
+    co2_tf.conv_grad's matmul filter gradient where it applies), each the
+    median of --repeats timed calls, rounds interleaved; the float32 matmul
+    ceiling is timed before and after. `conv_seconds_per_step` adds up, over
+    the backbone's convs, what the step runs: two forwards (query and key),
+    one input gradient (none for the conv that reads the images) and the
+    filter gradient the step uses. It is what the step's convs would cost at
+    these rates; compare it with step_ms of the step benchmark (same flags).
+    """
+    import tensorflow as tf
+
+    from co2_tf import conv_grad
+    result = environment()
+    tf_matmul, np_matmul = matmul_timer(timing.matmul_size), numpy_matmul_timer(timing.matmul_size)
+    matmul_flops = 2 * timing.matmul_size ** 3
+    ceiling = [max(matmul_flops / tf_matmul(2), matmul_flops / np_matmul(2))]
+    uses_matmul = conv_grad.pays_off()
+    counts, matmul_applies = _conv_shapes(config)
+    rng = np.random.RandomState(config.seed)
+    rows, conv_seconds = [], 0.0
+    for key, count in counts.items():
+        shape, kernel, strides, padding, filters, first = key
+        batch = config.batch_size
+        x = tf.constant(rng.rand(batch, *shape).astype("float32"))
+        w = tf.constant(rng.rand(*kernel, shape[-1], filters).astype("float32"))
+        y_shape = tf.nn.conv2d(x[:1], w, strides, padding.upper()).shape[1:]
+        dy = tf.constant(rng.rand(batch, *y_shape).astype("float32"))
+        flops = 2 * batch * y_shape[0] * y_shape[1] * kernel[0] * kernel[1] * shape[-1] * filters
+        ops = _conv_ops(x, w, dy, strides, padding, matmul_applies[key])
+        samples = {name: [] for name in ops}
+        for round_ in range(timing.warmup + timing.repeats):
+            for name, op in ops.items():
+                start = time.perf_counter()
+                op().numpy()
+                if round_ >= timing.warmup:
+                    samples[name].append(time.perf_counter() - start)
+        seconds = {name: _median(times) for name, times in samples.items()}
+        used = "filter_grad_matmul" if uses_matmul and matmul_applies[key] else "filter_grad"
+        per_step = 2 * seconds["forward"] + seconds[used] + (0 if first else seconds["input_grad"])
+        conv_seconds += count * per_step
+        row = {"input": list(shape), "kernel": list(kernel), "strides": list(strides),
+               "padding": padding, "filters": filters, "count": count,
+               "gflop": _sig(flops / 1e9), "filter_grad_in_step": used,
+               "reads_images": first}
+        row.update({f"{name}_gflops_per_sec": _sig(flops / t / 1e9, 4)
+                    for name, t in seconds.items()})
+        rows.append(row)
+    ceiling.append(max(matmul_flops / tf_matmul(2), matmul_flops / np_matmul(2)))
+    result.update({
+        "mode": "conv_kernels", "backbone": config.backbone, "batch_size": config.batch_size,
+        "image_size": config.image_size, "convs": rows,
+        "conv_seconds_per_step": _sig(conv_seconds, 4),
+        "ceiling_gflops_per_sec": _sig(max(ceiling), 4),
+        "matmul_filter_grad_on": uses_matmul})
+    return result
+
+
 def run(config, timing):
     """The benchmark `timing` asks for, of the step `config` describes: a JSON-ready dict."""
     if timing.input_only:
         return benchmark_input(config, timing)
+    if timing.conv_kernels:
+        return conv_kernel_rates(config, timing)
     return benchmark_train_step(config, timing)
