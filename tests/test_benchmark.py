@@ -9,8 +9,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARK = os.path.join(ROOT, "tools", "benchmark.py")
+# The MLP head (not the default linear one): the FLOP count checks both of its layers.
 TINY = ["--backbone=tiny", "--image_size=16", "--batch_size=16", "--queue_size=64", "--dim=16",
-        "--warmup=1", "--repeats=2", "--matmul_size=256"]
+        "--head=mlp", "--warmup=1", "--repeats=2", "--matmul_size=256"]
 
 
 def run(args, **env):
@@ -158,7 +159,7 @@ def test_torch_step_first_loss_is_co2_tfs():
     from co2_tf.model import CO2Model
 
     config = TrainConfig(**benchmark_lib.NOT_A_RUN, backbone="tiny", image_size=16,
-                         batch_size=16, queue_size=64, dim=16, bn_groups=1,
+                         batch_size=16, queue_size=64, dim=16, bn_groups=1, head="mlp",
                          consistency_weight=1.0).check()
     ours = CO2Model(lambda name: backbones.build_backbone("tiny", 16, model_name=name, seed=3),
                     image_size=16, head="mlp", dim=16, queue_size=64,
@@ -266,3 +267,42 @@ def test_compare_torch_without_torch_is_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: PyTorch is not installed") and "requirements-torch.txt" in last
+
+
+def test_conv_kernels_mode_adds_up_the_step_convs():
+    """--conv_kernels: every conv of the backbone, its FLOPs, and the per-step sum they give."""
+    sys.path.insert(0, TOOLS)
+    import benchmark_lib
+
+    from co2_tf.config import TrainConfig
+
+    config = TrainConfig(**benchmark_lib.NOT_A_RUN, backbone="tiny", image_size=16, batch_size=4,
+                         queue_size=64, dim=16)
+    timing = benchmark_lib.BenchmarkConfig(conv_kernels=True, warmup=0, repeats=1,
+                                           matmul_size=32)
+    out = benchmark_lib.run(config, timing)
+    rows = out["convs"]
+    # The tiny backbone's four stride-2 3x3 convs, one each, FLOPs as counted by hand.
+    assert [row["count"] for row in rows] == [1, 1, 1, 1]
+    assert [row["gflop"] * 1e9 for row in rows] == pytest.approx(
+        [4 * f for f in tiny_conv_flops()], rel=1e-5)
+    assert [row["reads_images"] for row in rows] == [True, False, False, False]
+    total = 0.0
+    for row in rows:
+        def seconds(name, row=row):
+            return row["gflop"] / row[f"{name}_gflops_per_sec"]
+        total += row["count"] * (2 * seconds("forward") + seconds(row["filter_grad_in_step"])
+                                 + (0 if row["reads_images"] else seconds("input_grad")))
+    assert out["conv_seconds_per_step"] == pytest.approx(total, rel=2e-3)
+    assert out["ceiling_gflops_per_sec"] > 0 and "avx2" in out["cpu"]
+    # ResNet-18 (CIFAR stem): 20 convs; the matmul filter gradient applies to layer3/4's 3x3s.
+    counts, matmul = benchmark_lib._conv_shapes(
+        TrainConfig(**benchmark_lib.NOT_A_RUN, backbone="resnet18_cifar", image_size=32,
+                    batch_size=256))
+    assert sum(counts.values()) == 20
+    def output_size(key):  # key: (input HWC, kernel, strides, padding, filters, first)
+        (h, _, _), (k, _), (s, _), padding = key[:4]
+        return (h - k) // s + 1 if padding == "valid" else -(-h // s)
+    on = [key for key, applies in matmul.items() if applies]
+    assert {output_size(key) for key in on} == {8, 4} and {key[1] for key in on} == {(3, 3)}
+    assert sum(counts[key] for key in on) == 8

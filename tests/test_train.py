@@ -178,12 +178,11 @@ def test_epoch_scalars_are_written_at_every_epoch_end(tmp_path):
 def test_training_beats_random_init(tmp_path):
     """124 steps (2 epochs) of the demo's settings lift kNN top-1 well above random init.
 
-    Measured with the defaults alpha = 1 @ tau_con 0.2 (kNN top-1 trained vs random init,
-    124 steps): seed 0 0.581 vs 0.497, seed 1 0.592 vs 0.449; the smaller gap (0.084) is
-    2.8x the margin asserted. (With the former 0.1 @ 0.04, after 62 / 124 / 160 steps: seed 0
-    0.546 / 0.574 / 0.572, seed 1 0.520 / 0.576 / 0.609.) (The 12-step 16 px run above is
-    BELOW random init, ~0.20 vs ~0.37 over seeds 3-5, and stays there for 200+ steps: too
-    small to learn.)
+    Measured with the defaults (MoCo v1's recipe, alpha = 1 @ tau_con 0.2; kNN top-1 trained
+    vs random init, 124 steps): seed 0 0.729 vs 0.497, seed 1 0.749 vs 0.449; the smaller gap
+    (0.232) is 7.7x the margin asserted. (v2's recipe, the default until 2026-11-30: seed 0
+    0.581 vs 0.497, seed 1 0.592 vs 0.449.) (The 12-step 16 px run above is BELOW random
+    init, ~0.20 vs ~0.37 over seeds 3-5, and stays there for 200+ steps: too small to learn.)
     """
     config = TrainConfig(model_dir=str(tmp_path / "run"), train_steps=124, knn_every=0,
                          seed=0)

@@ -6,9 +6,10 @@ import tensorflow as tf
 from co2_tf import build as builders
 from co2_tf.config import TrainConfig
 
-# Small enough for tests: tiny convnet with BN, 16 px, 4 shuffle-BN groups.
+# Small enough for tests: tiny convnet with BN, 16 px, 4 shuffle-BN groups; the MLP head
+# (not the default linear one) so that two dense layers per encoder are compared too.
 MODEL = dict(backbone="tiny", image_size=16, batch_size=16, queue_size=64, dim=16, seed=3,
-             learning_rate=0.1, schedule="constant", weight_decay=1e-4)
+             learning_rate=0.1, schedule="constant", weight_decay=1e-4, head="mlp")
 
 
 def build(strategy=None, **overrides):
