@@ -5,12 +5,13 @@ convolutions (`jit:avx2`, oneDNN 3.7 in TF 2.21) is the slowest part of the
 CIFAR ResNet-18 train step: ~45% of all oneDNN time, 2.5-3x slower per FLOP
 than the forward kernel, and slowest on the small maps of the last stages
 (ONEDNN_VERBOSE, BUILD.md). The filter gradient is one matmul,
-patches(x)^T @ dy, which TF's oneDNN matmul runs about twice as fast on 4x4
-maps; on larger maps copying the patches costs more than it saves. So
-`matmul_filter_grad(model)` makes the model's Conv2D layers with output maps
-of at most 64 pixels and at least 4M multiply-adds per image compute their
-filter gradient that way (the forward conv and the input gradient stay TF's
-oneDNN ops; smaller convs ran slower by matmul); the result equals
+patches(x)^T @ dy, which TF's oneDNN matmul runs 1.6-1.9x as fast on 4x4
+maps; on larger maps, and for strided convs, copying the patches costs more
+than it saves (`tools/benchmark.py --conv_kernels`, BUILD.md). So
+`matmul_filter_grad(model)` makes the model's stride-1 Conv2D layers with
+output maps of at most 16 pixels and at least 4M multiply-adds per image
+compute their filter gradient that way (the forward conv and the input
+gradient stay TF's oneDNN ops; smaller convs ran slower by matmul); the result equals
 Conv2DBackpropFilter up to float32 rounding (another summation order). Only
 float32 channels-last convs with a kernel larger than 1x1, no dilation and
 no groups are changed. The layers stay `keras.layers.Conv2D` (only the bound
@@ -28,8 +29,10 @@ from co2_tf import keras_compat
 # The ops of the filter gradient are named under this scope (tools/benchmark_lib.py
 # counts their FLOPs as the filter gradient's).
 SCOPE = "matmul_filter_grad"
-# Measured per conv, AVX2: ~2x on 4x4 maps, ~1.1x on 8x8, slower on 16x16 and up.
-_MAX_OUTPUT_PIXELS = 64
+# Measured per conv, AVX2, idle (ResNet-18 CIFAR, batch 256; 3 runs): 1.6-1.9x on 4x4 maps,
+# 0.86-0.88x on 8x8, slower on 16x16 and up; strided: 0.5x (8x8 output), 0.9-1x (4x4).
+_MAX_OUTPUT_PIXELS = 16
+_STRIDED = False
 # Small convs keep TF's kernel: the tiny convnet's (1.2M multiply-adds per image each) made
 # the whole demo step 15-40% slower; ResNet-18's layer3/4 convs, which gain, have 19-38M.
 _MIN_MACS_PER_IMAGE = 4_000_000
@@ -81,7 +84,7 @@ def applies(layer, input_shape, dtype=tf.float32):
     if not (dtype == tf.float32 and layer.data_format == "channels_last"
             and len(input_shape) == 4 and None not in input_shape[1:]
             and max(layer.kernel_size) > 1 and tuple(layer.dilation_rate) == (1, 1)
-            and layer.groups == 1):
+            and layer.groups == 1 and (_STRIDED or tuple(layer.strides) == (1, 1))):
         return False
     out_h, out_w = layer.compute_output_shape(input_shape)[1:3]
     macs = out_h * out_w * layer.kernel_size[0] * layer.kernel_size[1] * input_shape[-1] * (

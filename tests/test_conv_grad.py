@@ -30,7 +30,10 @@ def _numpy_filter_grad(x, g, kernel, stride, pads):
 ])
 def test_filter_and_input_gradients_match_references(monkeypatch, kernel, stride, padding,
                                                      size, pads, at_once):
-    monkeypatch.setattr(conv_grad, "_MIN_MACS_PER_IMAGE", 0)  # these convs are small
+    # The math on every shape: these convs are small, 8x8 and strided are left to TF by default.
+    monkeypatch.setattr(conv_grad, "_MIN_MACS_PER_IMAGE", 0)
+    monkeypatch.setattr(conv_grad, "_MAX_OUTPUT_PIXELS", 64)
+    monkeypatch.setattr(conv_grad, "_STRIDED", True)
     if not at_once:
         monkeypatch.setattr(conv_grad, "_PATCH_BYTES_AT_ONCE", 0)
     rng = np.random.RandomState(kernel * 10 + stride)
@@ -76,10 +79,17 @@ def test_pays_off_only_on_avx2_without_avx512(tmp_path):
 
 def test_small_convs_keep_tfs_kernel():
     # The tiny convnet's convs (1.2M multiply-adds per image) ran slower by matmul;
-    # ResNet-18's layer4 conv (4x4 output, 512 -> 512: 38M) is changed.
+    # ResNet-18's layer4 conv (4x4 output, 512 -> 512: 38M) is changed; layer3's (8x8) and
+    # the strided ones (layer4's first: 10x10 padded input -> 4x4) keep TF's kernel.
     tiny = keras.layers.Conv2D(256, 3, strides=2, padding="same")
     tiny.build((None, 4, 4, 128))
     assert not conv_grad.applies(tiny, (2, 4, 4, 128))
     layer4 = keras.layers.Conv2D(512, 3, padding="same")
     layer4.build((None, 4, 4, 512))
     assert conv_grad.applies(layer4, (2, 4, 4, 512))
+    layer3 = keras.layers.Conv2D(256, 3, padding="same")
+    layer3.build((None, 8, 8, 256))
+    assert not conv_grad.applies(layer3, (2, 8, 8, 256))
+    strided = keras.layers.Conv2D(512, 3, strides=2, padding="valid")
+    strided.build((None, 10, 10, 256))
+    assert not conv_grad.applies(strided, (2, 10, 10, 256))
