@@ -45,7 +45,7 @@ class TrainConfig:
     split: str = "train"
     eval_split: str = ""  # "" = the dataset's usual held-out split
     # MoCo v1's recipe (linear head below), as moco's main_moco.py defaults: on the built-in
-    # data it beat v2's for MoCo and CO2 alike, and there CO2 beats MoCo (docs/study.md, 2d).
+    # data it beat v2's for MoCo and CO2 alike, and there CO2 beats MoCo (docs/study.md, 2e).
     augment: str = "mocov1"
     image_size: int = 32
     max_image_pixels: int = 40_000_000  # image files: larger JPEGs decoded smaller, others skipped

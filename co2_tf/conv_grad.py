@@ -34,7 +34,7 @@ SCOPE = "matmul_filter_grad"
 _MAX_OUTPUT_PIXELS = 16
 _STRIDED = False
 # Small convs keep TF's kernel: the tiny convnet's (1.2M multiply-adds per image each) made
-# the whole demo step 15-40% slower; ResNet-18's layer3/4 convs, which gain, have 19-38M.
+# the whole demo step 15-40% slower; ResNet-18's layer4 convs, which gain, have 38M.
 _MIN_MACS_PER_IMAGE = 4_000_000
 # Above this, the patch matrix is built one kernel row at a time: the whole
 # matrix of a 32x32 layer of 64 channels at batch 256 would be 600 MB.
