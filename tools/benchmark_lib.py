@@ -689,6 +689,9 @@ def conv_kernel_rates(config, timing):
     one input gradient (none for the conv that reads the images) and the
     filter gradient the step uses. It is what the step's convs would cost at
     these rates; compare it with step_ms of the step benchmark (same flags).
+    Each timed call includes copying its result to the host: for the forward
+    and input-gradient ops, a batch of feature maps (67 MB at 32x32x64, batch
+    256), so their rates are lower bounds; the filter gradients return kernels.
     """
     import tensorflow as tf
 
