@@ -30,7 +30,7 @@ from co2_tf import keras_compat
 # counts their FLOPs as the filter gradient's).
 SCOPE = "matmul_filter_grad"
 # Measured per conv, AVX2, idle (ResNet-18 CIFAR, batch 256; 3 runs): 1.6-1.9x on 4x4 maps,
-# 0.86-0.88x on 8x8, slower on 16x16 and up; strided: 0.5x (8x8 output), 0.9-1x (4x4).
+# 0.85-0.88x on 8x8, slower on 16x16 and up; strided: ~0.5x (8x8 output), 0.86-1x (4x4).
 _MAX_OUTPUT_PIXELS = 16
 _STRIDED = False
 # Small convs keep TF's kernel: the tiny convnet's (1.2M multiply-adds per image each) made
