@@ -64,8 +64,8 @@ def test_the_config_ema_momentum_moves_the_key_encoder(trained):
 
     Measured (AVX-512): agreement within 1.9e-7 of the largest weight of each variable; the
     EMA with CO2Model's default m = 0.999 would differ by 0.099 |k - q|: 0.062 or more of the
-    largest weight of some variable at every step. atol is 2e-6 of the largest weight, 10x the
-    agreement; the effect is asserted above 1e-3 (500x atol).
+    largest weight of some variable at every step. atol is 5e-6 of the largest weight, 26x the
+    agreement; the effect is asserted above 1e-3 (200x atol).
     """
     config, model, steps = trained
     m = config.ema_momentum
@@ -75,7 +75,7 @@ def test_the_config_ema_momentum_moves_the_key_encoder(trained):
                               strict=True):
             scale = np.abs(k0).max() or 1.0
             np.testing.assert_allclose(k1, m * k0 + (1 - m) * q1.astype(np.float64), rtol=0,
-                                       atol=2e-6 * scale, err_msg=f"EMA at step {i}")
+                                       atol=5e-6 * scale, err_msg=f"EMA at step {i}")
             effect = max(effect, (0.999 - m) * np.abs(k0 - q1).max() / scale)
         assert effect > 1e-3, f"step {i}: the momentum makes no measurable difference"
 

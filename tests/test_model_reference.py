@@ -120,15 +120,16 @@ def test_train_step_enqueues_the_keys_of_the_hand_written_key_path(recorded):
     """After each step the queue holds, at the pointer, the keys of key_backbone -> key_head
     (training mode, weights before the step's EMA); every other row is unchanged.
 
-    Measured (AVX-512): rows agree within 1.1e-6 (unit vectors); atol 1e-5 is 9x that. After
-    the steps, keys made through the query head differ from the key head's by 0.32 in some
-    element (asserted above 0.05, 5000x atol).
+    Measured (AVX-512): rows agree within 1.1e-6 (unit vectors); atol 3e-5 is 27x that (the
+    model's graph and the eager reference may pick other kernels on an AVX2 CPU). After the
+    steps, keys made through the query head differ from the key head's by 0.32 in some element
+    (asserted above 0.05, 1700x atol).
     """
     model, steps = recorded
     for i, step in enumerate(steps):
         ptr, after = step["ptr"], step["queue_after"]
         rows = np.arange(ptr, ptr + BATCH)
-        np.testing.assert_allclose(after[rows], step["k"], rtol=0, atol=1e-5,
+        np.testing.assert_allclose(after[rows], step["k"], rtol=0, atol=3e-5,
                                    err_msg=f"enqueued keys at step {i}")
         np.testing.assert_array_equal(np.delete(after, rows, 0), np.delete(step["queue"], rows, 0))
         assert step["ptr_after"] == (ptr + BATCH) % model.queue_size
