@@ -58,7 +58,7 @@ EXPORT_FILE = rundir.EXPORT_FILE
 # that output (per pyramid level), since activations have any scale (a ResNet-50's
 # pooled features can reach hundreds, its maps more). Float32 round-off between the
 # eager model and the reloaded graphs stays orders of magnitude below this; a wrong
-# weight or wiring moves outputs by more (tests/test_convert.py measures both).
+# weight or wiring moves outputs by more (tests/test_convert.py, tests/test_export.py).
 RELATIVE_TOLERANCE = 1e-4
 
 
@@ -160,6 +160,7 @@ def _verify(tmp, model, image_size, architecture):
     Returns ({output: max abs difference}, {output: relative difference}); raises
     RuntimeError if a relative difference exceeds RELATIVE_TOLERANCE.
     """
+    # Two images: enough to see wrong weights or wiring; each costs eight forward passes.
     x = np.random.default_rng(0).random((2, image_size, image_size, 3), np.float32)
     features = model.query_backbone(x, training=False).numpy()
     projection = model.encode_query(x, training=False).numpy()
