@@ -240,6 +240,21 @@ def test_architecture_is_read_from_the_shapes():
     assert convert.infer_backbone({"conv1.weight": np.zeros((32, 3, 3, 3))}) is None
 
 
+def test_real_layouts_are_recognised():
+    """Real torchvision state_dicts and MoCo v2's checkpoint (only their shapes matter here)."""
+    def empty(name):
+        return {k: np.empty(shape, np.int64 if dtype == "int64" else np.float32)
+                for k, (dtype, shape) in REAL["layout"][name].items()}
+
+    for name in ("resnet18", "resnet34", "resnet50"):
+        assert convert.describe(empty(name), "real.pth").backbone == name
+    ckpt = convert.describe({"epoch": 800, "arch": "resnet50", "state_dict": empty("moco_v2")},
+                            "moco_v2_800ep_pretrain.pth.tar")
+    assert (ckpt.file_format, ckpt.backbone, ckpt.root, ckpt.head, ckpt.dim, ckpt.queue_size,
+            ckpt.epoch, ckpt.arch) == ("moco", "resnet50", "module.", "mlp", 128, 65536, 800,
+                                       "resnet50")
+
+
 # ---------------------------------------------------------------- error lines
 @pytest.fixture(scope="module")
 def resnet18_state():
