@@ -220,7 +220,8 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         ctx = tf.distribute.get_replica_context()
         n = ctx.num_replicas_in_sync
         images = tf.stop_gradient(images)
-        b = tf.shape(images)[0]
+        # Static where the batch is (TPU, the lowering tests): the keys keep their shape.
+        b = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
         global_b = tf.cast(b * n, tf.int64)
         first = tf.cast(step, tf.int64) * global_b
         if self.bn != "shuffle":
@@ -229,6 +230,8 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
                 images = transform(images, first + offset + tf.range(tf.cast(b, tf.int64)), step)
             local = self._encode_key_groups(images, 1)
             everyone = ctx.all_gather(local, axis=0) if n > 1 else local
+            everyone.set_shape([None if images.shape[0] is None else n * images.shape[0],
+                                self.dim])
             return tf.stop_gradient(local), tf.stop_gradient(everyone)
 
         # MoCo's shuffle-BN: gather all key images, apply one permutation that
@@ -236,9 +239,8 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         # encode this replica's shard in `bn_groups` BN groups, gather the
         # keys and undo the permutation.
         all_images = ctx.all_gather(images, axis=0) if n > 1 else images
-        total = tf.shape(all_images)[0]
         noise = tf.random.stateless_uniform(
-            [total], seed=tf.stack([tf.cast(self.seed, tf.int64), tf.cast(step, tf.int64)]))
+            [b * n], seed=tf.stack([tf.cast(self.seed, tf.int64), tf.cast(step, tf.int64)]))
         perm = tf.argsort(noise, stable=True)
         if n > 1:
             mine = tf.reshape(perm, [n, b])[ctx.replica_id_in_sync_group]
@@ -249,6 +251,7 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
             shard = transform(shard, first + tf.cast(mine, tf.int64), step)
         keys = self._encode_key_groups(shard, self.bn_groups)
         all_keys = ctx.all_gather(keys, axis=0) if n > 1 else keys
+        all_keys.set_shape([None if images.shape[0] is None else n * images.shape[0], self.dim])
         all_keys = tf.gather(all_keys, tf.math.invert_permutation(perm))
         if n > 1:
             local = tf.gather(tf.reshape(all_keys, [n, b, self.dim]), ctx.replica_id_in_sync_group)
@@ -288,8 +291,9 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
 
         # Logs are this step's global means (not running averages), identical
         # on every replica, so TensorBoard shows true per-step values.
-        logs = {name: ctx.all_reduce("sum", tf.reduce_sum(v)) / global_b
-                for name, v in terms.items()}
+        # One all-reduce for all of them (one collective launch, not one per log).
+        sums = ctx.all_reduce("sum", [tf.reduce_sum(v) for v in terms.values()])
+        logs = {name: total / global_b for name, total in zip(terms, sums, strict=True)}
         logs["lr"] = tf.cast(lr, tf.float32)
         logs["alpha"] = tf.cast(alpha, tf.float32)  # the weight this step (warmup ramp)
         if _keras_reduces_logs_along_axis_0(tf.distribute.get_strategy()):
