@@ -7,7 +7,6 @@ it, on one device (`experimental_get_compiler_ir(*specs)(stage="hlo")` fails on 
 cannot compile, a dynamic shape among them). Batch 2 at the real sizes: the graphs are those
 of the presets, and lowering never runs them. One model per kind, lowered once per module.
 """
-import dataclasses
 import os
 
 import keras
@@ -15,31 +14,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import flags
+from helpers.presets import preset_config
 from PIL import Image
 
 from co2_tf import backbones, build, data, precision
-from co2_tf.config import TrainConfig
 from co2_tf.evaluation import classifier, linear_probe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 2
 # Ops that call back into Python or carry strings: none may be in a device graph.
 HOST_OPS = {"EagerPyFunc", "PyFunc", "PyFuncStateless"}
-
-
-def preset_config(name, **overrides):
-    """A flags/ preset parsed by absl with TrainConfig's fields (a fresh FlagValues)."""
-    values = flags.FlagValues()
-    for field in dataclasses.fields(TrainConfig):
-        default = field.default
-        define = (flags.DEFINE_boolean if isinstance(default, bool) else
-                  flags.DEFINE_integer if isinstance(default, int) else
-                  flags.DEFINE_float if isinstance(default, float) else flags.DEFINE_string)
-        define(field.name, default, field.name, flag_values=values)
-    values(["x", f"--flagfile={os.path.join(ROOT, 'flags', name)}", "--model_dir=/tmp/unused"])
-    config = TrainConfig(**{f.name: values[f.name].value for f in dataclasses.fields(TrainConfig)})
-    return dataclasses.replace(config.check(), **overrides)
 
 
 def lower(fn, *specs):
