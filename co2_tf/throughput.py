@@ -29,7 +29,7 @@ COLLECTIVES = {  # kind -> (operation, what)
     "keys": ("all-gather", "float32 keys of the replica's examples"),
     "BN statistics": ("all-reduce", "replica 0's BN moving statistics, both encoders"),
     "logs": ("all-reduce", "the step's scalar logs"),
-    "optimizer step (Keras broadcast)": ("broadcast", "Keras's optimizer.iterations"),
+    "optimizer step": ("broadcast", "Keras's optimizer.iterations"),
 }
 
 
@@ -148,7 +148,7 @@ def collective_bytes(*, params, bn_statistics, per_replica_batch, image_size, im
         "keys": b * dim * 4,
         "BN statistics": 4 * bn_statistics,
         "logs": 4 * LOG_SCALARS,
-        "optimizer step (Keras broadcast)": OPTIMIZER_STEP_BYTES,
+        "optimizer step": OPTIMIZER_STEP_BYTES,
     }
 
 

@@ -234,7 +234,7 @@ def test_one_step_moves_what_the_table_says(traced):
         image_size=MODEL["image_size"], image_bytes=4, dim=MODEL["dim"], bn="shuffle")
     assert lib == {label: expected[label][0] for label in
                    ("gradients", "key images", "keys", "logs", "BN statistics")} | {
-        "optimizer step (Keras broadcast)": 8}
+        "optimizer step": 8}
     # The docs' table lists each kind measured here.
     assert _doc_rows() >= set(lib) | {"merge calls"}
 
