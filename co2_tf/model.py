@@ -18,7 +18,8 @@ Distribution semantics (MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrate
   values.py); tests/test_model.py checks the copies stay bit-identical and
   tests/test_traffic.py that nothing else crosses replicas;
 - key images cross replicas in the dtype they arrive in (uint8 views cost
-  a quarter of float32);
+  a quarter of float32; dtypes MirroredStrategy's all-gather refuses cross
+  bitcast into int32 words, `_all_gather_in_own_bytes`);
 - the EMA runs in a merge call through `strategy.extended.update`, as
   Keras's own optimizer applies its updates;
 - every copy of every variable is bit-identical on all replicas after each
@@ -78,6 +79,30 @@ def _keras_reduces_logs_along_axis_0(strategy):
     in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
     return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
             and in_multi_worker_mode is not None and in_multi_worker_mode())
+
+
+# What MirroredStrategy's collective all-gather (CollectiveGatherV2) takes, on CPU and GPU.
+_GATHER_DTYPES = (tf.float16, tf.float32, tf.float64, tf.int32, tf.int64)
+
+
+def _all_gather_in_own_bytes(ctx, x):
+    """ctx.all_gather(x, axis=0), moving x's own bytes whatever its dtype.
+
+    uint8 and bfloat16 tensors (key images handed as uint8 views, in the compute dtype)
+    cross as int32 words they are bitcast into (each example padded to whole words),
+    rather than being refused by the collective or widened to 4 bytes an element.
+    """
+    if x.dtype in _GATHER_DTYPES:
+        return ctx.all_gather(x, axis=0)
+    per_word = 4 // x.dtype.size
+    count = x.shape[1:].num_elements()
+    padded = -(-count // per_word) * per_word
+    flat = tf.reshape(x, [-1, count])
+    flat = tf.pad(flat, [[0, 0], [0, padded - count]])
+    words = tf.bitcast(tf.reshape(flat, [-1, padded // per_word, per_word]), tf.int32)
+    gathered = tf.bitcast(ctx.all_gather(words, axis=0), x.dtype)
+    return tf.reshape(tf.reshape(gathered, [-1, padded])[:, :count],
+                      tf.concat([[-1], x.shape[1:]], 0))
 
 
 class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
@@ -238,7 +263,7 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         # every replica draws identically (stateless, seeded by the step),
         # encode this replica's shard in `bn_groups` BN groups, gather the
         # keys and undo the permutation.
-        all_images = ctx.all_gather(images, axis=0) if n > 1 else images
+        all_images = _all_gather_in_own_bytes(ctx, images) if n > 1 else images
         noise = tf.random.stateless_uniform(
             [b * n], seed=tf.stack([tf.cast(self.seed, tf.int64), tf.cast(step, tf.int64)]))
         perm = tf.argsort(noise, stable=True)

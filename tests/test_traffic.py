@@ -34,11 +34,6 @@ def _bytes(value):
     return total
 
 
-def _rank(value):
-    flat = [t for t in tf.nest.flatten(value) if t is not None]
-    return len(flat[0].shape) if flat else None
-
-
 def _site():
     """The innermost co2_tf function and, below it, the innermost Keras function."""
     ours = keras = None
@@ -110,10 +105,10 @@ class CallSites:
                     payload = None
                 else:
                     payload = kwargs.get("value", args[1] if kind == "all_reduce" else args[0])
-                sites._record(kind, site + (_rank(payload),), _bytes(payload))
+                sites._record(kind, site, _bytes(payload))
             if kind == "merge_call":
                 fn = args[0] if args else kwargs.pop("merge_fn")
-                inner = (site + (None,), not counted)
+                inner = (site, not counted)
 
                 def merge_fn(*a, **k):
                     sites._merge.append(inner)
@@ -153,12 +148,14 @@ class CallSites:
 
 
 def _label(kind, site):
-    ours, keras, rank = site
+    ours, keras = site
     if kind in ("merge_call", "broadcast_to"):
         what = "merge call" if kind == "merge_call" else "broadcast"
         return f"{what}: " + ("optimizer (Keras)" if keras else ours)
+    if kind == "all_gather" and ours == "model._all_gather_in_own_bytes":
+        return "key images"
     if kind == "all_gather" and ours == "model.encode_keys":
-        return "key images" if rank == 4 else "keys"
+        return "keys"
     if kind == "all_reduce" and ours == "model.train_step":
         return "gradients" if keras == "_all_reduce_sum_gradients" else "logs"
     if kind == "all_reduce" and ours == "distribute.copy_first_replica":
@@ -260,3 +257,62 @@ def test_a_queue_broadcast_is_caught(two_replicas, monkeypatch):
     assert measured.pop("broadcast: model._enqueue") == (rows * MODEL["dim"] * 4 + rows * 8, 1)
     assert measured.pop("merge call: model._enqueue") == (0, 1)
     assert measured == _expected(model, 2)[2]
+
+
+def test_key_images_cross_in_their_dtype_and_the_transform_sees_global_ids(two_replicas):
+    """uint8 key images are gathered as uint8 (a quarter of float32's bytes); the transform
+    (here: to floats) runs after the gather and shuffle on each replica's shard, with the
+    shard's global example ids, and gives the keys of the float images."""
+    model, _ = build(two_replicas)
+    n, batch, size, step = 2, MODEL["batch_size"], MODEL["image_size"], 3
+    b = batch // n
+    images = np.random.RandomState(0).randint(0, 256, (batch, size, size, 3)).astype(np.uint8)
+    images[:, 0, 0, 0] = np.arange(batch)  # each image carries its place in the global batch
+    shards = []
+
+    def transform(shard, ids, at_step):
+        assert shard.dtype == tf.uint8 and ids.dtype == tf.int64 and ids.shape == (b,)
+        # The ids are step * B + position in the global batch, in the shard's (shuffled) order.
+        check = tf.debugging.assert_equal(
+            tf.cast(shard[:, 0, 0, 0], tf.int64) + tf.cast(at_step, tf.int64) * batch, ids)
+        shards.append(ids)
+        with tf.control_dependencies([check]):
+            return tf.cast(shard, tf.float32) / 255.0
+
+    def per_replica(x):
+        return two_replicas.experimental_distribute_values_from_function(
+            lambda ctx: x[ctx.replica_id_in_sync_group * b:(ctx.replica_id_in_sync_group + 1)
+                          * b])
+
+    def keys(x, fn):
+        run = tf.function(lambda v: two_replicas.run(
+            lambda y: model.encode_keys(y, tf.constant(step, tf.int64), fn), args=(v,)),
+            autograph=False)
+        return run(per_replica(x))
+
+    with CallSites() as sites:
+        local, everyone = keys(tf.constant(images), transform)
+    assert _measured(sites, n)["key images"] == (b * size * size * 3, 1)  # uint8: 1 byte
+    assert len(shards) == n  # called once per replica
+    _, plain = keys(tf.constant(images.astype(np.float32) / 255.0), None)
+    for ours, theirs in zip(two_replicas.experimental_local_results(everyone),
+                            two_replicas.experimental_local_results(plain), strict=True):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, shape", [(np.uint8, (3, 3, 3)), ("bfloat16", (5,)),
+                                          (np.float16, (2, 3))])
+def test_all_gather_in_own_bytes(two_replicas, dtype, shape):
+    """Dtypes the collective refuses (uint8, bfloat16) cross bitcast into int32 words, examples
+    padded to whole words, and come out exact; others go through as they are."""
+    from co2_tf.model import _all_gather_in_own_bytes  # noqa: PLC0415
+
+    dtype = tf.as_dtype(dtype)
+    parts = [np.random.RandomState(i).randint(0, 200, (2, *shape)) for i in range(2)]
+    values = two_replicas.experimental_distribute_values_from_function(
+        lambda ctx: tf.cast(tf.constant(parts[ctx.replica_id_in_sync_group]), dtype))
+    gather = tf.function(lambda v: two_replicas.run(
+        lambda x: _all_gather_in_own_bytes(tf.distribute.get_replica_context(), x), args=(v,)))
+    for result in two_replicas.experimental_local_results(gather(values)):
+        assert result.dtype == dtype and result.shape == (4, *shape)
+        np.testing.assert_array_equal(tf.cast(result, tf.int32).numpy(), np.concatenate(parts))
