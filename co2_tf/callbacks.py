@@ -332,7 +332,8 @@ def knn_evaluator(config, source, reporter=None):
     except UserError as e:
         log.warning("kNN monitor off: %s", e)
         return None
-    common = dict(image_size=config.image_size, batch_size=256, transform="eval")
+    batch_size = 256
+    common = dict(image_size=config.image_size, batch_size=batch_size, transform="eval")
     bank = data.labelled_dataset(source, split=config.split, **common)
     queries = data.labelled_dataset(source, split=eval_split, **common)
     if source.in_memory:
@@ -341,16 +342,21 @@ def knn_evaluator(config, source, reporter=None):
         bank, queries = bank.cache(), queries.cache()
     classes = len(source.class_names(config.split))
     local_copy = []
+    extractors = {}  # backbone -> its extractor: one trace per backbone and run
 
     def evaluate(backbone):
         if isinstance(backbone.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            # Keras's predict under MultiWorkerMirroredStrategy gathers every
-            # worker's outputs (twice the features for the labels): evaluate a
-            # copy made outside the strategy, on this worker's values.
+            # Under MultiWorkerMirroredStrategy each worker would see only its
+            # shard of the data: evaluate a copy made outside the strategy, on
+            # this worker's values.
             if not local_copy:
                 local_copy.append(build.backbone_fn(config)("knn_backbone"))
             local_copy[0].set_weights(backbone.get_weights())
             backbone = local_copy[0]
-        return knn_lib.knn_top1(backbone, bank, queries, classes, k=config.knn_k,
-                                temperature=config.knn_temperature, progress=reporter)
+        if backbone not in extractors:
+            # Over the replicas of the strategy the backbone was built under.
+            extractors[backbone] = knn_lib.FeatureExtractor(backbone)
+        return knn_lib.knn_top1(extractors[backbone], bank, queries, classes, k=config.knn_k,
+                                temperature=config.knn_temperature, progress=reporter,
+                                batch_size=batch_size)
     return evaluate
