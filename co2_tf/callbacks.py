@@ -137,8 +137,10 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     Keras calls it once per execution: with --steps_per_execution=k the step
     advances by k between calls, so "every N steps" means at the first
-    execution end at or past each multiple of N, and the loss checked is the
-    one of the execution's last step.
+    execution end at or past each multiple of N, the loss checked is the one
+    of the execution's last step, and a SIGTERM/SIGINT is acted on at the
+    end of the execution it arrives in. The step is counted on the host
+    (HostStep).
     """
 
     def __init__(self, manager, every_steps, preemption, any_worker=None):
@@ -198,12 +200,13 @@ def any_worker(strategy):
     """For a multi-worker run, flag -> whether any worker's flag is set; else None.
 
     One all-reduce of one float across the workers, run by every worker at
-    the same step end: a SIGTERM on one host then stops every host at the
-    same step, each taking part in the save (a worker saving alone would
-    wait forever for the others in the variables' collective reads). Its
-    cost is one small collective's latency per step: 3-8 ms measured
-    between two localhost workers on a busy 2-core machine, about a network
-    round trip between hosts.
+    the same execution end (CheckpointCallback calls it once per host call:
+    every --steps_per_execution steps): a SIGTERM on one host then stops
+    every host at the same step, each taking part in the save (a worker
+    saving alone would wait forever for the others in the variables'
+    collective reads). Its cost is one small collective's latency per
+    execution: 3-8 ms measured between two localhost workers on a busy
+    2-core machine, about a network round trip between hosts.
     """
     resolver = getattr(strategy, "cluster_resolver", None)
     if (not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None
