@@ -257,7 +257,8 @@ def resolve_data(config: EvalConfig, loaded: LoadedBackbone):
         raise UserError("which dataset? pass --dataset=builtin|tfds:NAME|folder:PATH")
     inherited = pretrained if dataset == pretrained.get("dataset") else {}
     source = make_source(dataset, config.data_dir or inherited.get("data_dir") or None,
-                         getattr(loaded.run_config, "max_image_pixels", None), config.reporter())
+                         getattr(loaded.run_config, "max_image_pixels", None), config.reporter(),
+                         options=loaded.run_config)
     split = config.split or inherited.get("split") or "train"
     source.validate(split)  # first: names an unprepared dataset
     eval_split = (config.eval_split or inherited.get("eval_split")
