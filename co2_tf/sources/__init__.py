@@ -40,9 +40,9 @@ class ReadOptions:
 
     @classmethod
     def of(cls, config):
-        """The options a config (TrainConfig, or None for the defaults) names."""
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
-                      if hasattr(config, f.name)})
+        """The options a config (TrainConfig, a dict, or None for the defaults) names."""
+        values = config if isinstance(config, dict) else vars(config) if config else {}
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 @dataclasses.dataclass(frozen=True)
