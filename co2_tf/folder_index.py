@@ -31,6 +31,7 @@ data).
 import concurrent.futures
 import functools
 import json
+import os
 
 import tensorflow as tf
 
@@ -50,9 +51,13 @@ def index_path(root, index_dir=""):
 
 
 def _mtime(folder):
+    """A folder's modification time in ns; None where the file system keeps none."""
+    local = io.local_path(folder)
     try:
+        if local is not None:  # local-only: gfile's stat rounds local times to the second
+            return os.stat(local).st_mtime_ns
         return int(gfile.stat(folder).mtime_nsec) or None
-    except tf.errors.OpError:
+    except (tf.errors.OpError, OSError):
         return "missing"
 
 

@@ -1,5 +1,6 @@
 """Tests for co2_tf.data: the index contract and the labelled pipeline, per source kind."""
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -204,6 +205,31 @@ def test_tfds_pretrain_and_labelled():
         assert sizes[0][1] == tf.int32
 
 
+def _below(ds):
+    """A pipeline and every dataset it is built from."""
+    yield ds
+    for d in ds._inputs():
+        yield from _below(d)
+
+
+def test_shuffle_buffers_hold_encoded_images():
+    """What a shuffle buffer holds is the element spec of its input: encoded bytes, not
+    decoded pixels (10,000 ImageNet JPEGs: ~1.1 GB encoded, ~5 GB decoded)."""
+    with tfds.testing.mock_data(num_examples=8):
+        pipelines = [
+            data.pretrain_dataset_fn("tfds:cifar10", split="train", image_size=SIZE,
+                                     augment="mocov1", seed=0, global_batch_size=4)(_ctx()),
+            data.labelled_dataset("tfds:cifar10", split="test", image_size=SIZE, batch_size=4,
+                                  transform="classifier_train")]
+        for pipeline in pipelines:
+            shuffles = [d for d in _below(pipeline) if type(d).__name__ == "_ShuffleDataset"]
+            assert len(shuffles) == 1
+            held = tf.nest.flatten(shuffles[0].element_spec)
+            assert tf.TensorSpec([], tf.string) in held
+            assert all(spec.dtype in (tf.string, tf.int32, tf.int64) and spec.shape.rank == 0
+                       for spec in held)
+
+
 def test_tfds_errors():
     with tfds.testing.mock_data(num_examples=4):
         with pytest.raises(UserError, match="not found"):
@@ -258,3 +284,8 @@ def test_labelled_dataset_indices_with_tfds():
                                             batch_size=12, indices=[2, 5, 11]))
         np.testing.assert_array_equal(subset[0][0].numpy(), images[[2, 5, 11]])
         np.testing.assert_array_equal(subset[0][1].numpy(), labels[[2, 5, 11]])
+
+
+def test_input_threads_overrides_the_cores_rule():
+    assert data.num_parallel_calls(make_source("builtin", options={"input_threads": 7})) == 7
+    assert data.num_parallel_calls(make_source("builtin")) == len(os.sched_getaffinity(0))
