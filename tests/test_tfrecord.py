@@ -197,3 +197,31 @@ def test_labelled_dataset_in_file_order_with_labels(shards):
     ds = data.labelled_dataset(source, split="validation", image_size=8, batch_size=4)
     labels = np.concatenate([y.numpy() for _, y in ds])
     np.testing.assert_array_equal(labels, source.labels("validation"))
+
+
+@pytest.mark.end_of_run_knn  # the monitor: knn_evaluator left on
+def test_training_with_the_knn_monitor_on_tfrecords(shards, tmp_path):
+    """Acceptance, in process: pretraining on tfrecord:DIR/train-* with the kNN monitor on
+    the validation shards (the same run resumes and evaluates from the CLI: the report)."""
+    from co2_tf import training  # noqa: PLC0415
+    from co2_tf.config import TrainConfig  # noqa: PLC0415
+
+    _, out = shards
+    config = TrainConfig(model_dir=str(tmp_path / "run"), dataset=f"tfrecord:{out}/train-*",
+                         image_size=8, batch_size=8, queue_size=16, dim=8, epochs=2,
+                         knn_every=1, knn_k=5)
+    monitored = []
+    summary = training.train(config, verbose=0, callbacks=[_Logs(monitored)])
+    assert summary["steps"] == 4  # 18 // 8 steps an epoch
+    assert len(monitored) == 2 and all(0 <= m <= 1 for m in monitored)
+    assert summary["knn_top1"] == monitored[-1] and 0 <= summary["knn_top1_random_init"] <= 1
+    assert (tmp_path / "run" / "classes.txt").read_text().split() == list(CLASSES)
+
+
+class _Logs(tf.keras.callbacks.Callback):
+    def __init__(self, into):
+        super().__init__()
+        self.into = into
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.into.append(float(logs["knn_top1"]))
