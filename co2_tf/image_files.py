@@ -39,8 +39,10 @@ size is in the header the check reads), counted in a warning of their own.
 A file that passes the check but still fails to decode (a damaged body) is
 handled at run time without a crash: in pretraining it is replaced by a
 plain mid-gray image (augmented as usual), so the index contract below still
-holds; a warning names the first such file and
-`runtime_decode_failures()` lists them all. If MAX_CONSECUTIVE_FAILURES
+holds; a line on stderr names each such file (at each occurrence: printed
+by a graph op, tf.print, as the whole stream is graph ops without Python, so
+that it runs where the pipeline's graph is shipped, e.g. a remote TPU
+worker). If MAX_CONSECUTIVE_FAILURES
 (or twice the folder's size, if smaller: such a run covers a whole epoch)
 images in a row fail, (nearly) no file decodes: the stream stops with a
 UserError naming the folder and the first failing files instead of looking
@@ -53,6 +55,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 
 import tensorflow as tf
 
@@ -357,31 +360,20 @@ def to_rgb(image):
                    lambda: image[..., :3])
 
 
-_runtime_failures = set()
+def _decode_failures_noted(paths):
+    """A graph op printing the files that failed to decode (one line) to stderr."""
+    return tf.print("co2_tf:", tf.strings.reduce_join(paths, separator=", "),
+                    "failed to decode: replaced by a plain gray image", output_stream=sys.stderr)
 
 
-def _note_runtime_failures(paths):
-    """py_function body: warns once per process, remembers every path."""
-    paths = [p.decode("utf-8", "replace") for p in paths.numpy()]
-    if not _runtime_failures:
-        log.warning("%s failed to decode: replaced by a plain gray image "
-                    "(later failures are not logged; see "
-                    "co2_tf.image_files.runtime_decode_failures())", paths[0])
-    _runtime_failures.update(paths)
-    return True
-
-
-def runtime_decode_failures():
-    """Paths that failed to decode at run time in this process (a copy)."""
-    return sorted(_runtime_failures)
-
-
-def _raise_undecodable(folder, count, paths):
-    """py_function body: the one-line error of a folder where nothing decodes."""
-    examples = ", ".join(p.decode("utf-8", "replace") for p in paths.numpy())
-    raise UserError(f"{folder.numpy().decode('utf-8', 'replace')}: {int(count)} images in a "
-                    f"row failed to decode (e.g. {examples}): the files are damaged or not "
-                    "images; fix or remove them")
+def _undecodable(folder, count, paths):
+    """A failing assertion (a graph op) carrying the one-line error of a folder where nothing
+    decodes, quoted as a UserError (co2_tf.errors.user_error_in finds it)."""
+    message = tf.strings.join([
+        "UserError: ", folder, ": ", tf.strings.as_string(count), " images in a row failed to "
+        "decode (e.g. ", tf.strings.reduce_join(paths, separator=", "), "): the files are "
+        "damaged or not images; fix or remove them"])
+    return tf.debugging.Assert(False, [message], summarize=1)
 
 
 def decoded_stream(paths, source_of, par, *, folder="", max_pixels=0, count=None):
@@ -431,11 +423,8 @@ def decoded_stream(paths, source_of, par, *, folder="", max_pixels=0, count=None
         failed = c - prev - 1 + tf.cast(is_marker, tf.int64)
         last_failed = c - 1 + tf.cast(is_marker, tf.int64)
         first = tf.minimum(prev + 1 + tf.range(3, dtype=tf.int64), last_failed)
-        ok = tf.cond(
-            failed >= limit,
-            lambda: tf.py_function(_raise_undecodable, [folder, failed, paths_of(first)],
-                                   tf.bool),
-            lambda: tf.constant(True))
+        ok = tf.cond(failed >= limit, lambda: _undecodable(folder, failed, paths_of(first)),
+                     tf.no_op)
         with tf.control_dependencies([ok]):
             last = tf.identity(tf.where(is_marker, prev, c))
         return last, (elem[0], prev, c, is_marker)
@@ -449,11 +438,8 @@ def decoded_stream(paths, source_of, par, *, folder="", max_pixels=0, count=None
 
     def refill(image, prev, c, is_marker):
         missing = tf.range(prev + 1, c, dtype=tf.int64)
-        noted = tf.cond(
-            tf.size(missing) > 0,
-            lambda: tf.py_function(
-                _note_runtime_failures, [paths_of(missing)], tf.bool),
-            lambda: tf.constant(True))
+        noted = tf.cond(tf.size(missing) > 0, lambda: _decode_failures_noted(paths_of(missing)),
+                        tf.no_op)
         with tf.control_dependencies([noted]):
             count = tf.cast(c - prev, tf.int32)
 
