@@ -208,12 +208,12 @@ def test_training_with_the_knn_monitor_on_tfrecords(shards, tmp_path):
 
     _, out = shards
     config = TrainConfig(model_dir=str(tmp_path / "run"), dataset=f"tfrecord:{out}/train-*",
-                         image_size=8, batch_size=8, queue_size=16, dim=8, epochs=2,
+                         image_size=8, batch_size=8, queue_size=16, dim=8, epochs=1,
                          knn_every=1, knn_k=5)
     monitored = []
     summary = training.train(config, verbose=0, callbacks=[_Logs(monitored)])
-    assert summary["steps"] == 4  # 18 // 8 steps an epoch
-    assert len(monitored) == 2 and all(0 <= m <= 1 for m in monitored)
+    assert summary["steps"] == 2  # 18 // 8 steps an epoch
+    assert len(monitored) == 1 and 0 <= monitored[0] <= 1
     assert summary["knn_top1"] == monitored[-1] and 0 <= summary["knn_top1_random_init"] <= 1
     assert (tmp_path / "run" / "classes.txt").read_text().split() == list(CLASSES)
 
