@@ -6,6 +6,10 @@
       --output_split=validation --output_dir=gs://bucket/imagenet-tfrecords --num_shards=128
   python tools/train.py --dataset=tfrecord:gs://bucket/imagenet-tfrecords/train-* ...
 
+With --dataset=tfrecord:GLOB (shards made elsewhere, e.g. by the TPU ImageNet script) it
+writes nothing but their record index: it counts the records of --split once, so that the
+hosts of a multi-host run do not each read every shard at their first start.
+
 The Model Garden / TPU ImageNet layout (co2_tf.record_writer): shards
 OUTPUT_SPLIT-00000-of-01024 with `image/encoded` (the file's bytes, not
 re-encoded) and `image/class/label` (class index + --label_offset), plus
@@ -16,7 +20,8 @@ shards are kept. Local paths, file:// and gs:// (tf.io.gfile).
 import common
 from absl import app, flags
 
-flags.DEFINE_string("dataset", "", "folder:PATH (one subfolder per class) or tfds:NAME")
+flags.DEFINE_string("dataset", "", "folder:PATH (one subfolder per class) or tfds:NAME; "
+                    "tfrecord:GLOB only indexes existing shards")
 flags.DEFINE_string("data_dir", "", "TFDS data_dir (tfds: datasets)")
 flags.DEFINE_string("split", "train", "split to convert")
 flags.DEFINE_string("output_split", "", "shard name prefix ('' = --split)")
@@ -40,9 +45,14 @@ def convert():
     source = make_source(FLAGS.dataset, FLAGS.data_dir or None, progress=reporter,
                          options=ReadOptions(check_image_files=FLAGS.check_image_files))
     kind = source.spec.kind
+    if kind == "tfrecord":
+        source.validate(FLAGS.split)  # counts the records once, into the index
+        print(f"{len(source.shards(FLAGS.split))} shards of {source.num_examples(FLAGS.split)} "
+              f"records indexed: {source.pattern(FLAGS.split)}")
+        return
     if kind not in ("folder", "tfds"):
         raise UserError(f"--dataset={FLAGS.dataset}: make_tfrecords reads folder:PATH or "
-                        "tfds:NAME")
+                        "tfds:NAME (or indexes tfrecord:GLOB)")
     source.validate(FLAGS.split)
     write = record_writer.folder_to_shards if kind == "folder" else record_writer.tfds_to_shards
     paths = write(source, FLAGS.split, FLAGS.output_dir, num_shards=FLAGS.num_shards,
@@ -56,7 +66,7 @@ def convert():
 def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    if not FLAGS.dataset or not FLAGS.output_dir:
+    if not FLAGS.dataset or not (FLAGS.output_dir or FLAGS.dataset.startswith("tfrecord:")):
         common.fail("--dataset and --output_dir are required: what to convert and where the "
                     "shards go")
     common.quiet_logs()
