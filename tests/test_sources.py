@@ -7,7 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from co2_tf import data, folder_index, image_files
+from co2_tf import data, folder_index, image_files, io
 from co2_tf.errors import UserError
 from co2_tf.sources import builtin, make_source, parse_dataset_spec
 
@@ -86,13 +86,17 @@ def test_only_imagenet_has_standard_label_subsets():
 
 def _count_listings(monkeypatch):
     calls = []
-    for name in ("listdir", "glob", "walk"):
-        real = getattr(tf.io.gfile, name)
+    # The gfile modules the library holds (tf.io.gfile may resolve to another module
+    # object once other test modules' imports ran).
+    modules = {id(m): m for m in (tf.io.gfile, image_files.gfile, folder_index.gfile, io.gfile)}
+    for module in modules.values():
+        for name in ("listdir", "glob", "walk"):
+            real = getattr(module, name)
 
-        def counted(*args, _real=real, **kwargs):
-            calls.append(args[0])
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(tf.io.gfile, name, counted)
+            def counted(*args, _real=real, **kwargs):
+                calls.append(args[0])
+                return _real(*args, **kwargs)
+            monkeypatch.setattr(module, name, counted)
     return calls
 
 
