@@ -29,10 +29,11 @@ p, p + P, ... (file level: needs at least P shards). Its epoch e reads them
 in an order drawn from (seed, p, e), one after another, cut into blocks of
 BLOCK consecutive records; each block is permuted by (seed, p, e, block).
 That block is the shuffle buffer (encoded images: ~1.1 GB at ImageNet's
-~110 KB, two blocks in memory); unlike a shuffle buffer it makes element c
-of the stream a function of (seed, p, c) alone, so a restart at element c
-skips whole shards by their counts, reads at most one block's shards
-from its start, and continues at the exact record. Records are only mixed
+~110 KB; up to three in memory: the one served, the next, the one being
+read). Unlike a shuffle buffer it makes element c of the stream a function
+of (seed, p, c) alone, so a restart at element c skips whole shards by their
+counts, reads at most one block's records again, and continues at the exact
+record. Records are only mixed
 within a block: shards should hold records in random order (the TPU
 conversion script and make_tfrecords shuffle before writing). A record whose
 image fails to decode stops pretraining (labelled pipelines drop it). Each
