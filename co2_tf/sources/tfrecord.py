@@ -32,9 +32,9 @@ That block is the shuffle buffer (encoded images: ~1.1 GB at ImageNet's
 ~110 KB; up to three in memory: the one served, the next, the one being
 read). Unlike a shuffle buffer it makes element c of the stream a function
 of (seed, p, c) alone, so a restart at element c skips whole shards by their
-counts, reads at most one block's records again, and continues at the exact
-record. Records are only mixed
-within a block: shards should hold records in random order (the TPU
+counts, reads again at most one shard's records before the block and the
+block (it is permuted whole), and continues at the exact record. Records are
+only mixed within a block: shards should hold records in random order (the TPU
 conversion script and make_tfrecords shuffle before writing). A record whose
 image fails to decode stops pretraining (labelled pipelines drop it). Each
 pipeline reads its shards one after another (READ_BUFFER read-ahead): whether
