@@ -49,6 +49,13 @@ class TrainConfig:
     augment: str = "mocov1"
     image_size: int = 32
     max_image_pixels: int = 40_000_000  # image files: larger JPEGs decoded smaller, others skipped
+    # How sources read (co2_tf.sources.ReadOptions has the same fields).
+    index_dir: str = ""  # dataset indexes (folder scans, record counts); "" = beside the data
+    check_image_files: bool = True  # folder: check each file once, at the first scan
+    tfrecord_image_key: str = "image/encoded"
+    tfrecord_label_key: str = "image/class/label"
+    tfrecord_label_offset: int = 1  # TPU ImageNet records: labels 1..1000
+    input_threads: int = 0  # 0 = the usable cores (autotune is off: co2_tf.data)
     # model
     backbone: str = "tiny"
     head: str = "linear"
@@ -130,6 +137,10 @@ class TrainConfig:
              "--momentum and --weight_decay must be >= 0")
         need(self.max_image_pixels >= 0,
              f"--max_image_pixels={self.max_image_pixels} must be >= 0 (0 = no limit)")
+        need(self.input_threads >= 0,
+             f"--input_threads={self.input_threads} must be >= 0 (0 = the usable cores)")
+        need(self.tfrecord_image_key and self.tfrecord_label_key,
+             "--tfrecord_image_key and --tfrecord_label_key must name features")
         need(self.bn_groups >= 0, f"--bn_groups={self.bn_groups} must be >= 0 (0 = automatic)")
         need(self.train_steps > 0 or self.epochs > 0,
              "set --epochs or --train_steps to a positive number")
@@ -171,7 +182,9 @@ class TrainConfig:
 
 HELP = {
     "model_dir": "run directory: checkpoints, TensorBoard logs, config.json, summary.json",
-    "dataset": "builtin | tfds:NAME[/CONFIG] | folder:PATH (one subfolder per class)",
+    "dataset": "builtin | tfds:NAME[/CONFIG] | folder:PATH (one subfolder per class) | "
+               "tfrecord:GLOB (shards of the training split, e.g. /data/train-*; other splits "
+               "replace 'train' in the file name)",
     "data_dir": "TFDS data_dir (local or gs://)",
     "split": "training split",
     "eval_split": "labelled held-out split for kNN ('' = the dataset's usual one)",
@@ -179,6 +192,18 @@ HELP = {
     "image_size": "side of the square crops",
     "max_image_pixels": "folder datasets: JPEGs with more pixels are decoded at 1/2, 1/4 or "
                         "1/8 scale, other image files are skipped (0 = no limit)",
+    "index_dir": "where dataset indexes are kept (a folder's scan, TFRecord record counts), "
+                 "reused by every later process; '' = beside the data (set it when the data "
+                 "is read-only)",
+    "check_image_files": "folder datasets: check each file's end marker at the first scan "
+                         "(two reads a file; --nocheck_image_files on object stores: damaged "
+                         "files are then handled at decode time)",
+    "tfrecord_image_key": "tfrecord datasets: the bytes feature holding the encoded image",
+    "tfrecord_label_key": "tfrecord datasets: the int64 feature holding the label",
+    "tfrecord_label_offset": "tfrecord datasets: class index = stored label - offset (1 for "
+                             "the TPU ImageNet records' labels 1..1000 and make_tfrecords.py)",
+    "input_threads": "parallel calls of the input pipeline's maps (0 = the usable cores; "
+                     "tf.data autotune stays off)",
     "backbone": "resnet18 | resnet34 | resnet50 | resnet18_cifar | tiny",
     "head": "projection head: linear (MoCo v1) | mlp (MoCo v2)",
     "dim": "projection dimension",

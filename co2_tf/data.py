@@ -22,17 +22,22 @@ folder) the pipeline is index based and fully deterministic:
 So the global batch at step s does not depend on the number of replicas or
 pipelines, and ``start_step=s`` resumes exactly where an uninterrupted run
 would be. A damaged image file is replaced by a plain mid-gray image, so the
-contract still holds (see co2_tf.image_files). For streaming sources (tfds)
-the pipeline is the standard one (sharded by input context, file shuffling, a
-shuffle buffer) and is NOT exactly resumable mid-epoch: after a restart the
-order differs (augmentation seeds continue from the global example count of
-`start_step`).
+contract still holds (see co2_tf.image_files). For streaming sources (tfds,
+tfrecord) each input pipeline reads its share of the files
+(`Source.pretrain_stream`): its element c is augmented with seed
+``[seed, c * 1024 + pipeline]``; tfrecord's stream is a function of
+(seed, pipeline, c), so a restart at `start_step` continues at the exact
+record (co2_tf.sources.tfrecord); tfds's is the standard one (file shuffling,
+a shuffle buffer) and NOT exactly resumable mid-epoch: after a restart the
+order differs. Streams carry encoded images through every shuffle buffer and
+are decoded after it.
 
 Performance (2 cores, MoCo v2 two views): tf.data autotune is OFF (measured
 on a 2-core machine: ~270 source images/s with it off, ~190 with it on), so
-parallelism is explicit (the usable cores) and prefetch is 2 batches. Maps
-are ordered (deterministic=True), which the index contract needs;
-deterministic=False measured no faster here.
+parallelism is explicit (the usable cores, or the source's
+``input_threads``) and prefetch is 2 batches. Maps are ordered
+(deterministic=True), which the index contract needs; deterministic=False
+measured no faster here.
 """
 import logging
 import os
@@ -43,17 +48,23 @@ import tensorflow as tf
 from co2_tf import augment as _augment
 from co2_tf.errors import UserError
 from co2_tf.image_files import no_autograph
-from co2_tf.sources import make_source
+from co2_tf.sources import base, make_source
 
 log = logging.getLogger(__name__)
 
-# Shuffle buffer (examples) of streaming sources.
-STREAM_SHUFFLE_BUFFER = 10_000
+# Shuffle buffer (examples, encoded) of streaming sources.
+STREAM_SHUFFLE_BUFFER = base.SHUFFLE_BUFFER
 TRANSFORMS = ("eval", "classifier_train")
 
 
-def num_parallel_calls():
-    """Cores this process may use: explicit, since autotune is disabled."""
+def num_parallel_calls(source=None):
+    """Parallel calls of the maps: explicit, since autotune is disabled.
+
+    The source's ``input_threads`` option if set, else the cores this process may use.
+    """
+    threads = getattr(getattr(source, "options", None), "input_threads", 0)
+    if threads:
+        return int(threads)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
@@ -160,7 +171,7 @@ def pretrain_dataset_fn(source, *, split="train", data_dir=None, image_size,
     def dataset_fn(input_context=None):
         input_context = input_context or tf.distribute.InputContext()
         b, index = _global_index_fn(input_context, global_batch_size, start_step)
-        par = num_parallel_calls()
+        par = num_parallel_calls(source)
 
         def aug(image, c):
             i = index(c)
@@ -184,25 +195,20 @@ def _stream_pretrain_fn(source, split, image_size, recipe, seed, global_batch_si
         input_context = input_context or tf.distribute.InputContext()
         b = input_context.get_per_replica_batch_size(global_batch_size)
         pid = input_context.input_pipeline_id
-        par = num_parallel_calls()
+        par = num_parallel_calls(source)
         local = (input_context.num_replicas_in_sync
                  // input_context.num_input_pipelines)
-        ds = source.stream(split, input_context=input_context, shuffle_files=True,
-                           seed=seed + start_step, with_labels=False,
-                           options=pipeline_options(), num_parallel_calls=par)
-        ds = ds.shuffle(STREAM_SHUFFLE_BUFFER, seed=seed + 1000003 * pid
-                        + start_step, reshuffle_each_iteration=True)
-        ds = ds.repeat()
-        # Per-pipeline counter continuing from start_step: fresh, never
-        # reused augmentation seeds per (seed, pipeline, element).
-        counter = tf.data.Dataset.counter(start_step * local * b, 1,
-                                          dtype=tf.int64)
+        # This pipeline's element counter at start_step: fresh, never reused
+        # augmentation seeds per (seed, pipeline, element).
+        start = start_step * local * b
+        ds = source.pretrain_stream(split, input_context=input_context, seed=seed, start=start)
+        counter = tf.data.Dataset.counter(start, 1, dtype=tf.int64)
         ds = tf.data.Dataset.zip(ds, counter)
 
-        def aug(image, k):
+        def aug(encoded, k):
             aug_seed = tf.stack([tf.constant(seed, tf.int64),
                                  k * 1024 + pid])
-            return _augment.two_views(image, aug_seed, recipe, image_size)
+            return _augment.two_views(source.decode(encoded), aug_seed, recipe, image_size)
         ds = ds.map(no_autograph(aug), num_parallel_calls=par, deterministic=True)
         ds = ds.batch(b, drop_remainder=True)
         ds = ds.prefetch(2)
@@ -228,7 +234,7 @@ def labelled_dataset(source, *, split, data_dir=None, image_size, batch_size,
     source = make_source(source, data_dir)
     if transform not in TRANSFORMS:
         raise UserError(f"unknown transform {transform!r}: use one of {', '.join(TRANSFORMS)}")
-    par = num_parallel_calls()
+    par = num_parallel_calls(source)
     seed = int(seed)
     shuffle = transform == "classifier_train"
 
@@ -240,8 +246,8 @@ def labelled_dataset(source, *, split, data_dir=None, image_size, batch_size,
 
     if not source.indexed:
         # A subset names positions in the unshuffled file order.
-        ds = source.stream(split, shuffle_files=shuffle and indices is None, seed=seed,
-                           num_parallel_calls=par).enumerate()
+        ds = source.stream(split, shuffle_files=shuffle and indices is None,
+                           seed=seed).enumerate()
         if indices is not None:
             keep = np.zeros(source.num_examples(split), bool)
             keep[np.asarray(indices, np.int64)] = True
@@ -250,8 +256,11 @@ def labelled_dataset(source, *, split, data_dir=None, image_size, batch_size,
         if shuffle:
             ds = ds.shuffle(STREAM_SHUFFLE_BUFFER, seed=seed)
         ds = ds.skip(skip_batches * batch_size)
-        ds = ds.map(no_autograph(lambda i, ex: (view(ex[0], i), ex[1])),
+        # Decoded after the shuffle: the buffer holds encoded images.
+        ds = ds.map(no_autograph(lambda i, ex: (view(source.decode(ex[0]), i), ex[1])),
                     num_parallel_calls=par, deterministic=True)
+        if source.may_fail:
+            ds = ds.ignore_errors(log_warning=True)
     else:
         n = source.num_examples(split)
         chosen = None if indices is None else tf.constant(indices, tf.int64)

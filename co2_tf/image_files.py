@@ -39,8 +39,10 @@ size is in the header the check reads), counted in a warning of their own.
 A file that passes the check but still fails to decode (a damaged body) is
 handled at run time without a crash: in pretraining it is replaced by a
 plain mid-gray image (augmented as usual), so the index contract below still
-holds; a warning names the first such file and
-`runtime_decode_failures()` lists them all. If MAX_CONSECUTIVE_FAILURES
+holds; a line on stderr names each such file (at each occurrence: printed
+by a graph op, tf.print, as the whole stream is graph ops without Python, so
+that it runs where the pipeline's graph is shipped, e.g. a remote TPU
+worker). If MAX_CONSECUTIVE_FAILURES
 (or twice the folder's size, if smaller: such a run covers a whole epoch)
 images in a row fail, (nearly) no file decodes: the stream stops with a
 UserError naming the folder and the first failing files instead of looking
@@ -53,6 +55,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 
 import tensorflow as tf
 
@@ -157,13 +160,15 @@ class FolderListing:
     skipped: tuple  # corrupt or truncated
     too_large: tuple = ()  # non-JPEG images over the pixel limit
     max_pixels: int = 0  # 0 = no limit
+    folders: tuple = ()  # every folder listed (root first): co2_tf.folder_index stamps them
+    checked: bool = True  # whether each file was checked (check=False: all taken as good)
 
 
 def _is_image_name(name):
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_folder(root, max_pixels=DEFAULT_MAX_PIXELS, progress=None):
+def list_folder(root, max_pixels=DEFAULT_MAX_PIXELS, progress=None, check=True):
     """Scans and checks `root/<class>/**/<images>` (cached per process).
 
     `root` is a local path or a URI (gs://, file://, ram://, ...): listing and
@@ -172,9 +177,12 @@ def list_folder(root, max_pixels=DEFAULT_MAX_PIXELS, progress=None):
     class folders, or a class folder has no image files. `progress`: a
     co2_tf.progress.Reporter for lines during the scan (~1.5 min on ImageNet;
     part of the cache key: equal settings share the listing, as in a tool).
+    check=False: no file is opened (every image name is taken as good; a damaged
+    file is handled at decode time), for object stores where the check costs
+    two requests a file.
     """
     return _list_folder_cached(io.absolute(root), int(max_pixels or 0),
-                               progress_lib.reporter(progress))
+                               progress_lib.reporter(progress), bool(check))
 
 
 def _entries(folder):
@@ -205,17 +213,20 @@ def _first_visit(folder, seen):
     return True
 
 
-def _image_files_below(folder, seen, listed=None):
+def _image_files_below(folder, seen, listed=None, folders=None):
     """Every image file at any depth below `folder`, sorted.
 
     `seen`: real paths of local folders listed already (shared by the classes,
     which are in it from the start): each folder is listed once, so a symlink
     loop ends and a folder linked into two classes counts for the first.
     `listed(number)` is called with each folder's number of image files (progress).
+    `folders`: a list each listed folder is appended to.
     """
     found, pending = [], [folder]
     while pending:
         current = pending.pop()
+        if folders is not None:
+            folders.append(current)
         dirs, files = _entries(current)
         found.extend(io.join(current, f) for f in files)
         if listed is not None:
@@ -226,7 +237,7 @@ def _image_files_below(folder, seen, listed=None):
 
 
 @functools.lru_cache(maxsize=16)
-def _list_folder_cached(root, max_pixels, progress=progress_lib.OFF):
+def _list_folder_cached(root, max_pixels, progress=progress_lib.OFF, check=True):
     if not gfile.exists(root):
         raise UserError(f"image folder {root} does not exist: check the path "
                         "in folder:PATH")
@@ -237,12 +248,12 @@ def _list_folder_cached(root, max_pixels, progress=progress_lib.OFF):
     if not classes:
         raise UserError(f"image folder {root} has no class subfolders: put "
                         "images in PATH/<class_name>/")
-    files, labels, seen = [], [], set()
+    files, labels, seen, folders = [], [], set(), [root]
     for folder in [root] + [io.join(root, name) for name in classes]:
         _first_visit(folder, seen)
     listing = progress.task(f"listing {root}", unit="files")  # no total: no ETA
     for label, name in enumerate(classes):
-        found = _image_files_below(io.join(root, name), seen, listing.add)
+        found = _image_files_below(io.join(root, name), seen, listing.add, folders)
         if not found:
             raise UserError(
                 f"class folder {io.join(root, name)} has no image files "
@@ -251,10 +262,10 @@ def _list_folder_cached(root, max_pixels, progress=progress_lib.OFF):
         labels.extend([label] * len(found))
     listing.done(len(files))
     checking = progress.task(f"checking {root}", len(files), unit="files")
-    verdicts = []
+    verdicts = [] if check else [_OK] * len(files)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         for verdict in pool.map(functools.partial(_check_file, max_pixels=max_pixels),
-                                files, chunksize=256):
+                                files if check else [], chunksize=256):
             verdicts.append(verdict)
             checking.update(len(verdicts))
     checking.done(len(files))
@@ -279,7 +290,8 @@ def _list_folder_cached(root, max_pixels, progress=progress_lib.OFF):
     return FolderListing(root=root, class_names=tuple(classes),
                          files=tuple(f for f, _ in kept),
                          labels=tuple(lab for _, lab in kept),
-                         skipped=skipped, too_large=too_large, max_pixels=max_pixels)
+                         skipped=skipped, too_large=too_large, max_pixels=max_pixels,
+                         folders=tuple(folders), checked=check)
 
 
 def no_autograph(fn):
@@ -348,35 +360,27 @@ def to_rgb(image):
                    lambda: image[..., :3])
 
 
-_runtime_failures = set()
+def _decode_failures_noted(paths):
+    """A graph op printing the files that failed to decode (one line) to stderr."""
+    return tf.print("co2_tf:", tf.strings.reduce_join(paths, separator=", "),
+                    "failed to decode: replaced by a plain gray image", output_stream=sys.stderr)
 
 
-def _note_runtime_failures(paths):
-    """py_function body: warns once per process, remembers every path."""
-    paths = [p.decode("utf-8", "replace") for p in paths.numpy()]
-    if not _runtime_failures:
-        log.warning("%s failed to decode: replaced by a plain gray image "
-                    "(later failures are not logged; see "
-                    "co2_tf.image_files.runtime_decode_failures())", paths[0])
-    _runtime_failures.update(paths)
-    return True
+def _undecodable(folder, count, paths):
+    """A failing assertion (a graph op) carrying the one-line error of a folder where nothing
+    decodes, quoted as a UserError (co2_tf.errors.user_error_in finds it)."""
+    message = tf.strings.join([
+        "UserError: ", folder, ": ", tf.strings.as_string(count), " images in a row failed to "
+        "decode (e.g. ", tf.strings.reduce_join(paths, separator=", "), "): the files are "
+        "damaged or not images; fix or remove them"])
+    return tf.debugging.Assert(False, [message], summarize=1)
 
 
-def runtime_decode_failures():
-    """Paths that failed to decode at run time in this process (a copy)."""
-    return sorted(_runtime_failures)
-
-
-def _raise_undecodable(folder, count, paths):
-    """py_function body: the one-line error of a folder where nothing decodes."""
-    examples = ", ".join(p.decode("utf-8", "replace") for p in paths.numpy())
-    raise UserError(f"{folder.numpy().decode('utf-8', 'replace')}: {int(count)} images in a "
-                    f"row failed to decode (e.g. {examples}): the files are damaged or not "
-                    "images; fix or remove them")
-
-
-def decoded_stream(paths, source_of, par, *, folder="", max_pixels=0):
+def decoded_stream(paths, source_of, par, *, folder="", max_pixels=0, count=None):
     """(uint8 image, c) for c = 0, 1, 2, ...: file source_of(c), decoded.
+
+    paths: a string tensor of the files, or a function index -> path (then
+    `count` is the number of files).
 
     Decode errors cannot be caught inside a map function, so the decode map
     is followed by `ignore_errors` (a failed element disappears) and a scan
@@ -391,7 +395,16 @@ def decoded_stream(paths, source_of, par, *, folder="", max_pixels=0):
     that cannot fail, and the scan raises UserError (naming `folder` and
     the first failing files) once `limit` files in a row have failed.
     """
-    limit = min(2 * int(paths.shape[0]), MAX_CONSECUTIVE_FAILURES)
+    if callable(paths):
+        path_of = paths
+    else:
+        count = int(paths.shape[0])
+        path_of = functools.partial(tf.gather, paths)
+
+    def paths_of(counters):
+        return tf.map_fn(lambda c: path_of(source_of(c)), counters,
+                         fn_output_signature=tf.string)
+    limit = min(2 * int(count), MAX_CONSECUTIVE_FAILURES)
     period = limit + 1  # limit files, then a marker
 
     def decode(m):
@@ -401,7 +414,7 @@ def decoded_stream(paths, source_of, par, *, folder="", max_pixels=0):
         c = m - block - tf.cast(is_marker, tf.int64)
         image = tf.cond(
             is_marker, lambda: tf.zeros([0, 0, 3], tf.uint8),
-            lambda: read_and_decode(tf.gather(paths, source_of(c)), max_pixels))
+            lambda: read_and_decode(path_of(source_of(c)), max_pixels))
         return tf.ensure_shape(image, [None, None, 3]), c, is_marker
 
     def check(prev, elem):
@@ -410,11 +423,8 @@ def decoded_stream(paths, source_of, par, *, folder="", max_pixels=0):
         failed = c - prev - 1 + tf.cast(is_marker, tf.int64)
         last_failed = c - 1 + tf.cast(is_marker, tf.int64)
         first = tf.minimum(prev + 1 + tf.range(3, dtype=tf.int64), last_failed)
-        ok = tf.cond(
-            failed >= limit,
-            lambda: tf.py_function(_raise_undecodable, [folder, failed, tf.gather(
-                paths, tf.map_fn(source_of, first))], tf.bool),
-            lambda: tf.constant(True))
+        ok = tf.cond(failed >= limit, lambda: _undecodable(folder, failed, paths_of(first)),
+                     tf.no_op)
         with tf.control_dependencies([ok]):
             last = tf.identity(tf.where(is_marker, prev, c))
         return last, (elem[0], prev, c, is_marker)
@@ -428,12 +438,8 @@ def decoded_stream(paths, source_of, par, *, folder="", max_pixels=0):
 
     def refill(image, prev, c, is_marker):
         missing = tf.range(prev + 1, c, dtype=tf.int64)
-        noted = tf.cond(
-            tf.size(missing) > 0,
-            lambda: tf.py_function(
-                _note_runtime_failures,
-                [tf.gather(paths, tf.map_fn(source_of, missing))], tf.bool),
-            lambda: tf.constant(True))
+        noted = tf.cond(tf.size(missing) > 0, lambda: _decode_failures_noted(paths_of(missing)),
+                        tf.no_op)
         with tf.control_dependencies([noted]):
             count = tf.cast(c - prev, tf.int32)
 

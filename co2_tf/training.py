@@ -118,7 +118,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     # folder scan and the kNN feature extraction too.
     reporter = progress.Reporter.for_stdout(config.log_every_secs)
     source = make_source(config.dataset, config.data_dir or None, config.max_image_pixels,
-                         reporter)
+                         reporter, options=config)
     source.validate(config.split)
     data.pretraining_data_warnings(source, config.split, config.queue_size)
     saved = rundir.load_run_config(config.model_dir)

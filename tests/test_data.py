@@ -1,5 +1,6 @@
 """Tests for co2_tf.data: the index contract and the labelled pipeline, per source kind."""
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import tensorflow_datasets as tfds
 from helpers.image_folder import GOOD
 from helpers.references import split_arrays
 
-from co2_tf import augment, data, image_files
+from co2_tf import augment, data
 from co2_tf.errors import UserError
 from co2_tf.sources import builtin, make_source
 
@@ -153,7 +154,7 @@ def test_folder_labelled_dataset_uses_all_decodable(image_folder):
     assert sorted(labels.tolist()) == [0] * 4 + [1] * 5 + [2] * 4
 
 
-def test_folder_pretraining_survives_damaged_file(image_folder):
+def test_folder_pretraining_survives_damaged_file(image_folder, capfd):
     fn = data.pretrain_dataset_fn(
         f"folder:{image_folder}", split="train", image_size=SIZE,
         augment="mocov1", seed=0, global_batch_size=4)
@@ -161,8 +162,10 @@ def test_folder_pretraining_survives_damaged_file(image_folder):
     # is what the per-epoch permutation (index_shuffle) says, 3 or 4 times.
     batches = _views(fn(_ctx()), 11)
     assert all(v.shape == (4, SIZE, SIZE, 3) for b in batches for v in b)
-    assert any(p.endswith("damaged.png")
-               for p in image_files.runtime_decode_failures())
+    assert 'damaged.png" failed to decode' in capfd.readouterr().err  # tf.print's line
+    # Graph ops only (no py_function): the pipeline's graph can be shipped to a remote worker.
+    fn(_ctx())._as_serialized_graph(
+        external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL)
     files = make_source(f"folder:{image_folder}").listing("train").files
     n = len(files)
     # Example i is file index_shuffle(i % n, (seed, epoch)) of the listing.
@@ -202,6 +205,34 @@ def test_tfds_pretrain_and_labelled():
         assert [s[0][0] for s in sizes] == [10, 10, 4]
         assert sizes[0][0][1:] == (SIZE, SIZE, 3)
         assert sizes[0][1] == tf.int32
+
+
+def _below(ds):
+    """A pipeline and every dataset it is built from."""
+    yield ds
+    for d in ds._inputs():
+        yield from _below(d)
+
+
+def test_shuffle_buffers_hold_encoded_images(monkeypatch):
+    """What a shuffle buffer holds is the element spec of its input: encoded bytes, not
+    decoded pixels (10,000 ImageNet JPEGs: ~1.1 GB encoded, ~5 GB decoded)."""
+    # The graph is the subject: a cheap stand-in for the augmentation's (seconds to build).
+    monkeypatch.setattr(augment, "two_views", lambda image, *args: (image, image))
+    monkeypatch.setattr(augment, "classifier_train_view", lambda image, *args: image)
+    with tfds.testing.mock_data(num_examples=8):
+        pipelines = [
+            data.pretrain_dataset_fn("tfds:cifar10", split="train", image_size=SIZE,
+                                     augment="mocov1", seed=0, global_batch_size=4)(_ctx()),
+            data.labelled_dataset("tfds:cifar10", split="test", image_size=SIZE, batch_size=4,
+                                  transform="classifier_train")]
+        for pipeline in pipelines:
+            shuffles = [d for d in _below(pipeline) if type(d).__name__ == "_ShuffleDataset"]
+            assert len(shuffles) == 1
+            held = tf.nest.flatten(shuffles[0].element_spec)
+            assert tf.TensorSpec([], tf.string) in held
+            assert all(spec.dtype in (tf.string, tf.int32, tf.int64) and spec.shape.rank == 0
+                       for spec in held)
 
 
 def test_tfds_errors():
@@ -258,3 +289,8 @@ def test_labelled_dataset_indices_with_tfds():
                                             batch_size=12, indices=[2, 5, 11]))
         np.testing.assert_array_equal(subset[0][0].numpy(), images[[2, 5, 11]])
         np.testing.assert_array_equal(subset[0][1].numpy(), labels[[2, 5, 11]])
+
+
+def test_input_threads_overrides_the_cores_rule():
+    assert data.num_parallel_calls(make_source("builtin", options={"input_threads": 7})) == 7
+    assert data.num_parallel_calls(make_source("builtin")) == len(os.sched_getaffinity(0))

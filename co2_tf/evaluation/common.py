@@ -84,7 +84,8 @@ EVAL_HELP = {
     "checkpoint": "a checkpoint of a run: RUN_DIR/checkpoints/ckpt-N, or ckpt-N with --model_dir",
     "keras_model": "an exported backbone (EXPORT_DIR/backbone.keras) instead of a run",
     "random_init": "evaluate the same architecture with fresh random weights (a baseline)",
-    "dataset": "builtin | tfds:NAME[/CONFIG] | folder:PATH ('' = the run's dataset)",
+    "dataset": "builtin | tfds:NAME[/CONFIG] | folder:PATH | tfrecord:GLOB ('' = the run's "
+               "dataset)",
     "data_dir": "TFDS data_dir ('' = the run's)",
     "split": "labelled training split ('' = the run's, else train)",
     "eval_split": "labelled held-out split ('' = the run's, else test / validation)",
@@ -255,10 +256,11 @@ def resolve_data(config: EvalConfig, loaded: LoadedBackbone):
     pretrained = pretraining_data(loaded)
     dataset = config.dataset or pretrained.get("dataset", "")
     if not dataset:
-        raise UserError("which dataset? pass --dataset=builtin|tfds:NAME|folder:PATH")
+        raise UserError("which dataset? pass --dataset=builtin|tfds:NAME|folder:PATH|tfrecord:GLOB")
     inherited = pretrained if dataset == pretrained.get("dataset") else {}
     source = make_source(dataset, config.data_dir or inherited.get("data_dir") or None,
-                         getattr(loaded.run_config, "max_image_pixels", None), config.reporter())
+                         getattr(loaded.run_config, "max_image_pixels", None), config.reporter(),
+                         options=loaded.run_config)
     split = config.split or inherited.get("split") or "train"
     source.validate(split)  # first: names an unprepared dataset
     eval_split = (config.eval_split or inherited.get("eval_split")

@@ -1,6 +1,6 @@
 """What every data source answers: the interface the pipelines in co2_tf.data use.
 
-One class per dataset kind (builtin, folder, tfds), in the shape of
+One class per dataset kind (builtin, folder, tfds, tfrecord), in the shape of
 big_vision's `datasets/core.py` DataSource. A source knows its splits' sizes,
 class names and labels, its usual held-out split, and how to read its images
 as uint8 RGB [h, w, 3]; `co2_tf.data` builds the pretraining and labelled
@@ -11,7 +11,10 @@ Two ways of reading:
 - indexed sources (``indexed = True``: builtin, folder) give example i of a
   split as a function of i: the pretraining pipeline's index contract (exact
   resume, replica-count independence) needs that;
-- streaming sources (tfds) give a sharded, file-shuffled stream.
+- streaming sources (tfds, tfrecord) give a sharded, file-shuffled stream of
+  ENCODED images (`stream`, `pretrain_stream`), decoded by `decode` after
+  every shuffle: shuffle buffers hold bytes (~110 KB an ImageNet JPEG), not
+  pixels (~0.5 MB decoded).
 """
 
 import numpy as np
@@ -19,6 +22,9 @@ import tensorflow as tf
 
 from co2_tf import image_files
 from co2_tf.errors import UserError
+
+# Examples in the shuffle buffer of streaming sources (encoded images).
+SHUFFLE_BUFFER = 10_000
 
 
 class Source:
@@ -34,8 +40,11 @@ class Source:
     # Held-out split names tried, in order, by default_eval_split.
     eval_split_candidates = ()
 
-    def __init__(self, spec, data_dir=None, max_image_pixels=None, progress=None):
+    def __init__(self, spec, data_dir=None, max_image_pixels=None, progress=None, options=None):
+        from co2_tf.sources import ReadOptions  # noqa: PLC0415 (the package imports us)
+
         self.spec = spec
+        self.options = options or ReadOptions()
         self.progress = progress  # a co2_tf.progress.Reporter for long scans (None = silent)
         self.data_dir = data_dir or None
         # Image files over this many pixels: decoded smaller or skipped (co2_tf.image_files).
@@ -95,9 +104,30 @@ class Source:
         return [example(tf.constant(int(p), tf.int64))[0] for p in positions]
 
     # ----------------------------------------------------- streaming reading
-    def stream(self, split, *, input_context=None, shuffle_files=False, seed=0):
-        """(uint8 RGB image, int32 label) examples (streaming sources)."""
+    def stream(self, split, *, input_context=None, shuffle_files=False, seed=0,
+               with_labels=True, options=None):
+        """(encoded image, int32 label) examples, or encoded images alone (streaming sources).
+
+        Every example once, in file order (the order `labels` lists), or
+        with the files in an order chosen by `seed`; this pipeline's share
+        of the files under an `input_context`.
+        """
         raise NotImplementedError
+
+    def decode(self, encoded):
+        """An element of `stream` -> uint8 RGB [h, w, 3]."""
+        raise NotImplementedError
+
+    def pretrain_stream(self, split, *, input_context, seed, start):
+        """Encoded images of this input pipeline, forever, from its element `start` on.
+
+        Element c of a pipeline depends on (seed, pipeline, c) only where the
+        source says so (`exact_resume`); otherwise a restart gives another order.
+        """
+        raise NotImplementedError
+
+    # Whether pretrain_stream's element c is a function of (seed, pipeline, c).
+    exact_resume = False
 
 
 def as_int32(labels):

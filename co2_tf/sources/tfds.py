@@ -102,8 +102,11 @@ class TfdsSource(base.Source):
         return np.concatenate([np.zeros([0], np.int32)] + list(batches.as_numpy_iterator()))
 
     def stream(self, split, *, input_context=None, shuffle_files=False, seed=0,
-               with_labels=True, options=None, num_parallel_calls=None):
-        """(uint8 RGB image[, int32 label]) in file order (shuffled files if asked)."""
+               with_labels=True, options=None):
+        """(encoded image[, int32 label]) in file order (shuffled files if asked).
+
+        The images stay encoded (tfds's SkipDecoding): `decode` after any shuffle.
+        """
         info = self.info(split)
         self._check_image(info)
         if with_labels:
@@ -116,15 +119,24 @@ class TfdsSource(base.Source):
             config["options"] = options
         ds = tfds.load(self.name, split=split, data_dir=self.data_dir,
                        shuffle_files=shuffle_files, download=False,
-                       read_config=tfds.ReadConfig(**config))
+                       read_config=tfds.ReadConfig(**config),
+                       decoders={"image": tfds.decode.SkipDecoding()})
         if with_labels:
-            def example(ex):
-                return image_files.to_rgb(ex["image"]), tf.cast(ex["label"], tf.int32)
-        else:
-            def example(ex):
-                return image_files.to_rgb(ex["image"])
-        return ds.map(image_files.no_autograph(example), num_parallel_calls=num_parallel_calls,
-                      deterministic=True)
+            return ds.map(image_files.no_autograph(
+                lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32))))
+        return ds.map(image_files.no_autograph(lambda ex: ex["image"]))
+
+    def decode(self, encoded):
+        return image_files.to_rgb(self.info().features["image"].decode_example(encoded))
+
+    def pretrain_stream(self, split, *, input_context, seed, start):
+        """Shuffled files, a shuffle buffer of encoded images; a restart reshuffles."""
+        pid = input_context.input_pipeline_id
+        ds = self.stream(split, input_context=input_context, shuffle_files=True,
+                         seed=seed + start, with_labels=False)
+        ds = ds.shuffle(base.SHUFFLE_BUFFER, seed=seed + 1000003 * pid + start,
+                        reshuffle_each_iteration=True)
+        return ds.repeat()
 
     def standard_label_subset(self, split, fraction):
         subset = IMAGENET_SUBSETS.get(fraction)
@@ -137,4 +149,4 @@ class TfdsSource(base.Source):
     def images(self, split, positions, image_size):
         """The first len(positions) images of the split (a stream has no positions)."""
         ds = self.stream(split, with_labels=False).take(len(positions))
-        return list(ds)
+        return [self.decode(encoded) for encoded in ds]
