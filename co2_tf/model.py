@@ -100,13 +100,17 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         shuffled keys in this many groups with their own BN statistics; on one
         device this is what gives shuffle-BN its effect.
       seed: seeds the queue and the shuffle permutation of every step.
+      view_transform: None (the views come augmented) or the device part of
+        the augmentation (co2_tf.augment_device.ViewTransform): train_step
+        applies its view 0 to the query images, encode_keys its view 1 to
+        the key shard, each with the examples' global indices.
     """
 
     def __init__(self, backbone_fn, *, image_size, head="mlp", dim=128, queue_size=65536,
                  ema_momentum=0.999, temperature=0.2, consistency_temperature=0.04,
                  consistency_weight=1.0, consistency_over="negatives",
                  consistency_kl="symmetric", consistency_warmup_steps=0, bn="shuffle",
-                 bn_groups=1, seed=0, **kwargs):
+                 bn_groups=1, seed=0, view_transform=None, **kwargs):
         super().__init__(**kwargs)
         if bn not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
@@ -125,6 +129,7 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         self.bn = bn
         self.bn_groups = bn_groups
         self.seed = seed
+        self.view_transform = view_transform
 
         self.query_backbone = backbone_fn("query_backbone")
         self.key_backbone = backbone_fn("key_backbone")
@@ -195,9 +200,12 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         z = tf.concat(z, axis=0) if groups > 1 else z[0]
         return tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
 
-    def encode_keys(self, images, step):
+    def encode_keys(self, images, step, transform=None):
         """Keys of this replica's images and of the global batch, without gradient.
 
+        `transform(shard, ids_of_shard, step)`, if given, is applied to the
+        images this replica encodes (after the shuffle), with their global
+        example indices (step * B + position in the global batch).
         Returns (local_keys [b, D], global_keys [B, D]); global_keys is in
         global batch order (replica 0's examples first) whatever the shuffle.
         Must run in a replica context (the default one is fine).
@@ -205,7 +213,13 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         ctx = tf.distribute.get_replica_context()
         n = ctx.num_replicas_in_sync
         images = tf.stop_gradient(images)
+        b = tf.shape(images)[0]
+        first_id = tf.cast(step, tf.int64) * tf.cast(b * n, tf.int64)
         if self.bn != "shuffle":
+            if transform is not None:
+                replica = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
+                ids = first_id + replica * tf.cast(b, tf.int64) + tf.range(b, dtype=tf.int64)
+                images = transform(images, ids, step)
             local = self._encode_key_groups(images, 1)
             everyone = ctx.all_gather(local, axis=0) if n > 1 else local
             return tf.stop_gradient(local), tf.stop_gradient(everyone)
@@ -215,7 +229,6 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         # encode this replica's shard in `bn_groups` BN groups, gather the
         # keys and undo the permutation.
         all_images = ctx.all_gather(images, axis=0) if n > 1 else images
-        b = tf.shape(images)[0]
         total = tf.shape(all_images)[0]
         noise = tf.random.stateless_uniform(
             [total], seed=tf.stack([tf.cast(self.seed, tf.int64), tf.cast(step, tf.int64)]))
@@ -227,6 +240,11 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
             shard = tf.ensure_shape(shard, images.shape)
         else:
             shard = shuffled
+        if transform is not None:
+            ids = first_id + tf.cast(perm, tf.int64)
+            if n > 1:
+                ids = tf.gather(tf.reshape(ids, [n, b]), ctx.replica_id_in_sync_group)
+            shard = transform(shard, ids, step)
         keys = self._encode_key_groups(shard, self.bn_groups)
         all_keys = ctx.all_gather(keys, axis=0) if n > 1 else keys
         all_keys = tf.gather(all_keys, tf.math.invert_permutation(perm))
@@ -246,7 +264,14 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         local_b = tf.shape(x_q)[0]
         global_b = tf.cast(local_b * n, tf.float32)
 
-        keys, all_keys = self.encode_keys(x_k, step)
+        key_transform = None
+        if self.view_transform is not None:  # the device part of the augmentation
+            ids = (step * tf.cast(local_b * n, tf.int64)
+                   + tf.cast(ctx.replica_id_in_sync_group * local_b, tf.int64)
+                   + tf.range(local_b, dtype=tf.int64))
+            x_q = self.view_transform.for_view(0)(x_q, ids, step)
+            key_transform = self.view_transform.for_view(1)
+        keys, all_keys = self.encode_keys(x_k, step, transform=key_transform)
         qvars = self.query_variables
         alpha = self.consistency_weight
         if alpha and self.consistency_warmup_steps:
