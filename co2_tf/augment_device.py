@@ -14,6 +14,9 @@ draw the crop from its sub-seed 0 and the rest from its sub-seeds 1-4
 (`augment.sample_params`, `augment.sample_colour_params`). The device knows i
 from the step and the example's position, so a resumed run draws the same
 views, and the distributions are co2_tf.augment's (tests/test_augment.py).
+(The stateless ops' algorithm is the device's choice: where it is not the
+host's, e.g. on TPUs, the decisions after the crop are other draws of the same
+distributions than the "host" placement's; resume stays exact.)
 MoCo's order is kept: crop, then (v2) jitter p=0.8 -> grayscale p=0.2 ->
 blur p=0.5, or (v1) grayscale p=0.2 -> jitter; the flip commutes with all of
 them and comes first.
@@ -105,16 +108,22 @@ def adjust_hue(x, shift):
 def color_jitter(x, factors, order):
     """ColorJitter per example: factors float32 [b, 4], order int32 [b, 4].
 
-    Each of the four slots computes the four ops for the whole batch and keeps
-    each example's own: batched, with no per-example control flow.
+    Brightness, contrast and saturation are one blend clip(f x + (1 - f) t),
+    t = 0, the mean gray or the gray image: each of the four slots computes
+    that blend with each example's own f and t, and the hue rotation, for the
+    whole batch, and keeps each example's op. Batched, no per-example control flow.
     """
-    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
     for slot in range(4):
-        which = _per_example(order[:, slot])
-        out = x
-        for k, op in enumerate(ops):
-            out = tf.where(which == k, op(x, factors[:, k]), out)
-        x = out
+        op = order[:, slot]
+        f = tf.gather(factors, tf.minimum(op, 2), batch_dims=1)
+        gray = augment.to_gray(x)
+        mean = tf.reduce_mean(gray, axis=[1, 2], keepdims=True)
+        target = tf.where(_per_example(op == 1), mean, _per_example(tf.cast(op == 2, x.dtype))
+                          * gray)
+        # x >= 0 and f >= 0: brightness's clip to 1 is this clip too.
+        blend = tf.clip_by_value(_per_example(f) * x + (1.0 - _per_example(f)) * target,
+                                 0.0, 1.0)
+        x = tf.where(_per_example(op == 3), adjust_hue(x, factors[:, 3]), blend)
     return x
 
 
@@ -194,10 +203,16 @@ class ViewTransform:
         augment.check_recipe(recipe)
         self.recipe, self.seed, self.view = recipe, int(seed), int(view)
 
+    # Plain TF ops and tf.where: AutoGraph has nothing to convert (and trips on the class).
+    @tf.autograph.experimental.do_not_convert
     def for_view(self, view):
         return ViewTransform(self.recipe, self.seed, view)
 
+    @tf.autograph.experimental.do_not_convert
     def __call__(self, images, example_ids, step=None):
         del step  # example_ids = step * B + position already holds it
+        if images.dtype != tf.uint8:  # e.g. views the host augmented already
+            raise ValueError(f"the device augmentation takes the uint8 crops of "
+                             f"augment_on='device', got {images.dtype.name} images")
         params = colour_params(self.seed, example_ids, self.view, self.recipe)
         return apply_colour_params(images, params, self.recipe)

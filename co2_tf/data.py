@@ -28,7 +28,9 @@ contract still holds (see co2_tf.image_files). For streaming sources (tfds)
 the pipeline is the standard one (sharded by input context, file shuffling, a
 shuffle buffer) and is NOT exactly resumable mid-epoch: after a restart the
 order differs (augmentation seeds continue from the global example count of
-`start_step`).
+`start_step`). With ``augment_on="device"`` there, the crops are seeded by
+the stream's counter and the rest by the global index: independent draws of
+the same distributions.
 
 Performance (2 cores, MoCo v2 two views): tf.data autotune is OFF (measured
 on a 2-core machine: ~270 source images/s with it off, ~190 with it on), so

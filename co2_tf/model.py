@@ -74,6 +74,21 @@ def _keras_reduces_logs_along_axis_0(strategy):
             and in_multi_worker_mode is not None and in_multi_worker_mode())
 
 
+def _all_gather_images(ctx, images):
+    """all_gather of a batch of images; uint8 ones (the device augmentation's) travel
+    packed 4 to an int32, since collectives take no uint8."""
+    if images.dtype != tf.uint8:
+        return ctx.all_gather(images, axis=0)
+    shape = tf.shape(images)
+    flat = tf.reshape(images, [shape[0], -1])
+    pad = -tf.shape(flat)[1] % 4
+    flat = tf.pad(flat, [[0, 0], [0, pad]])
+    packed = tf.bitcast(tf.reshape(flat, [shape[0], -1, 4]), tf.int32)
+    gathered = tf.bitcast(ctx.all_gather(packed, axis=0), tf.uint8)
+    gathered = tf.reshape(gathered, [-1, tf.shape(flat)[1]])[:, :tf.shape(flat)[1] - pad]
+    return tf.reshape(gathered, tf.concat([[-1], shape[1:]], 0))
+
+
 class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
     """MoCo + CO2.
 
@@ -228,7 +243,7 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         # every replica draws identically (stateless, seeded by the step),
         # encode this replica's shard in `bn_groups` BN groups, gather the
         # keys and undo the permutation.
-        all_images = ctx.all_gather(images, axis=0) if n > 1 else images
+        all_images = _all_gather_images(ctx, images) if n > 1 else images
         total = tf.shape(all_images)[0]
         noise = tf.random.stateless_uniform(
             [total], seed=tf.stack([tf.cast(self.seed, tf.int64), tf.cast(step, tf.int64)]))

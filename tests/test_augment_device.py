@@ -142,3 +142,31 @@ def test_placement_resolution():
     assert augment_device.resolve_placement("host", accelerated=True) == "host"
     with pytest.raises(UserError, match="augment_on"):
         augment_device.resolve_placement("gpu", accelerated=True)
+
+
+def test_train_step_routes_each_views_indices(two_replicas):
+    """Training on uint8 crops with the split = training on the views made beforehand.
+
+    The reference applies each view's transform to the whole global batch with
+    ids step * B + position; the model must hand the same ids to the query
+    view, and to the key view through the shuffle-BN permutation and replicas.
+    """
+    from helpers.models import build, run_steps, state
+    batch, size, first_step = 16, 16, 5
+    rng = np.random.RandomState(5)
+    crops = [rng.randint(0, 256, (batch, size, size, 3)).astype(np.uint8) for _ in "qk"]
+    transform = augment_device.ViewTransform("mocov2", seed=3)  # helpers' MODEL seed
+    ids = tf.range(batch, dtype=tf.int64) + first_step * batch
+    views = [transform.for_view(v)(tf.constant(c), ids).numpy() for v, c in enumerate(crops)]
+    split, strategy = build(two_replicas, augment_on="device", augment="mocov2")
+    whole, _ = build(strategy, augment_on="host", augment="mocov2")
+    assert split.view_transform is not None and whole.view_transform is None
+    for model in (split, whole):
+        model.step_counter.assign(first_step)
+    got = run_steps(split, strategy, tuple(crops), batch)
+    want = run_steps(whole, strategy, tuple(views), batch)
+    for g, w in zip(got, want, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6)
+    s_split, s_whole = state(split), state(whole)
+    for key, value in s_whole.items():
+        np.testing.assert_allclose(s_split[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
