@@ -733,8 +733,8 @@ def benchmark_input(config, timing):
         if any("error" in r for r in runs):
             result["jpeg"][name] = runs[0]
             continue
-        result["jpeg"][name] = dict(runs[-1], cpu_ms_per_image=_median(
-            [r["cpu_ms_per_image"] for r in runs]), rounds_cpu_ms_per_image=[
+        result["jpeg"][name] = dict(runs[-1], cpu_ms_per_image=round(_median(
+            [r["cpu_ms_per_image"] for r in runs]), 2), rounds_cpu_ms_per_image=[
             r["cpu_ms_per_image"] for r in runs])
     jpeg = result["jpeg"]
     jpeg["device_part_on_this_cpu"] = _time_device_part(config, timing)
