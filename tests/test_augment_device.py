@@ -191,3 +191,17 @@ def test_pipeline_hands_over_the_crops_of_its_views():
     with pytest.raises(UserError, match="augment_on"):
         data.pretrain_dataset_fn("builtin", image_size=size, augment="mocov2", seed=SEED,
                                  global_batch_size=b, augment_on="auto")
+
+
+def test_one_device_keys_get_their_own_ids_through_the_shuffle():
+    """encode_keys on one device: the shuffled key images get their own examples' ids."""
+    from helpers.models import build
+    model, _ = build(None, augment_on="device", augment="mocov2")
+    b, step = 16, tf.constant(2, tf.int64)
+    crops = np.random.RandomState(6).randint(0, 256, (b, 16, 16, 3)).astype(np.uint8)
+    key_view = model.view_transform.for_view(1)
+    views = key_view(tf.constant(crops), tf.range(b, dtype=tf.int64) + 2 * b)
+    got, got_all = model.encode_keys(tf.constant(crops), step, transform=key_view)
+    want, want_all = model.encode_keys(views, step)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got_all.numpy(), want_all.numpy(), atol=1e-5)
