@@ -205,3 +205,12 @@ def test_one_device_keys_get_their_own_ids_through_the_shuffle():
     want, want_all = model.encode_keys(views, step)
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
     np.testing.assert_allclose(got_all.numpy(), want_all.numpy(), atol=1e-5)
+
+
+def test_device_part_lowers_to_xla():
+    """What TPUs need: the transform compiles with XLA at static shapes (lowered, not run)."""
+    transform = augment_device.ViewTransform("mocov2", SEED).for_view(1)
+    fn = tf.function(lambda x, ids: transform(x, ids, None), jit_compile=True)
+    hlo = fn.experimental_get_compiler_ir(
+        tf.zeros([4, 16, 16, 3], tf.uint8), tf.range(4, dtype=tf.int64))(stage="hlo")
+    assert "u8[4,16,16,3]" in hlo and "f32[4,16,16,3]" in hlo
