@@ -14,9 +14,11 @@ draw the crop from its sub-seed 0 and the rest from its sub-seeds 1-4
 (`augment.sample_params`, `augment.sample_colour_params`). The device knows i
 from the step and the example's position, so a resumed run draws the same
 views, and the distributions are co2_tf.augment's (tests/test_augment.py).
-(The stateless ops' algorithm is the device's choice: where it is not the
-host's, e.g. on TPUs, the decisions after the crop are other draws of the same
-distributions than the "host" placement's; resume stays exact.)
+(Compiled by XLA, as on TPUs or with --jit_compile, the stateless ops draw
+other numbers than TF's own kernels (seen with XLA on a CPU): the decisions
+after the crop are then other draws of the same distributions than the
+"host" placement's; resume stays exact. `ViewTransform(jit_compile=True)`
+keeps the draws out of its XLA cluster.)
 MoCo's order is kept: crop, then (v2) jitter p=0.8 -> grayscale p=0.2 ->
 blur p=0.5, or (v1) grayscale p=0.2 -> jitter; the flip commutes with all of
 them and comes first.
@@ -36,6 +38,8 @@ main_moco.py), on both placements unless said:
   PIL ImageFilter.GaussianBlur(sigma) approximates it with box filters).
 - Hue rotates the float HSV hue (PIL: an 8-bit hue channel).
 """
+import functools
+
 import tensorflow as tf
 
 from co2_tf import augment
@@ -197,16 +201,24 @@ class ViewTransform:
     the examples' global indices. `step` is not needed beyond them (the index
     holds it) and kept for the model's calling convention. `view` 0 is the
     query view (the pipeline's first), 1 the key view: `for_view` gives each.
+    jit_compile: run it as one XLA cluster even when the step is not compiled
+    (for GPUs: its dozens of element-wise ops over the batch fuse into a few
+    kernels instead of streaming the batch through memory each; on a CPU XLA
+    made it 4x slower, BUILD.md). TPUs compile the whole step anyway.
     """
 
-    def __init__(self, recipe, seed, view=0):
+    def __init__(self, recipe, seed, view=0, jit_compile=False):
         augment.check_recipe(recipe)
         self.recipe, self.seed, self.view = recipe, int(seed), int(view)
+        self.jit_compile = bool(jit_compile)
+        apply = functools.partial(apply_colour_params, recipe=recipe)
+        # Only the pixels: the draws stay outside the cluster, where they are the host's.
+        self._apply = tf.function(apply, jit_compile=True) if jit_compile else apply
 
     # Plain TF ops and tf.where: AutoGraph has nothing to convert (and trips on the class).
     @tf.autograph.experimental.do_not_convert
     def for_view(self, view):
-        return ViewTransform(self.recipe, self.seed, view)
+        return ViewTransform(self.recipe, self.seed, view, self.jit_compile)
 
     @tf.autograph.experimental.do_not_convert
     def __call__(self, images, example_ids, step=None):
@@ -215,4 +227,4 @@ class ViewTransform:
             raise ValueError(f"the device augmentation takes the uint8 crops of "
                              f"augment_on='device', got {images.dtype.name} images")
         params = colour_params(self.seed, example_ids, self.view, self.recipe)
-        return apply_colour_params(images, params, self.recipe)
+        return self._apply(images, params)

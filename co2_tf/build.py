@@ -59,7 +59,9 @@ def view_transform(config, strategy=None):
     """The train step's part of the augmentation, or None (the host does it all)."""
     if augment_placement(config, strategy) != "device":
         return None
-    return augment_device.ViewTransform(config.augment, config.seed)
+    # On GPUs as one XLA cluster (its element-wise ops fused) even without --jit_compile.
+    return augment_device.ViewTransform(config.augment, config.seed,
+                                        jit_compile=bool(tf.config.list_logical_devices("GPU")))
 
 
 def consistency_weight(config):

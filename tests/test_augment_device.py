@@ -214,3 +214,13 @@ def test_device_part_lowers_to_xla():
     hlo = fn.experimental_get_compiler_ir(
         tf.zeros([4, 16, 16, 3], tf.uint8), tf.range(4, dtype=tf.int64))(stage="hlo")
     assert "u8[4,16,16,3]" in hlo and "f32[4,16,16,3]" in hlo
+
+
+def test_xla_cluster_gives_the_same_views():
+    """jit_compile=True (GPUs) computes the views the plain ops compute."""
+    crops = tf.constant(np.random.RandomState(7).randint(0, 256, (6, 16, 16, 3)), tf.uint8)
+    ids = tf.range(6, dtype=tf.int64) + 40
+    plain = augment_device.ViewTransform("mocov2", SEED).for_view(1)
+    fused = augment_device.ViewTransform("mocov2", SEED, jit_compile=True).for_view(1)
+    assert fused.jit_compile
+    np.testing.assert_allclose(fused(crops, ids).numpy(), plain(crops, ids).numpy(), atol=1e-4)
