@@ -12,6 +12,7 @@
 import contextlib
 import logging
 import signal
+import tempfile
 import threading
 
 import keras
@@ -86,13 +87,60 @@ class PreemptionWatcher(contextlib.AbstractContextManager):
         return False
 
 
+def read_step(model):
+    """The model's global step, read from the device: its `step_counter`
+    (co2_tf.model.CO2Model) or its optimizer's `iterations`."""
+    counter = getattr(model, "step_counter", None)
+    if counter is None:
+        counter = model.optimizer.iterations
+    return int(counter.numpy())
+
+
+class HostStep:
+    """The global step, counted on the host: no device read per step.
+
+    Read from the model once per fit() call (`start`, in on_train_begin),
+    then advanced from what Keras tells the callbacks: the epoch's first step
+    (`epoch`, in on_epoch_begin) and each execution's step indices within
+    the epoch. With --steps_per_execution=k Keras announces executions of k
+    steps; the last one of an epoch may run fewer (its data ends), so the
+    count is capped at the epoch's steps.
+    """
+
+    def __init__(self):
+        self.value = None
+        self._epoch_start = None
+
+    def start(self, model):
+        self.value = self._epoch_start = read_step(model)
+        return self.value
+
+    def epoch(self):
+        self._epoch_start = self.value
+
+    def _at(self, steps_done, params):
+        steps = (params or {}).get("steps")
+        return self._epoch_start + (min(steps_done, steps) if steps else steps_done)
+
+    def execution_end(self, begin, steps_per_execution, params):
+        """The step the execution starting at epoch index `begin` will end at."""
+        return self._at(begin + steps_per_execution, params)
+
+    def ended(self, end, params):
+        """Call in on_train_batch_end(end): the step now (also kept as `value`)."""
+        self.value = self._at(end + 1, params)
+        return self.value
+
+
 class CheckpointCallback(keras.callbacks.Callback):
     """Saves every N steps, at epoch ends and on SIGTERM/SIGINT; refuses non-finite losses.
 
     Keras calls it once per execution: with --steps_per_execution=k the step
     advances by k between calls, so "every N steps" means at the first
-    execution end at or past each multiple of N, and the loss checked is the
-    one of the execution's last step.
+    execution end at or past each multiple of N, the loss checked is the one
+    of the execution's last step, and a SIGTERM/SIGINT is acted on at the
+    end of the execution it arrives in. The step is counted on the host
+    (HostStep).
     """
 
     def __init__(self, manager, every_steps, preemption, any_worker=None):
@@ -104,13 +152,13 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.any_worker = any_worker
         self.last_saved_step = None
         self.preempted_at = None
-        self._previous_step = 0
+        self.step = HostStep()
 
     def on_train_begin(self, logs=None):
-        self._previous_step = self._step()
+        self.step.start(self.model)
 
-    def _step(self):
-        return int(self.model.step_counter.numpy())
+    def on_epoch_begin(self, epoch, logs=None):
+        self.step.epoch()
 
     def save(self, step):
         if step == self.last_saved_step:
@@ -128,15 +176,15 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.last_saved_step = step
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self._step()
-        previous, self._previous_step = self._previous_step, step
+        previous = self.step.value
+        step = self.step.ended(batch, self.params)
         loss = float(logs["loss"]) if logs and "loss" in logs else 0.0
         if not np.isfinite(loss):
             raise NonFiniteLoss(step, self.last_saved_step or 0)
         requested = self.preemption.requested
         if self.any_worker is not None:  # every worker at this same step, in lockstep
             requested = self.any_worker(requested)
-        if requested:
+        if requested:  # checked once per execution: a signal waits for its end
             self.save(step)
             self.preempted_at = step
             self.model.stop_training = True
@@ -145,19 +193,20 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.preempted_at is None:
-            self.save(self._step())
+            self.save(self.step.value)
 
 
 def any_worker(strategy):
     """For a multi-worker run, flag -> whether any worker's flag is set; else None.
 
     One all-reduce of one float across the workers, run by every worker at
-    the same step end: a SIGTERM on one host then stops every host at the
-    same step, each taking part in the save (a worker saving alone would
-    wait forever for the others in the variables' collective reads). Its
-    cost is one small collective's latency per step: 3-8 ms measured
-    between two localhost workers on a busy 2-core machine, about a network
-    round trip between hosts.
+    the same execution end (CheckpointCallback calls it once per host call:
+    every --steps_per_execution steps): a SIGTERM on one host then stops
+    every host at the same step, each taking part in the save (a worker
+    saving alone would wait forever for the others in the variables'
+    collective reads). Its cost is one small collective's latency per
+    execution: 3-8 ms measured between two localhost workers on a busy
+    2-core machine, about a network round trip between hosts.
     """
     resolver = getattr(strategy, "cluster_resolver", None)
     if (not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None
@@ -182,52 +231,66 @@ def any_worker(strategy):
 class WorkerCheckpointManager:
     """What a non-chief worker of a multi-worker run saves with and restores from.
 
-    Its saves are scratch (written to `scratch_dir`, deleted at once: the
-    chief's copy of the same values is the checkpoint); `latest_checkpoint`
-    is the chief's, so a restarted worker resumes from the same step as the
-    chief. The model dir must be shared by all workers (gs://, NFS).
+    Its saves are scratch: the variables are read collectively, so every
+    worker takes part in a save, but only the chief's copy is the
+    checkpoint. A worker writes its copy to a fresh temporary directory on
+    its local disk (`scratch_root`, default the system's temp dir) and
+    deletes it at once: nothing goes to the shared model dir, where on gs://
+    every worker would upload a whole checkpoint per save.
+    `latest_checkpoint` is the chief's, so a restarted worker resumes from
+    the same step as the chief. The model dir must be shared by all workers
+    (gs://, NFS).
     """
 
-    def __init__(self, checkpoint, chief_dir, scratch_dir):
+    def __init__(self, checkpoint, chief_dir, scratch_root=None):
         self.checkpoint = checkpoint
         self.chief_dir = chief_dir
-        self.directory = scratch_dir
-        self.scratch_dir = scratch_dir
+        self.scratch_root = scratch_root
+        self.directory = chief_dir  # where its checkpoints are (errors name it)
 
     @property
     def latest_checkpoint(self):
         return tf.train.latest_checkpoint(self.chief_dir)
 
     def save(self, checkpoint_number=None):
-        path = tf.train.CheckpointManager(self.checkpoint, self.scratch_dir, max_to_keep=1).save(
-            checkpoint_number=checkpoint_number)
-        tf.io.gfile.rmtree(self.scratch_dir)
-        return path
+        scratch = tempfile.mkdtemp(prefix="co2_tf_worker_", dir=self.scratch_root)
+        try:
+            return tf.train.CheckpointManager(self.checkpoint, scratch, max_to_keep=1).save(
+                checkpoint_number=checkpoint_number)
+        finally:
+            tf.io.gfile.rmtree(scratch)
 
 
 class GlobalStepTensorBoard(keras.callbacks.TensorBoard):
     """Keras's TensorBoard callback, with batch summaries at the global step.
 
     Keras numbers batch summaries from 0 at every fit() call; a resumed run
-    would then draw over its own curves.
+    would then draw over its own curves. The step is counted on the host
+    (HostStep): one call runs steps_per_execution steps (fewer at an epoch's
+    end) and is labelled with the last of them.
     """
 
-    def _global_step(self):
-        return int(self.model.step_counter.numpy())
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step = HostStep()
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        keras_compat.set_tensorboard_batch_step(self, self._global_step())
+        keras_compat.set_tensorboard_batch_step(self, self.step.start(self.model))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self.step.epoch()
 
     def on_train_batch_begin(self, batch, logs=None):
-        # One call runs steps_per_execution steps: label with the last of them.
+        # Keras adds 1 to the counter here: it lands on the execution's last step.
         keras_compat.set_tensorboard_batch_step(
-            self, keras_compat.tensorboard_batch_step(self) + self.model.steps_per_execution - 1)
+            self, self.step.execution_end(batch, self.model.steps_per_execution,
+                                          self.params) - 1)
         super().on_train_batch_begin(batch, logs)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.model.steps_per_execution > 1:  # a last, shorter execution
-            keras_compat.set_tensorboard_batch_step(self, self._global_step())
+        self.step.ended(batch, self.params)
         super().on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -252,41 +315,44 @@ class KnnMonitor(keras.callbacks.Callback):
             # Logs is the dict every callback sees: TensorBoard (later in the
             # list) writes it as epoch_knn_top1.
             logs["knn_top1"] = self.evaluate(self.model.query_backbone)
-            self.last = (int(self.model.step_counter.numpy()), logs["knn_top1"])
+            self.last = (read_step(self.model), logs["knn_top1"])  # once per evaluation
 
 
 class ProgressCallback(keras.callbacks.Callback):
     """Progress lines during Keras's fit: step, steps/s, ETA of the whole run, loss.
 
     The step is the model's `step_counter` (co2_tf.model.CO2Model) or its
-    optimizer's `iterations`: it survives resumes and successive fit() calls
-    (one callback serves them all; its clock starts at the first). `total`:
-    the run's last step; None = epochs x steps of the first fit() call.
+    optimizer's `iterations`, read once per fit() call and counted on the host
+    (HostStep): it survives resumes and successive fit() calls (one callback
+    serves them all; its clock starts at the first). With
+    --steps_per_execution=k a line can only come at an execution's end, at
+    its last step. `total`: the run's last step; None = epochs x steps of
+    the first fit() call.
     """
 
     def __init__(self, reporter, what="train", total=None):
         super().__init__()
         self.reporter, self.what, self.total = reporter, what, total
         self.progress = None
-
-    def _step(self):
-        counter = getattr(self.model, "step_counter", None)
-        if counter is None:
-            counter = self.model.optimizer.iterations
-        return int(counter.numpy())
+        self.step = HostStep()
 
     def on_train_begin(self, logs=None):
+        start = self.step.start(self.model)
         if self.progress is None:
             total = self.total
             if total is None and self.params.get("steps"):
                 total = self.params["epochs"] * self.params["steps"]
-            self.progress = self.reporter.task(self.what, total, "steps", start=self._step())
+            self.progress = self.reporter.task(self.what, total, "steps", start=start)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.step.epoch()
 
     def on_train_batch_end(self, batch, logs=None):
+        step = self.step.ended(batch, self.params)
         if self.progress.due():  # reads nothing from the device otherwise
             loss = (logs or {}).get("loss")
             scalars = {} if loss is None else {"loss": float(loss)}
-            self.progress.update(self._step(), **scalars)
+            self.progress.update(step, **scalars)
 
 
 def progress_callbacks(reporter, what="train", total=None):
@@ -306,13 +372,22 @@ class CollapseMonitor(keras.callbacks.Callback):
     def __init__(self, queue_size, patience=collapse.CollapseDetector.patience):
         super().__init__()
         self.detector = collapse.CollapseDetector(queue_size, patience)
+        self.step = HostStep()
+
+    def on_train_begin(self, logs=None):
+        self.step.start(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.step.epoch()
 
     def on_train_batch_end(self, batch, logs=None):
+        # Once per execution (--steps_per_execution), on its last step's logs.
+        previous = self.step.value
+        step = self.step.ended(batch, self.params)
         if not logs or not all(name in logs for name in ("pos_sim", "neg_sim", "loss_ins")):
             return
-        message = self.detector.update(int(self.model.step_counter.numpy()),
-                                       float(logs["pos_sim"]), float(logs["neg_sim"]),
-                                       float(logs["loss_ins"]))
+        message = self.detector.update(step, float(logs["pos_sim"]), float(logs["neg_sim"]),
+                                       float(logs["loss_ins"]), steps=step - previous)
         if message:
             log.warning("%s", message)
 
@@ -332,7 +407,8 @@ def knn_evaluator(config, source, reporter=None):
     except UserError as e:
         log.warning("kNN monitor off: %s", e)
         return None
-    common = dict(image_size=config.image_size, batch_size=256, transform="eval")
+    batch_size = 256
+    common = dict(image_size=config.image_size, batch_size=batch_size, transform="eval")
     bank = data.labelled_dataset(source, split=config.split, **common)
     queries = data.labelled_dataset(source, split=eval_split, **common)
     if source.in_memory:
@@ -341,16 +417,21 @@ def knn_evaluator(config, source, reporter=None):
         bank, queries = bank.cache(), queries.cache()
     classes = len(source.class_names(config.split))
     local_copy = []
+    extractors = {}  # backbone -> its extractor: one trace per backbone and run
 
     def evaluate(backbone):
         if isinstance(backbone.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            # Keras's predict under MultiWorkerMirroredStrategy gathers every
-            # worker's outputs (twice the features for the labels): evaluate a
-            # copy made outside the strategy, on this worker's values.
+            # Under MultiWorkerMirroredStrategy each worker would see only its
+            # shard of the data: evaluate a copy made outside the strategy, on
+            # this worker's values.
             if not local_copy:
                 local_copy.append(build.backbone_fn(config)("knn_backbone"))
             local_copy[0].set_weights(backbone.get_weights())
             backbone = local_copy[0]
-        return knn_lib.knn_top1(backbone, bank, queries, classes, k=config.knn_k,
-                                temperature=config.knn_temperature, progress=reporter)
+        if backbone not in extractors:
+            # Over the replicas of the strategy the backbone was built under.
+            extractors[backbone] = knn_lib.FeatureExtractor(backbone)
+        return knn_lib.knn_top1(extractors[backbone], bank, queries, classes, k=config.knn_k,
+                                temperature=config.knn_temperature, progress=reporter,
+                                batch_size=batch_size)
     return evaluate

@@ -53,7 +53,8 @@ class CollapseDetector:
     """Feeds on every step's logs; reports the first collapse once.
 
     `update` returns the one-line message the first time the condition has
-    held for `patience` consecutive steps, None otherwise. `report()` is what
+    held for `patience` consecutive steps (at the first update at or past
+    them), None otherwise. `report()` is what
     goes into summary.json.
     """
     queue_size: int
@@ -62,11 +63,14 @@ class CollapseDetector:
     detected: dict | None = None
     last: dict | None = None
 
-    def update(self, step, pos_sim, neg_sim, loss_ins):
+    def update(self, step, pos_sim, neg_sim, loss_ins, steps=1):
+        """`steps`: the steps since the previous update, which these logs (of
+        the last of them) stand for: with --steps_per_execution=k the logs come
+        once per k steps, and `patience` still counts steps."""
         self.last = {"step": int(step), "pos_sim": float(pos_sim), "neg_sim": float(neg_sim),
                      "loss_ins": float(loss_ins)}
         collapsed = looks_collapsed(pos_sim, neg_sim, loss_ins, self.queue_size)
-        self.run_length = self.run_length + 1 if collapsed else 0
+        self.run_length = self.run_length + int(steps) if collapsed else 0
         if self.detected is not None or self.run_length < self.patience:
             return None
         self.detected = dict(self.last, ln_1_plus_k=math.log(1 + self.queue_size))

@@ -218,8 +218,9 @@ HELP = {
     "strategy": "auto | one_device | mirrored | multi_worker | tpu",
     "tpu": "TPU name or address (local on a TPU VM); with --strategy=auto selects TPU",
     "precision": "float32 | mixed_bfloat16 | mixed_float16",
-    "jit_compile": "XLA-compile the train step (for GPU/TPU; on x86 CPUs slower than "
-                   "the default oneDNN kernels, see BUILD.md)",
+    "jit_compile": "XLA-compile the train step (one replica, e.g. one GPU; ignored with one "
+                   "warning line on several replicas; TPUs compile every step anyway; on x86 "
+                   "CPUs slower than the default oneDNN kernels, see BUILD.md)",
     "steps_per_execution": "train steps per host call (helps small steps on TPU)",
     "seed": "seed of weights, data order, augmentation and queue",
     "deterministic": "enable TF op determinism (bitwise reproducible on CPU)",

@@ -171,13 +171,16 @@ def _moco_expected(model, head, root):
 
 
 def moco_state(model, head):
-    """A CO2Model as MoCo's `state_dict` (numpy): encoders, heads, queue and pointer."""
+    """A CO2Model as MoCo's `state_dict` (numpy): queue and pointer, encoders, heads.
+
+    In MoCo's order: torch lists a module's own buffers (MoCo's queue, queue_ptr)
+    before its submodules' tensors (encoder_q, encoder_k).
+    """
     params, _ = _moco_expected(model, head, "module.")
-    state = export_parameters(params)
     queue, ptr = queue_to_moco(keras.ops.convert_to_numpy(model.queue),
                                int(keras.ops.convert_to_numpy(model.queue_ptr)))
-    state["module.queue"] = queue
-    state["module.queue_ptr"] = ptr
+    state = collections.OrderedDict([("module.queue", queue), ("module.queue_ptr", ptr)])
+    state.update(export_parameters(params))
     return state
 
 

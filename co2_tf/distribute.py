@@ -126,20 +126,46 @@ def pad_batch(replicas):
     return pad
 
 
-def xla_problem(strategy):
-    """Why XLA cannot compile the train step under `strategy`, or None if it can.
+def pad_to_size(size):
+    """(images, labels) -> (images, labels, weights): a batch padded to exactly `size` examples.
 
-    With several replicas on CPU devices (MirroredStrategy over logical CPUs,
-    MultiWorkerMirroredStrategy on CPU hosts) XLA fails deep in TF: a replica
-    reads variables placed on another device ("Trying to access resource ...
-    located in device CPU:1 from device CPU:0"), and XLA on CPU has no
-    collective ops for the cross-worker all-reduce.
+    Evaluation pads every batch, the last one included, to one static shape
+    (one trace, one XLA compilation on TPU); the padding has weight 0 (real
+    examples 1) and counts nowhere. `size` must be a multiple of the
+    replicas (see pad_batch for why).
     """
-    if strategy.num_replicas_in_sync > 1 and any(
-            "CPU" in device.upper() for device in strategy.extended.worker_devices):
-        return (f"XLA cannot compile a train step replicated over "
-                f"{strategy.num_replicas_in_sync} replicas on CPU devices")
+    def pad(images, labels):
+        n = tf.shape(labels)[0]
+        images = tf.pad(images, [[0, size - n]] + [[0, 0]] * (len(images.shape) - 1))
+        weights = tf.concat([tf.ones([n]), tf.zeros([size - n])], 0)
+        labels = tf.pad(labels, [[0, size - n]])
+        images = tf.ensure_shape(images, [size, *images.shape[1:]])
+        return images, tf.ensure_shape(labels, [size]), tf.ensure_shape(weights, [size])
+    return pad
+
+
+def xla_problem(strategy):
+    """Why Keras's jit_compile cannot be used under `strategy`, or None if it can.
+
+    Keras has no switch to compile only the per-replica step: with several
+    replicas, jit_compile=True makes it compile `strategy.run` itself inside
+    one XLA function, whatever the devices. On CPU devices that fails deep in
+    TF (a replica reads variables placed on another device: "Trying to access
+    resource ... located in device CPU:1 from device CPU:0"), and Keras's own
+    jit_compile="auto" turns XLA off under every tf.distribute strategy. On
+    several GPUs it is the same untested construct: co2_tf does not use it.
+    TPUStrategy is not concerned (it compiles every step with XLA by itself).
+    """
+    if strategy.num_replicas_in_sync > 1:
+        kinds = sorted({_device_kind(d) for d in strategy.extended.worker_devices})
+        return (f"XLA would compile the whole step replicated over "
+                f"{strategy.num_replicas_in_sync} replicas ({'/'.join(kinds)} devices), which "
+                "Keras does not support")
     return None
+
+
+def _device_kind(device):
+    return tf.DeviceSpec.from_string(device).device_type or "CPU"
 
 
 def resolve_jit_compile(requested, strategy):
@@ -147,6 +173,8 @@ def resolve_jit_compile(requested, strategy):
 
     TPUStrategy compiles every step with XLA by itself: Keras's flag is not
     needed there (and is left off so that the step is not compiled twice).
+    With several replicas on any other device, --jit_compile is refused with
+    one line and the run goes on without XLA (see xla_problem).
     """
     if not requested:
         return False
@@ -156,7 +184,7 @@ def resolve_jit_compile(requested, strategy):
     if problem:
         logging.getLogger(__name__).warning(
             "--jit_compile ignored: %s; training without XLA (XLA works with one replica, "
-            "on GPUs and on TPU)", problem)
+            "e.g. one GPU, and TPUs compile every step by themselves)", problem)
         return False
     return True
 

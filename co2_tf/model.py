@@ -10,9 +10,16 @@ Distribution semantics (MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrate
 - the loss of each replica is its sum of per-example losses divided by the
   *global* batch; Keras's optimizer sums the gradients over replicas;
 - the keys of all replicas are all-gathered and the whole global batch is
-  enqueued, in global order, so every replica holds the identical queue
-  (its variables also use aggregation "only_first_replica", which broadcasts
-  replica 0's value);
+  enqueued, in global order, so every replica computes the identical queue,
+  pointer and step counter by itself: they have aggregation "none", so an
+  assign in a replica writes only that replica's copy, with no merge call
+  and no broadcast ("only_first_replica" would send the whole queue from
+  replica 0 to every replica every step, tensorflow/python/distribute/
+  values.py); tests/test_model.py checks the copies stay bit-identical and
+  tests/test_traffic.py that nothing else crosses replicas;
+- key images cross replicas in the dtype they arrive in (uint8 views cost
+  a quarter of float32; dtypes MirroredStrategy's all-gather refuses cross
+  bitcast into int32 words, `_all_gather_in_own_bytes`);
 - the EMA runs in a merge call through `strategy.extended.update`, as
   Keras's own optimizer applies its updates;
 - every copy of every variable is bit-identical on all replicas after each
@@ -74,19 +81,28 @@ def _keras_reduces_logs_along_axis_0(strategy):
             and in_multi_worker_mode is not None and in_multi_worker_mode())
 
 
-def _all_gather_images(ctx, images):
-    """all_gather of a batch of images; uint8 ones (the device augmentation's) travel
-    packed 4 to an int32, since collectives take no uint8."""
-    if images.dtype != tf.uint8:
-        return ctx.all_gather(images, axis=0)
-    shape = tf.shape(images)
-    flat = tf.reshape(images, [shape[0], -1])
-    pad = -tf.shape(flat)[1] % 4
-    flat = tf.pad(flat, [[0, 0], [0, pad]])
-    packed = tf.bitcast(tf.reshape(flat, [shape[0], -1, 4]), tf.int32)
-    gathered = tf.bitcast(ctx.all_gather(packed, axis=0), tf.uint8)
-    gathered = tf.reshape(gathered, [-1, tf.shape(flat)[1]])[:, :tf.shape(flat)[1] - pad]
-    return tf.reshape(gathered, tf.concat([[-1], shape[1:]], 0))
+# What MirroredStrategy's collective all-gather (CollectiveGatherV2) takes, on CPU and GPU.
+_GATHER_DTYPES = (tf.float16, tf.float32, tf.float64, tf.int32, tf.int64)
+
+
+def _all_gather_in_own_bytes(ctx, x):
+    """ctx.all_gather(x, axis=0), moving x's own bytes whatever its dtype.
+
+    uint8 and bfloat16 tensors (key images handed as uint8 views, in the compute dtype)
+    cross as int32 words they are bitcast into (each example padded to whole words),
+    rather than being refused by the collective or widened to 4 bytes an element.
+    """
+    if x.dtype in _GATHER_DTYPES:
+        return ctx.all_gather(x, axis=0)
+    per_word = 4 // x.dtype.size
+    count = x.shape[1:].num_elements()
+    padded = -(-count // per_word) * per_word
+    flat = tf.reshape(x, [-1, count])
+    flat = tf.pad(flat, [[0, 0], [0, padded - count]])
+    words = tf.bitcast(tf.reshape(flat, [-1, padded // per_word, per_word]), tf.int32)
+    gathered = tf.bitcast(ctx.all_gather(words, axis=0), x.dtype)
+    return tf.reshape(tf.reshape(gathered, [-1, padded])[:, :count],
+                      tf.concat([[-1], x.shape[1:]], 0))
 
 
 class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
@@ -152,14 +168,15 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         self.query_head = projection_head(head, feat, dim, "query_head", seed)
         self.key_head = projection_head(head, feat, dim, "key_head", seed)
         # Tracked weights (not raw tf.Variables) so .weights.h5 saves them too.
-        # "only_first_replica": replicas assign identical values; this makes
-        # that a guarantee rather than a hope.
+        # Aggregation "none": every replica writes its own copy with the value
+        # it computed, identical by construction (all-gathered keys, global
+        # order); no broadcast per step.
         self.queue = self.add_weight(
             name="queue", shape=(queue_size, dim), dtype="float32",
-            initializer=_UnitRows(seed), trainable=False, aggregation="only_first_replica")
+            initializer=_UnitRows(seed), trainable=False, aggregation="none")
         self.queue_ptr = self.add_weight(
             name="queue_ptr", shape=(), dtype="int64", initializer="zeros",
-            trainable=False, aggregation="only_first_replica")
+            trainable=False, aggregation="none")
         # Every step taken, skipped or not: with mixed_float16 the loss scaling
         # skips steps and optimizer.iterations does not count them, yet the
         # data position, checkpoint numbers and --train_steps must. Kept out
@@ -168,7 +185,7 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         # checkpoint holds it at its root (co2_tf.checkpoints).
         object.__setattr__(self, "step_counter", tf.Variable(
             0, dtype=tf.int64, trainable=False, name="step",
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA))
+            aggregation=tf.VariableAggregation.NONE))  # +1 on every replica: no merge call
         # The key encoder must stay trainable=True: Keras 3 BN with
         # trainable=False runs in inference mode, and MoCo's keys use batch
         # statistics. It is excluded from gradients by construction instead.
@@ -218,50 +235,53 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
     def encode_keys(self, images, step, transform=None):
         """Keys of this replica's images and of the global batch, without gradient.
 
-        `transform(shard, ids_of_shard, step)`, if given, is applied to the
-        images this replica encodes (after the shuffle), with their global
-        example indices (step * B + position in the global batch).
         Returns (local_keys [b, D], global_keys [B, D]); global_keys is in
         global batch order (replica 0's examples first) whatever the shuffle.
         Must run in a replica context (the default one is fine).
+
+        The images cross replicas (shuffle-BN) in the dtype they arrive in.
+        `transform`, if given, is called as `transform(shard, example_ids,
+        step)` on the images this replica encodes, after the gather and the
+        shuffle and before the key encoder; `example_ids` (int64 [b]) are the
+        shard's global example indices, `step * B + position in the global
+        batch` (B the global batch), in the shard's order. It returns the
+        images the key encoder takes (e.g. uint8 views turned into floats).
         """
         ctx = tf.distribute.get_replica_context()
         n = ctx.num_replicas_in_sync
         images = tf.stop_gradient(images)
-        b = tf.shape(images)[0]
-        first_id = tf.cast(step, tf.int64) * tf.cast(b * n, tf.int64)
+        # Static where the batch is (TPU, the lowering tests): the keys keep their shape.
+        b = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
+        global_b = tf.cast(b * n, tf.int64)
+        first = tf.cast(step, tf.int64) * global_b
         if self.bn != "shuffle":
             if transform is not None:
-                replica = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
-                ids = first_id + replica * tf.cast(b, tf.int64) + tf.range(b, dtype=tf.int64)
-                images = transform(images, ids, step)
+                offset = tf.cast(ctx.replica_id_in_sync_group * b, tf.int64)
+                images = transform(images, first + offset + tf.range(tf.cast(b, tf.int64)), step)
             local = self._encode_key_groups(images, 1)
             everyone = ctx.all_gather(local, axis=0) if n > 1 else local
+            everyone.set_shape([None if images.shape[0] is None else n * images.shape[0],
+                                self.dim])
             return tf.stop_gradient(local), tf.stop_gradient(everyone)
 
         # MoCo's shuffle-BN: gather all key images, apply one permutation that
         # every replica draws identically (stateless, seeded by the step),
         # encode this replica's shard in `bn_groups` BN groups, gather the
         # keys and undo the permutation.
-        all_images = _all_gather_images(ctx, images) if n > 1 else images
-        total = tf.shape(all_images)[0]
+        all_images = _all_gather_in_own_bytes(ctx, images) if n > 1 else images
         noise = tf.random.stateless_uniform(
-            [total], seed=tf.stack([tf.cast(self.seed, tf.int64), tf.cast(step, tf.int64)]))
+            [b * n], seed=tf.stack([tf.cast(self.seed, tf.int64), tf.cast(step, tf.int64)]))
         perm = tf.argsort(noise, stable=True)
-        shuffled = tf.gather(all_images, perm)
         if n > 1:
-            shard = tf.reshape(shuffled, tf.concat([[n, b], tf.shape(images)[1:]], 0))
-            shard = tf.gather(shard, ctx.replica_id_in_sync_group)
-            shard = tf.ensure_shape(shard, images.shape)
+            mine = tf.reshape(perm, [n, b])[ctx.replica_id_in_sync_group]
+            shard = tf.ensure_shape(tf.gather(all_images, mine), images.shape)
         else:
-            shard = shuffled
+            mine, shard = perm, tf.gather(all_images, perm)
         if transform is not None:
-            ids = first_id + tf.cast(perm, tf.int64)
-            if n > 1:
-                ids = tf.gather(tf.reshape(ids, [n, b]), ctx.replica_id_in_sync_group)
-            shard = transform(shard, ids, step)
+            shard = transform(shard, first + tf.cast(mine, tf.int64), step)
         keys = self._encode_key_groups(shard, self.bn_groups)
         all_keys = ctx.all_gather(keys, axis=0) if n > 1 else keys
+        all_keys.set_shape([None if images.shape[0] is None else n * images.shape[0], self.dim])
         all_keys = tf.gather(all_keys, tf.math.invert_permutation(perm))
         if n > 1:
             local = tf.gather(tf.reshape(all_keys, [n, b, self.dim]), ctx.replica_id_in_sync_group)
@@ -308,8 +328,9 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
 
         # Logs are this step's global means (not running averages), identical
         # on every replica, so TensorBoard shows true per-step values.
-        logs = {name: ctx.all_reduce("sum", tf.reduce_sum(v)) / global_b
-                for name, v in terms.items()}
+        # One all-reduce for all of them (one collective launch, not one per log).
+        sums = ctx.all_reduce("sum", [tf.reduce_sum(v) for v in terms.values()])
+        logs = {name: total / global_b for name, total in zip(terms, sums, strict=True)}
         logs["lr"] = tf.cast(lr, tf.float32)
         logs["alpha"] = tf.cast(alpha, tf.float32)  # the weight this step (warmup ramp)
         if _keras_reduces_logs_along_axis_0(tf.distribute.get_strategy()):
@@ -333,10 +354,13 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
             merge_fn, tf.distribute.get_strategy(), pairs)
 
     def _enqueue(self, all_keys):
-        """Write the global batch of keys at the pointer (K % B == 0: never wraps)."""
+        """Write the global batch of keys at the pointer (K % B == 0: never wraps).
+
+        Only the B new rows are written (a scatter, in place), each replica
+        into its own copy (aggregation "none", see the module docstring).
+        """
         batch = tf.shape(all_keys, out_type=tf.int64)[0]
         ptr = tf.convert_to_tensor(self.queue_ptr)
         rows = ptr + tf.range(batch, dtype=tf.int64)
-        self.queue.assign(tf.tensor_scatter_nd_update(
-            tf.convert_to_tensor(self.queue), rows[:, None], tf.cast(all_keys, tf.float32)))
+        self.queue.value.scatter_update(tf.IndexedSlices(tf.cast(all_keys, tf.float32), rows))
         self.queue_ptr.assign((ptr + batch) % self.queue_size)

@@ -157,14 +157,14 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
         if chief and recovered:
             checkpoints.rewrite_state(ckpt_dir, recovered)
         # Non-chief workers of a multi-worker run must take part in saving (the
-        # variables are read collectively) but write to a scratch dir; every
-        # worker restores the chief's checkpoints (see WorkerCheckpointManager).
+        # variables are read collectively) but write to a scratch dir on local
+        # disk; every worker restores the chief's checkpoints (see
+        # WorkerCheckpointManager).
         if chief:
             manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
                                                  max_to_keep=config.keep_checkpoints)
         else:
-            manager = WorkerCheckpointManager(checkpoint, ckpt_dir, os.path.join(
-                config.model_dir, f".worker_{strategy.cluster_resolver.task_id}"))
+            manager = WorkerCheckpointManager(checkpoint, ckpt_dir)
 
         # Everything is checked: from here on the run dir is written.
         if chief and saved is None:

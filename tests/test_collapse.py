@@ -79,3 +79,14 @@ def test_moco_early_transient_on_digits_does_not_fire_at_the_default_patience():
     # The same state held on (what a large alpha does) is reported once.
     detector = collapse.CollapseDetector(1024)
     assert list(feed(detector, [(0.88, 0.79, 6.6)] * 250)) == [200]
+
+
+def test_patience_counts_steps_when_logs_come_once_per_execution():
+    """--steps_per_execution=4: logs at steps 4, 8, 12, ...; each call stands for 4 steps.
+    Patience 10 is reached at step 12 (3 executions), a healthy call resets the count."""
+    detector = collapse.CollapseDetector(K, patience=10)
+    collapsed, healthy = (0.97, 0.96, 8.3), (0.5, 0.0, 6.0)
+    calls = [(4, collapsed), (8, healthy), (12, collapsed), (16, collapsed), (20, collapsed)]
+    fired = [step for step, row in calls if detector.update(step, *row, steps=4)]
+    assert fired == [20]  # 12, 16, 20: 12 collapsed steps in a row after the reset at 8
+    assert detector.report()["detected"]["step"] == 20

@@ -21,6 +21,16 @@ EXPORT_TOOL = os.path.join(ROOT, "tools", "export.py")
 # run_dir: the small trained run of tests/conftest.py.
 
 
+def assert_close(got, want, rtol=1e-5, what=""):
+    """Every |got - want| within rtol of the largest |want|: relative to the output's
+    magnitude (activations have any scale), not per element (ReLU zeros)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, what
+    scale = np.abs(want).max()
+    assert scale > 0, f"{what}: degenerate reference"
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale, err_msg=what)
+
+
 @pytest.fixture(scope="module")
 def exported(run_dir, tmp_path_factory):
     """An export, plus the in-memory model's outputs on test images."""
@@ -85,7 +95,8 @@ FRESH = textwrap.dedent(r"""
     report["keras_bn_stats_moved"] = changed(moving, backbone.non_trainable_weights)
     classifier.save("fine_tuned.keras")
     reloaded = keras.models.load_model("fine_tuned.keras")
-    report["keras_resave_diff"] = float(np.abs(reloaded(x16) - classifier(x16)).max())
+    want = classifier(x16).numpy()
+    report["keras_resave_diff"] = float(np.abs(reloaded(x16) - want).max() / np.abs(want).max())
 
     # ---- SavedModel, raw
     loaded = tf.saved_model.load(f"{out}/saved_model")
@@ -118,7 +129,8 @@ FRESH = textwrap.dedent(r"""
     report["tfsm_bn_stats_moved"] = changed(moving, layer.non_trainable_weights)
     classifier.export("fine_tuned_saved_model", verbose=False)
     again = tf.saved_model.load("fine_tuned_saved_model")
-    report["tfsm_resave_diff"] = float(np.abs(again.serve(x16) - classifier(x16)).max())
+    want = classifier(x16).numpy()
+    report["tfsm_resave_diff"] = float(np.abs(again.serve(x16) - want).max() / np.abs(want).max())
     report["co2_tf_imported"] = any(m.startswith("co2_tf") for m in sys.modules)
     print("REPORT" + json.dumps(report))
 """)
@@ -136,10 +148,10 @@ def test_fresh_process_round_trip_and_fine_tuning(exported, tmp_path):
     assert not report["co2_tf_imported"]
 
     for key in ("keras_features16", "sm_features16", "tfsm_features16"):
-        np.testing.assert_allclose(report[key], refs["features16"], atol=1e-5, err_msg=key)
+        assert_close(report[key], refs["features16"], what=key)
     for key in ("keras_features24", "sm_features24"):
-        np.testing.assert_allclose(report[key], refs["features24"], atol=1e-5, err_msg=key)
-    np.testing.assert_allclose(report["sm_projection16"], refs["projection16"], atol=1e-5)
+        assert_close(report[key], refs["features24"], what=key)
+    assert_close(report["sm_projection16"], refs["projection16"])
     np.testing.assert_allclose(np.linalg.norm(report["sm_projection16"], axis=1), 1.0, rtol=1e-5)
 
     n_weights = len(run.model.query_backbone.trainable_weights)
@@ -149,6 +161,7 @@ def test_fresh_process_round_trip_and_fine_tuning(exported, tmp_path):
                 "keras_bn_stats_moved", "tfsm_bn_stats_moved"):
         assert len(report[key]) > 0 and all(report[key]), (key, report[key])
     assert len(report["keras_grads"]) == n_weights
+    # Relative to the classifier's largest output.
     assert report["keras_resave_diff"] <= 1e-6 and report["tfsm_resave_diff"] <= 1e-6
     assert {"serve", "serve_training", "projection", "serving_default"} <= set(
         report["sm_signatures"])
@@ -178,7 +191,11 @@ def test_export_json_describes_the_export(exported, run_dir):
     assert set(on_disk["pretraining"]) >= {"dataset", "split", "augment", "temperature",
                                            "consistency_weight", "consistency_temperature"}
     assert on_disk["input"]["range"] == [0.0, 1.0]
-    assert max(on_disk["verified_max_abs_diff"].values()) <= 1e-5
+    checked = {"keras", "serve", "projection", "feature_maps_keras", "feature_maps"}
+    assert set(on_disk["verified_max_abs_diff"]) == checked
+    assert set(on_disk["verified_relative_diff"]) == checked
+    assert max(on_disk["verified_relative_diff"].values()) <= 1e-5
+    assert on_disk["verified_relative_tolerance"] == export.RELATIVE_TOLERANCE
     assert sorted(os.listdir(out)) == sorted(
         ["backbone.keras", "feature_maps.keras", "saved_model", "export.json", "x16.npy",
          "x24.npy"])
@@ -194,7 +211,7 @@ def test_feature_maps_are_the_backbones_stage_outputs(exported):
     assert {k: (v["stride"], v["channels"]) for k, v in pyramid["levels"].items()} == {
         "C2": (2, 32), "C3": (4, 64), "C4": (8, 128), "C5": (16, 256)}  # tiny's four convs
     assert "note" in pyramid  # not the 4..32 strides of an ImageNet ResNet
-    assert max(v for k, v in info["verified_max_abs_diff"].items() if "feature" in k) <= 1e-5
+    assert max(v for k, v in info["verified_relative_diff"].items() if "feature" in k) <= 1e-5
 
     x = np.random.default_rng(3).random((2, 32, 48, 3), np.float32)  # any size, not square
     backbone = keras.models.load_model(os.path.join(out, "backbone.keras"))
@@ -206,11 +223,32 @@ def test_feature_maps_are_the_backbones_stage_outputs(exported):
         stage = keras.Model(backbone.input, backbone.get_layer(spec["layer"]).output)
         want = stage(x, training=False).numpy()
         assert want.shape == (2, 32 // spec["stride"], 48 // spec["stride"], spec["channels"])
-        np.testing.assert_allclose(maps[level].numpy(), want, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(saved[level].numpy(), want, rtol=1e-5, atol=1e-5)
+        assert_close(maps[level].numpy(), want, rtol=1e-6, what=level)
+        assert_close(saved[level].numpy(), want, what=level)
     # The last stage, pooled, is the backbone's output.
-    np.testing.assert_allclose(maps["C5"].numpy().mean(axis=(1, 2)),
-                               backbone(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
+    assert_close(maps["C5"].numpy().mean(axis=(1, 2)), backbone(x, training=False).numpy())
+
+
+def test_verify_rejects_an_export_that_differs_from_the_model(exported):
+    """The relative check still fails a wrong export: one BN shift of the last layer moved
+    by 1e-3 of the largest pooled feature (10x the tolerance, and far less than a wrong
+    layer or tensor moves outputs) is reported; the unchanged model passes."""
+    out, _, run, _ = exported
+    backbone = run.model.query_backbone
+    x = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)  # _verify's images
+    pooled = backbone(x, training=False).numpy()
+    layer = backbone.get_layer("bn4")  # tiny's last BN, before its ReLU and the pooling
+    original = layer.beta.numpy()
+    wrong = original.copy()
+    wrong[int(np.argmax(pooled.max(axis=0)))] += 1e-3 * np.abs(pooled).max()
+    layer.beta.assign(wrong)
+    try:
+        with pytest.raises(RuntimeError, match=r"does not reproduce the model.*'serve'"):
+            export._verify(out, run.model, 16, "tiny")
+    finally:
+        layer.beta.assign(original)
+    _, relative = export._verify(out, run.model, 16, "tiny")
+    assert max(relative.values()) <= 1e-5
 
 
 def _listing(path):
@@ -267,7 +305,7 @@ def test_missing_and_incompatible_checkpoints_are_user_errors(run_dir, tmp_path)
     fresh = build.backbone_fn(rundir.run_config(str(empty)))("fresh")
     x = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
     reloaded = keras.models.load_model(str(tmp_path / "r" / "backbone.keras"))
-    np.testing.assert_allclose(reloaded(x).numpy(), fresh(x).numpy(), atol=1e-5)
+    assert_close(reloaded(x).numpy(), fresh(x).numpy())
     with pytest.raises(UserError, match="not a co2_tf run dir"):
         export.export(export.ExportConfig(model_dir=str(tmp_path), export_dir=str(tmp_path / "c")))
 

@@ -3,35 +3,24 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers.references import (
+    log_softmax,
+    ref_consistency,
+    ref_consistency_variant,
+    ref_info_nce,
+)
 
 from co2_tf import losses
 
 
 # ------------------------------------------------------------ NumPy reference
-def _log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def ref_info_nce(q, k, queue, t):
-    logits = np.concatenate([(q * k).sum(-1, keepdims=True), q @ queue.T], -1) / t
-    return -_log_softmax(logits)[:, 0]
-
-
+# (ref_info_nce, ref_consistency and ref_consistency_variant: tests/helpers/references.py)
 def ref_info_nce_grad_q(q, k, queue, t):
     """d L_ins / d q per example: (sum_j softmax_j v_j - k) / t, with v = [k, queue]."""
     logits = np.concatenate([(q * k).sum(-1, keepdims=True), q @ queue.T], -1) / t
-    p = np.exp(_log_softmax(logits))
+    p = np.exp(log_softmax(logits))
     expected = p[:, :1] * k + p[:, 1:] @ queue
     return (expected - k) / t
-
-
-def ref_consistency(q, k, queue, t):
-    log_q = _log_softmax(q @ queue.T / t)
-    log_p = _log_softmax(k @ queue.T / t)
-    kl_pq = (np.exp(log_p) * (log_p - log_q)).sum(-1)
-    kl_qp = (np.exp(log_q) * (log_q - log_p)).sum(-1)
-    return 0.5 * kl_pq + 0.5 * kl_qp
 
 
 def ref_consistency_grad_q(q, k, queue, t):
@@ -40,8 +29,8 @@ def ref_consistency_grad_q(q, k, queue, t):
     L = 1/2 sum_i (P_i log P_i - P_i log Q_i - Q_i log P_i + Q_i log Q_i)
     dL/dQ_i = 1/2 (-P_i/Q_i - log P_i + log Q_i + 1); Q = softmax(s), s = q.queue^T/t.
     """
-    log_q = _log_softmax(q @ queue.T / t)
-    log_p = _log_softmax(k @ queue.T / t)
+    log_q = log_softmax(q @ queue.T / t)
+    log_p = log_softmax(k @ queue.T / t)
     Q, P = np.exp(log_q), np.exp(log_p)
     g = 0.5 * (-P / Q - log_p + log_q + 1.0)
     ds = Q * (g - (Q * g).sum(-1, keepdims=True))
@@ -166,19 +155,6 @@ def test_co2_loss_combines_the_terms():
 
 
 # ------------------------------------------------------------------ variants
-def ref_consistency_variant(q, k, queue, t, over, kl):
-    """NumPy: P and Q over the K negatives or over 1 + K with q.k at index 0 in both."""
-    s_q, s_k = q @ queue.T, k @ queue.T
-    if over == "positive_and_negatives":
-        pos = (q * k).sum(-1, keepdims=True)
-        s_q, s_k = np.concatenate([pos, s_q], -1), np.concatenate([pos, s_k], -1)
-    log_q, log_p = _log_softmax(s_q / t), _log_softmax(s_k / t)
-    kl_pq = (np.exp(log_p) * (log_p - log_q)).sum(-1)
-    if kl == "one_sided":
-        return kl_pq
-    return 0.5 * kl_pq + 0.5 * (np.exp(log_q) * (log_q - log_p)).sum(-1)
-
-
 @pytest.mark.parametrize("over,kl", [("negatives", "one_sided"),
                                      ("positive_and_negatives", "symmetric"),
                                      ("positive_and_negatives", "one_sided")])

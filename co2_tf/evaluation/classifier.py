@@ -15,21 +15,25 @@ from co2_tf import distribute, optimizers
 from co2_tf import progress as progress_lib
 from co2_tf.callbacks import progress_callbacks
 from co2_tf.errors import UserError
+from co2_tf.evaluation import common
 
 
 def classification_metrics(num_classes):
-    """Top-1 and top-5 accuracy (top-k with k = min(5, classes))."""
+    """Top-1 and top-5 accuracy (top-k with k = min(5, classes)), and the cross-entropy."""
     return [keras.metrics.SparseCategoricalAccuracy(name="top1"),
-            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
+            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+            keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="xent")]
 
 
 def compile_classifier(model, optimizer, num_classes):
     """Cross-entropy on logits and top-1 / top-5, all weighted by the batches' weights.
 
     Weights are 0 for the padding of a last batch smaller than the replicas
-    (distribute.pad_batch), and Keras applies them only to `weighted_metrics`:
-    top-1 / top-5 stay exact. The loss Keras reports is its mean of the
-    replicas' batch means, where such a last batch weighs more than its images.
+    (distribute.pad_batch) and of every held-out batch to a full one
+    (distribute.pad_to_size), and Keras applies them only to
+    `weighted_metrics`: top-1 / top-5 and `xent`, the mean cross-entropy over
+    the real examples, stay exact. The "loss" Keras reports is its mean of
+    the replicas' batch means, where a padded batch weighs as a full one.
     """
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(
@@ -94,7 +98,7 @@ def linear_layer(num_classes, seed, name="classifier"):
 
 
 def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_every=1, verbose=1,
-                     resumable=None, callbacks=(), progress=None):
+                     resumable=None, callbacks=(), progress=None, eval_batch_size=None):
     """Fits a compiled classifier for `epochs`; returns the final held-out metrics.
 
     train_data(epoch, skip_batches) -> the dataset of that epoch from that
@@ -105,12 +109,17 @@ def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_ever
     callback names them). `resumable` (co2_tf.evaluation.resume.Resumable,
     entered): training goes on from its position, with its checkpoints.
     `progress` (a co2_tf.progress.Reporter): progress lines named after the model.
-    Returns {"top1", "top5", "loss"} of the final evaluation.
+    `eval_batch_size`: eval_data's batch size (None: its first batch's).
+    Returns {"top1", "top5", "loss"} of the final evaluation (loss: the mean
+    cross-entropy over the held-out examples).
     """
     replicas = model.distribute_strategy.num_replicas_in_sync
     if replicas > 1:  # a last batch smaller than the replicas: padded, with weight 0
         train_data = _padded(train_data, replicas)
-        eval_data = eval_data.map(distribute.pad_batch(replicas))
+    # Every held-out batch at one static shape (one trace; one compilation on TPU): the
+    # last one padded to a full batch with weight 0, which the weighted metrics ignore.
+    eval_batch = eval_batch_size or common.batch_size_of(eval_data)
+    eval_data = eval_data.map(distribute.pad_to_size(-(-eval_batch // replicas) * replicas))
     scalars = EpochScalars(log_dir)
     saver = resumable.callback if resumable is not None else None
     callbacks = [scalars, _StopAfterOneEpoch(), *([saver] if saver else []), *callbacks]
@@ -128,7 +137,9 @@ def train_classifier(model, train_data, eval_data, *, epochs, log_dir, eval_ever
         skip = 0
     logs = model.evaluate(eval_data, callbacks=callbacks[2:], return_dict=True, verbose=0)
     scalars.write("validation", epochs - 1, logs)
-    return {name: float(logs[name]) for name in ("top1", "top5", "loss")}
+    # The loss over the held-out examples, exact (Keras's "loss" counts the padding).
+    return {"top1": float(logs["top1"]), "top5": float(logs["top5"]),
+            "loss": float(logs["xent"])}
 
 
 def _padded(train_data, replicas):

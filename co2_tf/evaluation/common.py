@@ -13,6 +13,7 @@ import dataclasses
 import math
 
 import keras
+import tensorflow as tf
 
 from co2_tf import build, data, distribute, io, progress, rundir
 from co2_tf.config import HELP as TRAIN_HELP
@@ -277,6 +278,16 @@ def output_dir(config: EvalConfig, default_name):
         raise UserError("--output_dir is required with --keras_model: where to write results")
     return io.join(rundir.run_dir_of(config.model_dir, config.checkpoint),
                         default_name + ("_random_init" if config.random_init else ""))
+
+
+def batch_size_of(dataset):
+    """The size of a batched dataset's batches: static if known, else its first batch's."""
+    static = tf.nest.flatten(dataset.element_spec)[0].shape[0]
+    if static is not None:
+        return int(static)
+    for batch in dataset.take(1):
+        return int(tf.shape(tf.nest.flatten(batch)[0])[0])
+    return 1  # empty
 
 
 def write_results(output_dir, filename, results):

@@ -25,58 +25,84 @@ from co2_tf.errors import UserError
 from co2_tf.evaluation import common, projector
 
 
+class FeatureExtractor:
+    """backbone features of (images, labels) batches, on every replica of the backbone's strategy.
+
+    `strategy`: None for the one the backbone was built under (Keras's
+    `distribute_strategy`: a MirroredStrategy or TPUStrategy of training, or
+    the default one-device strategy). Each global batch is padded to one
+    static shape (`batch_size`, rounded up to a multiple of the replicas) with
+    weight-0 examples, split across the replicas and gathered back in order
+    without the padding: one trace of one device function, whatever the
+    dataset's last batch (on TPU, one compilation), and the features of a
+    model run on N replicas are those of one device. (Keras's
+    `predict_on_batch` on a model built under a strategy of N replicas gives
+    every replica the whole batch and returns N copies.) Keep one extractor
+    to reuse its traced function across datasets and evaluations.
+    """
+
+    def __init__(self, backbone, strategy=None):
+        self.backbone = backbone
+        self.strategy = strategy or backbone.distribute_strategy
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Its datasets are sharded across hosts: each host would see part of the features.
+            raise ValueError("feature extraction runs on one host: pass a backbone built "
+                             "outside the MultiWorkerMirroredStrategy")
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.step = tf.function(self._step)
+
+    def _step(self, batch):
+        def replica_fn(images, labels, weights):
+            return self.backbone(images, training=False), labels, weights
+        return self.strategy.run(replica_fn, args=batch)
+
+    def padded_size(self, batch_size):
+        """The static global batch every batch is padded to."""
+        return -(-batch_size // self.replicas) * self.replicas
+
+    def batches(self, dataset, batch_size):
+        """The distributed dataset of padded (images, labels, weights) global batches."""
+        padded = dataset.map(distribute.pad_to_size(self.padded_size(batch_size)))
+        return self.strategy.experimental_distribute_dataset(padded)
+
+    def __call__(self, batch):
+        """A distributed batch -> (features, labels) of its real examples, in order."""
+        f, y, w = (tf.concat(self.strategy.experimental_local_results(t), 0)
+                   for t in self.step(batch))
+        return tf.boolean_mask(f, w > 0), tf.boolean_mask(y, w > 0)
+
+
 def extract_features(backbone, dataset, normalize=True, verbose=0, strategy=None,
-                     progress=None, what="features"):
+                     progress=None, what="features", batch_size=None):
     """Features (L2-normalised unless normalize=False) and labels of a finite dataset.
 
-    `dataset` yields (images, labels) global batches; verbose=1 shows a
-    progress bar; `progress` (a co2_tf.progress.Reporter) prints lines
-    `what: N/M images, ...`. With a `strategy` of several replicas (the
-    backbone built under its scope) each batch is split across them; the
-    result keeps the dataset's order.
+    `backbone`: a Keras model, or a FeatureExtractor (reused across calls).
+    `dataset` yields (images, labels) global batches of at most `batch_size`
+    (None: its first batch's size); verbose=1 shows a progress bar;
+    `progress` (a co2_tf.progress.Reporter) prints lines `what: N/M images,
+    ...`. `strategy`: see FeatureExtractor; the result keeps the dataset's
+    order and does not depend on the replicas.
     """
+    extractor = (backbone if isinstance(backbone, FeatureExtractor)
+                 else FeatureExtractor(backbone, strategy))
+    batch_size = batch_size or common.batch_size_of(dataset)
     features, labels = [], []
     steps = int(dataset.cardinality())
     bar = keras.utils.Progbar(steps if steps >= 0 else None, verbose=verbose,
                               unit_name="batch")
-    if strategy is not None and strategy.num_replicas_in_sync > 1:
-        batches = strategy.experimental_distribute_dataset(
-            dataset.map(distribute.pad_batch(strategy.num_replicas_in_sync)))
-        embed = _sharded(backbone, strategy)
-    else:
-        # Keras's own compiled predict function, traced once per model.
-        batches, embed = dataset, lambda batch: (backbone.predict_on_batch(batch[0]), batch[1])
-    lines = None
-    for batch in batches:
+    lines = progress_lib.reporter(progress).task(
+        what, steps * batch_size if steps > 0 else None, unit="images")
+    for batch in extractor.batches(dataset, batch_size):
         bar.add(1)
-        f, y = embed(batch)
-        if lines is None:  # images: batches x the first batch's size (the last may be short)
-            lines = progress_lib.reporter(progress).task(
-                what, steps * int(y.shape[0]) if steps > 0 else None, unit="images")
+        f, y = extractor(batch)
         lines.add(int(y.shape[0]))
         f = tf.cast(f, tf.float32)
         features.append(tf.math.l2_normalize(f, -1) if normalize else f)
         labels.append(tf.cast(y, tf.int32))
-    if lines is not None:
-        lines.done(lines.count)
+    lines.done(lines.count)
+    if not features:
+        raise ValueError("no examples to extract features of")
     return tf.concat(features, 0), tf.concat(labels, 0)
-
-
-def _sharded(backbone, strategy):
-    """(per-replica images, labels, weights) -> (features, labels) of the global batch.
-
-    A global batch is split into consecutive per-replica slices, so replica
-    results concatenated in replica order are the batch's order; the padding
-    (weight 0, see distribute.pad_batch) is dropped.
-    """
-    @tf.function
-    def step(batch):
-        return strategy.run(lambda x, y, w: (backbone(x, training=False), y, w), args=batch)
-
-    def embed(batch):
-        f, y, w = (tf.concat(strategy.experimental_local_results(t), 0) for t in step(batch))
-        return tf.boolean_mask(f, w > 0), tf.boolean_mask(y, w > 0)
-    return embed
 
 
 def knn_predict_scores(train_features, train_labels, test_features, num_classes, k=200,
@@ -107,12 +133,18 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 
 
 def knn_top1(backbone, train_dataset, test_dataset, num_classes, k=200, temperature=0.1,
-             progress=None):
-    """kNN top-1 of `backbone` features: memory bank from train, queries from test."""
-    train_f, train_y = extract_features(backbone, train_dataset, progress=progress,
-                                        what="kNN features (memory bank)")
-    test_f, test_y = extract_features(backbone, test_dataset, progress=progress,
-                                      what="kNN features (queries)")
+             progress=None, batch_size=None):
+    """kNN top-1 of `backbone` features: memory bank from train, queries from test.
+
+    `backbone`: a Keras model or a FeatureExtractor (see extract_features).
+    """
+    extractor = (backbone if isinstance(backbone, FeatureExtractor)
+                 else FeatureExtractor(backbone))
+    train_f, train_y = extract_features(extractor, train_dataset, progress=progress,
+                                        what="kNN features (memory bank)",
+                                        batch_size=batch_size)
+    test_f, test_y = extract_features(extractor, test_dataset, progress=progress,
+                                      what="kNN features (queries)", batch_size=batch_size)
     return knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k, temperature)
 
 
@@ -153,12 +185,13 @@ def knn_eval(config: KnnConfig, verbose=1, strategy=None):
     """
     out = common.output_dir(config.check(), "knn_eval")
     strategy, loaded, d = common.prepare(config, strategy)
-    bank_f, bank_y = extract_features(loaded.backbone, d.labelled(d.split), verbose=verbose,
-                                      strategy=strategy, progress=config.reporter(),
+    extractor = FeatureExtractor(loaded.backbone, strategy)  # one trace for both splits
+    bank_f, bank_y = extract_features(extractor, d.labelled(d.split), verbose=verbose,
+                                      progress=config.reporter(), batch_size=d.batch_size,
                                       what=f"kNN features ({d.split})")
-    query_f, query_y = extract_features(loaded.backbone, d.labelled(d.eval_split),
-                                        verbose=verbose, strategy=strategy,
-                                        progress=config.reporter(),
+    query_f, query_y = extract_features(extractor, d.labelled(d.eval_split),
+                                        verbose=verbose, progress=config.reporter(),
+                                        batch_size=d.batch_size,
                                         what=f"kNN features ({d.eval_split})")
     scores = knn_predict_scores(bank_f, bank_y, query_f, d.num_classes, config.k,
                                            config.temperature).numpy()

@@ -128,10 +128,11 @@ def cached_features(loaded, d, cache_path=None, verbose=0, strategy=None, progre
             if str(cached["key"]) == key:
                 return tuple(cached[n] for n in ("train_f", "train_y", "eval_f", "eval_y"))
     arrays = {}
+    extractor = knn.FeatureExtractor(loaded.backbone, strategy)  # one trace for both splits
     for name, split in (("train", d.split), ("eval", d.eval_split)):
-        f, y = knn.extract_features(loaded.backbone, d.labelled(split), normalize=False,
-                                    verbose=verbose, strategy=strategy, progress=progress,
-                                    what=f"features ({split})")
+        f, y = knn.extract_features(extractor, d.labelled(split), normalize=False,
+                                    verbose=verbose, progress=progress,
+                                    what=f"features ({split})", batch_size=d.batch_size)
         arrays[f"{name}_f"], arrays[f"{name}_y"] = f.numpy(), y.numpy()
     if cache_path:
         buffer = stdio.BytesIO()
@@ -197,7 +198,7 @@ def linear_eval(config: LinearEvalConfig, verbose=1, strategy=None, callbacks=()
         metrics = classifier.train_classifier(
             model, train_data, eval_data, epochs=config.epochs, eval_every=config.eval_every,
             log_dir=io.join(out, common.LOG_SUBDIR), verbose=verbose, resumable=checkpoints,
-            callbacks=callbacks, progress=config.reporter())
+            callbacks=callbacks, progress=config.reporter(), eval_batch_size=config.batch_size)
     results = dict(metrics, protocol=config.protocol, backbone=loaded.as_dict(),
                    replicas=strategy.num_replicas_in_sync,
                    data=dict(d.as_dict(), train_examples=n, image_size=d.image_size),

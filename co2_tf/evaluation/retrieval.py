@@ -134,15 +134,17 @@ def retrieval_picture(config: RetrievalConfig, verbose=1):
     path = config.out or io.join(common.output_dir(config, "retrieval"), PICTURE_FILE)
     loaded = common.load_backbone(config)
     d = common.resolve_data(config, loaded)
-    bank_f, bank_y = knn.extract_features(loaded.backbone, d.labelled(d.split),
+    extractor = knn.FeatureExtractor(loaded.backbone)  # one trace: bank and queries
+    bank_f, bank_y = knn.extract_features(extractor, d.labelled(d.split),
                                           verbose=verbose, progress=config.reporter(),
-                                          what=f"features ({d.split})")
+                                          what=f"features ({d.split})", batch_size=d.batch_size)
     n_eval = d.source.num_examples(d.eval_split)
     rng = np.random.default_rng(config.seed)
     queries = np.sort(rng.choice(n_eval, size=min(config.num_queries, n_eval), replace=False))
     query_images, query_labels = _images(d, d.eval_split, queries)
     query_f, _ = knn.extract_features(
-        loaded.backbone, tf.data.Dataset.from_tensors((query_images, query_labels)))
+        extractor, tf.data.Dataset.from_tensor_slices((query_images, query_labels)).batch(
+            d.batch_size), batch_size=d.batch_size)
     sims, idx = nearest_neighbours(query_f, bank_f, config.k)
     neighbour_images, _ = _images(d, d.split, idx)
     neighbour_labels = bank_y.numpy()[idx]

@@ -255,7 +255,7 @@ def fine_tune(config: SemiSupervisedConfig, verbose=1, strategy=None, callbacks=
             model, train_data, d.labelled(d.eval_split), epochs=config.epochs,
             eval_every=config.eval_every, log_dir=io.join(out, common.LOG_SUBDIR),
             verbose=verbose, resumable=checkpoints, callbacks=callbacks,
-            progress=config.reporter())
+            progress=config.reporter(), eval_batch_size=config.batch_size)
     model_file = common.save_model(model, io.join(out, MODEL_FILE),
                                    "semi_supervised_classifier")
     results = dict(metrics, backbone=loaded.as_dict(),

@@ -1,4 +1,4 @@
-"""References the evaluation tests share: the small trained run's settings, NumPy kNN."""
+"""References tests share: the small trained run's settings, NumPy kNN, float64 NumPy losses."""
 import numpy as np
 
 from co2_tf import data
@@ -42,3 +42,37 @@ def numpy_knn(bank_f, bank_y, query_f, classes, k, t):
 def topk(scores, labels, k):
     best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return float(np.mean(np.any(best == np.asarray(labels)[:, None], axis=1)))
+
+
+# ---------------------------------------------------- CO2's losses, float64 NumPy
+def log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def ref_info_nce(q, k, queue, t):
+    """MoCo's InfoNCE per example: the positive q.k at index 0 of [q.k, q.queue^T] / t."""
+    logits = np.concatenate([(q * k).sum(-1, keepdims=True), q @ queue.T], -1) / t
+    return -log_softmax(logits)[:, 0]
+
+
+def ref_consistency(q, k, queue, t):
+    """The paper's term per example: 1/2 KL(P||Q) + 1/2 KL(Q||P) over the K negatives."""
+    log_q = log_softmax(q @ queue.T / t)
+    log_p = log_softmax(k @ queue.T / t)
+    kl_pq = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    kl_qp = (np.exp(log_q) * (log_q - log_p)).sum(-1)
+    return 0.5 * kl_pq + 0.5 * kl_qp
+
+
+def ref_consistency_variant(q, k, queue, t, over, kl):
+    """NumPy: P and Q over the K negatives or over 1 + K with q.k at index 0 in both."""
+    s_q, s_k = q @ queue.T, k @ queue.T
+    if over == "positive_and_negatives":
+        pos = (q * k).sum(-1, keepdims=True)
+        s_q, s_k = np.concatenate([pos, s_q], -1), np.concatenate([pos, s_k], -1)
+    log_q, log_p = log_softmax(s_q / t), log_softmax(s_k / t)
+    kl_pq = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    if kl == "one_sided":
+        return kl_pq
+    return 0.5 * kl_pq + 0.5 * (np.exp(log_q) * (log_q - log_p)).sum(-1)

@@ -4,7 +4,9 @@ torchvision is not a dependency: these classes register their modules under
 exactly torchvision's names and in its order (torchvision/models/resnet.py:
 conv1, bn1, layer1..layer4 of BasicBlock / Bottleneck with `downsample`
 = Sequential(conv1x1, BatchNorm2d), fc), so their `state_dict()` keys and
-shapes are a torchvision ResNet's. `resnet18_cifar` is the usual CIFAR
+shapes are a torchvision ResNet's (tests/test_convert.py checks them, and
+MoCo's layout, against tests/fixtures/torch_layouts.txt, made from real
+torchvision and MoCo's code). `resnet18_cifar` is the usual CIFAR
 variant: conv1 a 3x3 stride-1 conv and no max-pool (maxpool = Identity).
 """
 
@@ -164,7 +166,11 @@ def moco_checkpoint(name, *, head="mlp", dim=16, queue_size=64, ptr=0, seed=0, e
     which went where); the head is MoCo v1's `fc` Linear or v2's
     Sequential(Linear, ReLU, Linear); the queue's columns are unit vectors.
     """
-    state = {}
+    g = torch.Generator().manual_seed(seed + 7)
+    # MoCo's order (tests/fixtures/torch_layouts.txt): its own buffers, then the encoders.
+    state = {"module.queue": nn.functional.normalize(torch.randn(dim, queue_size, generator=g),
+                                                     dim=0),
+             "module.queue_ptr": torch.tensor([ptr], dtype=torch.long)}
     for i, encoder in enumerate(("encoder_q", "encoder_k")):
         net = resnet(name, seed + 10 * i, num_classes=dim)
         width = net.fc.in_features
@@ -172,10 +178,6 @@ def moco_checkpoint(name, *, head="mlp", dim=16, queue_size=64, ptr=0, seed=0, e
             net.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim))
         for key, value in net.state_dict().items():
             state[f"module.{encoder}.{key}"] = value
-    g = torch.Generator().manual_seed(seed + 7)
-    queue = nn.functional.normalize(torch.randn(dim, queue_size, generator=g), dim=0)
-    state["module.queue"] = queue
-    state["module.queue_ptr"] = torch.tensor([ptr], dtype=torch.long)
     return {"epoch": epoch, "arch": name.split("_")[0], "state_dict": state,
             "optimizer": {"state": {}, "param_groups": [{"lr": 0.03, "params": [0, 1]}]}}
 
