@@ -301,9 +301,11 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
 
         key_transform = None
         if self.view_transform is not None:  # the device part of the augmentation
-            ids = (step * tf.cast(local_b * n, tf.int64)
-                   + tf.cast(ctx.replica_id_in_sync_group * local_b, tf.int64)
-                   + tf.range(local_b, dtype=tf.int64))
+            # Global example ids (co2_tf.data's index contract); static where the batch is.
+            b = x_q.shape[0] if x_q.shape[0] is not None else local_b
+            ids = (step * tf.cast(b * n, tf.int64)
+                   + tf.cast(ctx.replica_id_in_sync_group * b, tf.int64)
+                   + tf.range(b, dtype=tf.int64))
             x_q = self.view_transform.for_view(0)(x_q, ids, step)
             key_transform = self.view_transform.for_view(1)
         keys, all_keys = self.encode_keys(x_k, step, transform=key_transform)
