@@ -25,10 +25,10 @@ The pipelines (recipe order as in MoCo's main_moco.py):
   p=0.2 -> blur p=0.5 -> flip.
 
 The flip is applied right after the crop: it commutes with every later step
-(pixel-wise ops, and a symmetric blur kernel with symmetric padding).
-
-Random decisions are drawn by `sample_params` and applied by `apply_params`,
-so tests (and curious users) can inspect the decisions directly.
+(pixel-wise ops, and a symmetric blur kernel with symmetric padding). Random
+decisions are drawn by `sample_params` and applied by `apply_params`, so
+tests (and curious users) can inspect them. co2_tf.augment_device runs the
+same decisions with the steps after the crop on the accelerator.
 """
 import math
 
@@ -45,6 +45,9 @@ _RECIPE_SETTINGS = {
                    jitter_prob=1.0, gray_prob=0.2, blur_prob=0.0),
     "mocov2": dict(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1),
                    jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5),
+    # Linear-probe training views: crop 0.08-1 + flip only.
+    "linear": dict(scale=(0.08, 1.0), jitter=(0.0, 0.0, 0.0, 0.0),
+                   jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0),
 }
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _BLUR_SIGMA = (0.1, 2.0)
@@ -59,9 +62,8 @@ _NUM_SUBSEEDS = 8
 def check_recipe(recipe):
     """Raises UserError unless `recipe` is a known augmentation recipe."""
     if recipe not in RECIPES:
-        raise UserError(
-            f"unknown augmentation recipe {recipe!r}: use one of "
-            f"{', '.join(RECIPES)}")
+        raise UserError(f"unknown augmentation recipe {recipe!r}: use one of "
+                        f"{', '.join(RECIPES)}")
 
 
 def blur_kernel_size(image_size):
@@ -90,14 +92,14 @@ def gaussian_blur(image, sigma, size):
     # Reflect padding, as torchvision's GaussianBlur; keeps edges unshaded.
     x = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]],
                mode="REFLECT")
-    kh = tf.tile(tf.reshape(kernel, [size, 1, 1, 1]), [1, 1, channels, 1])
-    kw = tf.tile(tf.reshape(kernel, [1, size, 1, 1]), [1, 1, channels, 1])
-    x = tf.nn.depthwise_conv2d(x, kh, [1, 1, 1, 1], "VALID")
-    x = tf.nn.depthwise_conv2d(x, kw, [1, 1, 1, 1], "VALID")
-    return x[0]
+    kernel = tf.tile(tf.reshape(kernel, [size, 1, 1, 1]), [1, 1, channels, 1])
+    x = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")
+    return tf.nn.depthwise_conv2d(x, tf.transpose(kernel, [1, 0, 2, 3]), [1, 1, 1, 1],
+                                  "VALID")[0]
 
 
-def _subseeds(seed, num):
+def subseeds(seed, num):
+    """`num` independent seeds [num, 2] from one (what a view, a step use)."""
     # int32 and int64 seeds give different streams: normalise to int64 so a
     # seed's value alone decides the result.
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
@@ -121,7 +123,7 @@ def sample_crop(seed, height, width, scale, ratio=_RATIO):
     Returns:
       int32 tensor [4]: (top, left, crop_height, crop_width).
     """
-    s_area, s_ratio, s_off = tf.unstack(_subseeds(seed, 3))
+    s_area, s_ratio, s_off = tf.unstack(subseeds(seed, 3))
     h_f = tf.cast(height, tf.float32)
     w_f = tf.cast(width, tf.float32)
     area = h_f * w_f
@@ -158,6 +160,12 @@ def sample_crop(seed, height, width, scale, ratio=_RATIO):
     return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
 
 
+def _settings(recipe):
+    if recipe != "linear":
+        check_recipe(recipe)
+    return _RECIPE_SETTINGS[recipe]
+
+
 def sample_params(seed, recipe, height, width):
     """Draws every random decision of one view.
 
@@ -167,26 +175,31 @@ def sample_params(seed, recipe, height, width):
       height, width: source image size.
 
     Returns:
-      dict of tensors: crop int32 [4] (top, left, h, w); flip, gray,
-      jitter, blur bool scalars (whether each step is applied);
-      jitter_factors float32 [4] (brightness, contrast, saturation
-      factors and hue shift); jitter_order int32 [4] (permutation of
-      0=brightness, 1=contrast, 2=saturation, 3=hue); sigma float32.
+      dict of tensors: crop int32 [4] (top, left, h, w) and what
+      `sample_colour_params` draws (the crop from sub-seed 0 of `seed`, the
+      rest from sub-seeds 1-4: the host and the device draw them apart).
     """
-    if recipe == "linear":
-        settings = dict(scale=(0.08, 1.0), jitter=(0.0, 0.0, 0.0, 0.0),
-                        jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
-    else:
-        check_recipe(recipe)
-        settings = _RECIPE_SETTINGS[recipe]
-    seeds = tf.unstack(_subseeds(seed, _NUM_SUBSEEDS))
+    crop = sample_crop(subseeds(seed, _NUM_SUBSEEDS)[0], height, width,
+                       _settings(recipe)["scale"])
+    return dict(crop=crop, **sample_colour_params(seed, recipe))
+
+
+def sample_colour_params(seed, recipe):
+    """The decisions of one view after its crop (what co2_tf.augment_device applies).
+
+    Returns dict: flip, gray, jitter, blur bool scalars (whether each step is
+    applied); jitter_factors float32 [4] (brightness, contrast, saturation
+    factors and hue shift); jitter_order int32 [4] (permutation of
+    0=brightness, 1=contrast, 2=saturation, 3=hue); sigma float32.
+    """
+    settings = _settings(recipe)
+    seeds = tf.unstack(subseeds(seed, _NUM_SUBSEEDS))
     b, c, s, h = settings["jitter"]
     lo = tf.constant([max(0.0, 1.0 - b), max(0.0, 1.0 - c),
                       max(0.0, 1.0 - s), -h])
     hi = tf.constant([1.0 + b, 1.0 + c, 1.0 + s, h])
     coins = _uniform(seeds[1], [4])
     return {
-        "crop": sample_crop(seeds[0], height, width, settings["scale"]),
         "flip": coins[0] < 0.5,
         "gray": coins[1] < settings["gray_prob"],
         "jitter": coins[2] < settings["jitter_prob"],
@@ -251,13 +264,6 @@ def color_jitter(image, factors, order):
     return image
 
 
-def _to_float(image):
-    """uint8 -> float32 / 255; float input assumed already in [0, 1]."""
-    if image.dtype == tf.uint8:
-        return tf.cast(image, tf.float32) * (1.0 / 255.0)
-    return tf.cast(image, tf.float32)
-
-
 def _scale_after_resize(image, source_dtype):
     # tf.image.resize returns float32 in the source's value range.
     if source_dtype == tf.uint8:
@@ -268,15 +274,13 @@ def _scale_after_resize(image, source_dtype):
 def resized_crop(image, crop, image_size):
     """Crops (top, left, h, w) and resizes to [image_size, image_size].
 
-    Bilinear with antialias=False: antialiasing costs ~28% of the pipeline's
-    throughput (measured on 2 cores) while MoCo's crops are mostly upscaled or mildly
-    downscaled; torchvision's PIL path is antialiased, a small known deviation.
+    Bilinear without antialiasing (its cost: BUILD.md); MoCo's crops are mostly
+    upscaled or mildly downscaled. torchvision's PIL resize is antialiased.
     """
     image = tf.convert_to_tensor(image)
     dtype = image.dtype
     patch = tf.slice(image, [crop[0], crop[1], 0], [crop[2], crop[3], 3])
-    out = tf.image.resize(patch, [image_size, image_size],
-                          method="bilinear", antialias=False)
+    out = tf.image.resize(patch, [image_size, image_size], method="bilinear", antialias=False)
     out = _scale_after_resize(tf.cast(out, tf.float32), dtype)
     return tf.clip_by_value(out, 0.0, 1.0)
 
@@ -308,16 +312,10 @@ def apply_params(image, params, recipe, image_size):
     return tf.ensure_shape(view, [image_size, image_size, 3])
 
 
-def _image_hw(image):
-    shape = tf.shape(image)
-    return shape[0], shape[1]
-
-
 def one_view(image, seed, recipe, image_size):
     """One augmented view (float32 [S, S, 3] in [0, 1]) of one image."""
     image = tf.convert_to_tensor(image)
-    h, w = _image_hw(image)
-    params = sample_params(seed, recipe, h, w)
+    params = sample_params(seed, recipe, *tf.unstack(tf.shape(image)[:2]))
     return apply_params(image, params, recipe, image_size)
 
 
@@ -335,7 +333,7 @@ def two_views(image, seed, recipe, image_size):
     """
     check_recipe(recipe)
     image = tf.convert_to_tensor(image)
-    s1, s2 = tf.unstack(_subseeds(seed, 2))
+    s1, s2 = tf.unstack(subseeds(seed, 2))
     return (one_view(image, s1, recipe, image_size),
             one_view(image, s2, recipe, image_size))
 
@@ -353,7 +351,7 @@ def eval_view(image, image_size):
     """
     image = tf.convert_to_tensor(image)
     dtype = image.dtype
-    h, w = _image_hw(image)
+    h, w = tf.unstack(tf.shape(image)[:2])
     target = int(round(image_size * 256 / 224))
     h_f = tf.cast(h, tf.float32)
     w_f = tf.cast(w, tf.float32)

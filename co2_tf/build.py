@@ -7,7 +7,18 @@ here trains, checkpoints or touches files.
 
 import dataclasses
 
-from co2_tf import backbones, conv_grad, distribute, fused_batchnorm, losses, optimizers, precision
+import tensorflow as tf
+
+from co2_tf import (
+    augment_device,
+    backbones,
+    conv_grad,
+    distribute,
+    fused_batchnorm,
+    losses,
+    optimizers,
+    precision,
+)
 from co2_tf.model import CO2Model
 
 
@@ -30,6 +41,27 @@ def backbone_fn(config):
             conv_grad.matmul_filter_grad(backbone)
         return backbone
     return build
+
+
+def augment_placement(config, strategy=None):
+    """"host" or "device": where the augmentation's steps after the crop run (--augment_on).
+
+    auto: the device when the step runs on GPUs or TPUs, else what measured
+    faster on CPUs (co2_tf.augment_device.CPU_PLACEMENT).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    accelerated = (isinstance(strategy, tf.distribute.TPUStrategy)
+                   or bool(tf.config.list_logical_devices("GPU")))
+    return augment_device.resolve_placement(config.augment_on, accelerated)
+
+
+def view_transform(config, strategy=None):
+    """The train step's part of the augmentation, or None (the host does it all)."""
+    if augment_placement(config, strategy) != "device":
+        return None
+    # On GPUs as one XLA cluster (its element-wise ops fused) even without --jit_compile.
+    return augment_device.ViewTransform(config.augment, config.seed,
+                                        jit_compile=bool(tf.config.list_logical_devices("GPU")))
 
 
 def consistency_weight(config):
@@ -59,8 +91,8 @@ def build_model(config, bn_groups, steps_per_epoch=1):
             consistency_over=config.consistency_over, consistency_kl=config.consistency_kl,
             consistency_warmup_steps=int(round(config.consistency_warmup_epochs
                                                * steps_per_epoch)),
-            bn=config.bn, bn_groups=bn_groups,
-            seed=config.seed, name="co2")
+            bn=config.bn, bn_groups=bn_groups, seed=config.seed,
+            view_transform=view_transform(config), name="co2")
 
 
 def build_optimizer(config, steps_per_epoch, total_steps):

@@ -13,6 +13,8 @@ from co2_tf import progress
 from co2_tf.errors import UserError
 
 AUGMENTS = ("mocov1", "mocov2")
+# Where the augmentation's steps after the crop run (co2_tf.augment_device).
+AUGMENT_PLACEMENTS = ("auto", "host", "device")
 SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "lars")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -31,7 +33,8 @@ ARCHITECTURE_FIELDS = ("backbone", "head", "dim", "queue_size", "bn")
 # The fields that take one of a list of values: checked by TrainConfig.check,
 # and listed by the tools' --help (absl enum flags).
 CHOICES = {"backbone": BACKBONES, "head": HEADS, "bn": BN_MODES, "strategy": STRATEGIES,
-           "augment": AUGMENTS, "schedule": SCHEDULES, "optimizer": OPTIMIZERS,
+           "augment": AUGMENTS, "augment_on": AUGMENT_PLACEMENTS, "schedule": SCHEDULES,
+           "optimizer": OPTIMIZERS,
            "precision": PRECISIONS, "consistency_over": CONSISTENCY_OVER,
            "consistency_kl": CONSISTENCY_KL}
 
@@ -47,6 +50,7 @@ class TrainConfig:
     # MoCo v1's recipe (linear head below), as moco's main_moco.py defaults: on the built-in
     # data it beat v2's for MoCo and CO2 alike, and there CO2 beats MoCo (docs/study.md, 2e).
     augment: str = "mocov1"
+    augment_on: str = "auto"  # auto: the device on GPUs and TPUs, the host on CPUs (BUILD.md)
     image_size: int = 32
     max_image_pixels: int = 40_000_000  # image files: larger JPEGs decoded smaller, others skipped
     # How sources read (co2_tf.sources.ReadOptions has the same fields).
@@ -189,6 +193,9 @@ HELP = {
     "split": "training split",
     "eval_split": "labelled held-out split for kNN ('' = the dataset's usual one)",
     "augment": "two-crop recipe: mocov1 | mocov2",
+    "augment_on": "where flip, colour jitter, grayscale and blur run: auto (the device on "
+                  "GPUs and TPUs, the host on CPUs) | host (tf.data) | device (in the train "
+                  "step; the host decodes, crops and resizes to uint8)",
     "image_size": "side of the square crops",
     "max_image_pixels": "folder datasets: JPEGs with more pixels are decoded at 1/2, 1/4 or "
                         "1/8 scale, other image files are skipped (0 = no limit)",

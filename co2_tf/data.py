@@ -17,7 +17,9 @@ folder) the pipeline is index based and fully deterministic:
 - epoch ``e = i // N``; the example is
   ``index_shuffle(i % N, seed=[seed, e], max_index=N-1)``: a fresh permutation
   each epoch, every example exactly once per epoch;
-- the augmentation seed of element i is ``[seed, i]``.
+- the augmentation seed of element i is ``[seed, i]``; with
+  ``augment_on="device"`` the pipeline does only the crops (uint8) and the
+  train step the rest with the same seeds (co2_tf.augment_device).
 
 So the global batch at step s does not depend on the number of replicas or
 pipelines, and ``start_step=s`` resumes exactly where an uninterrupted run
@@ -30,7 +32,9 @@ tfrecord) each input pipeline reads its share of the files
 record (co2_tf.sources.tfrecord); tfds's is the standard one (file shuffling,
 a shuffle buffer) and NOT exactly resumable mid-epoch: after a restart the
 order differs. Streams carry encoded images through every shuffle buffer and
-are decoded after it.
+are decoded after it. With ``augment_on="device"`` there, the crops are
+seeded by the stream's counter and the rest by the global index:
+independent draws of the same distributions.
 
 Performance (2 cores, MoCo v2 two views): tf.data autotune is OFF (measured
 on a 2-core machine: ~270 source images/s with it off, ~190 with it on), so
@@ -46,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from co2_tf import augment as _augment
+from co2_tf import augment_device
 from co2_tf.errors import UserError
 from co2_tf.image_files import no_autograph
 from co2_tf.sources import base, make_source
@@ -148,23 +153,33 @@ def source_index(i, n, seed):
         tf.constant(n - 1, tf.int64))
 
 
+def _views_fn(augment_on):
+    """The per-image map: whole views (host) or the crops only (device)."""
+    if augment_on not in ("host", "device"):
+        raise UserError(f"augment_on={augment_on!r}: the pipeline takes host or device "
+                        "(resolve auto with co2_tf.augment_device.resolve_placement)")
+    return _augment.two_views if augment_on == "host" else augment_device.two_crops
+
+
 def pretrain_dataset_fn(source, *, split="train", data_dir=None, image_size,
-                        augment, seed, global_batch_size, start_step=0):
+                        augment, seed, global_batch_size, start_step=0, augment_on="host"):
     """Returns dataset_fn(input_context) for distribute_datasets_from_function.
 
     `source` is a Source or a dataset spec (then read from data_dir). The
-    dataset yields (view1, view2), float32 [b, S, S, 3] in [0, 1], b the
-    per-replica batch, forever (see the module docstring for the index
-    contract). Raises UserError for a bad spec, recipe or batch size.
+    dataset yields (view1, view2), b the per-replica batch, forever (see the
+    module docstring for the index contract): float32 [b, S, S, 3] in [0, 1]
+    with augment_on="host", the uint8 crops co2_tf.augment_device.ViewTransform
+    finishes with "device". Raises UserError for a bad spec, recipe or batch size.
     """
     source = make_source(source, data_dir)
     recipe = augment
     _augment.check_recipe(recipe)
+    views = _views_fn(augment_on)
     seed = int(seed)
     start_step = int(start_step)
     if not source.indexed:
         return _stream_pretrain_fn(source, split, image_size, recipe, seed,
-                                   global_batch_size, start_step)
+                                   global_batch_size, start_step, views)
     steps_per_epoch(source, split, global_batch_size=global_batch_size)  # checks the batch
     n = source.num_examples(split)
 
@@ -176,7 +191,7 @@ def pretrain_dataset_fn(source, *, split="train", data_dir=None, image_size,
         def aug(image, c):
             i = index(c)
             aug_seed = tf.stack([tf.constant(seed, tf.int64), i])
-            return _augment.two_views(image, aug_seed, recipe, image_size)
+            return views(image, aug_seed, recipe, image_size)
 
         ds = source.image_stream(split, lambda c: source_index(index(c), n, seed),
                                  image_size, par)
@@ -188,7 +203,7 @@ def pretrain_dataset_fn(source, *, split="train", data_dir=None, image_size,
 
 
 def _stream_pretrain_fn(source, split, image_size, recipe, seed, global_batch_size,
-                        start_step):
+                        start_step, views=_augment.two_views):
     source.validate(split)
 
     def dataset_fn(input_context=None):
@@ -208,7 +223,7 @@ def _stream_pretrain_fn(source, split, image_size, recipe, seed, global_batch_si
         def aug(encoded, k):
             aug_seed = tf.stack([tf.constant(seed, tf.int64),
                                  k * 1024 + pid])
-            return _augment.two_views(source.decode(encoded), aug_seed, recipe, image_size)
+            return views(source.decode(encoded), aug_seed, recipe, image_size)
         ds = ds.map(no_autograph(aug), num_parallel_calls=par, deterministic=True)
         ds = ds.batch(b, drop_remainder=True)
         ds = ds.prefetch(2)

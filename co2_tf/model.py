@@ -131,13 +131,17 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         shuffled keys in this many groups with their own BN statistics; on one
         device this is what gives shuffle-BN its effect.
       seed: seeds the queue and the shuffle permutation of every step.
+      view_transform: None (the views come augmented) or the device part of
+        the augmentation (co2_tf.augment_device.ViewTransform): train_step
+        applies its view 0 to the query images, encode_keys its view 1 to
+        the key shard, each with the examples' global indices.
     """
 
     def __init__(self, backbone_fn, *, image_size, head="mlp", dim=128, queue_size=65536,
                  ema_momentum=0.999, temperature=0.2, consistency_temperature=0.04,
                  consistency_weight=1.0, consistency_over="negatives",
                  consistency_kl="symmetric", consistency_warmup_steps=0, bn="shuffle",
-                 bn_groups=1, seed=0, **kwargs):
+                 bn_groups=1, seed=0, view_transform=None, **kwargs):
         super().__init__(**kwargs)
         if bn not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
@@ -156,6 +160,7 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         self.bn = bn
         self.bn_groups = bn_groups
         self.seed = seed
+        self.view_transform = view_transform
 
         self.query_backbone = backbone_fn("query_backbone")
         self.key_backbone = backbone_fn("key_backbone")
@@ -294,7 +299,16 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         local_b = tf.shape(x_q)[0]
         global_b = tf.cast(local_b * n, tf.float32)
 
-        keys, all_keys = self.encode_keys(x_k, step)
+        key_transform = None
+        if self.view_transform is not None:  # the device part of the augmentation
+            # Global example ids (co2_tf.data's index contract); static where the batch is.
+            b = x_q.shape[0] if x_q.shape[0] is not None else local_b
+            ids = (step * tf.cast(b * n, tf.int64)
+                   + tf.cast(ctx.replica_id_in_sync_group * b, tf.int64)
+                   + tf.range(b, dtype=tf.int64))
+            x_q = self.view_transform.for_view(0)(x_q, ids, step)
+            key_transform = self.view_transform.for_view(1)
+        keys, all_keys = self.encode_keys(x_k, step, transform=key_transform)
         qvars = self.query_variables
         alpha = self.consistency_weight
         if alpha and self.consistency_warmup_steps:

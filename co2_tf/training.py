@@ -32,7 +32,7 @@ import sys
 import tensorflow as tf
 
 from co2_tf import checkpoints, data, distribute, progress, rundir, runlock
-from co2_tf.build import backbone_fn, build_model, build_optimizer, compile_model
+from co2_tf.build import augment_placement, backbone_fn, build_model, build_optimizer, compile_model
 from co2_tf.callbacks import (
     CheckpointCallback,
     CollapseMonitor,
@@ -205,7 +205,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
                 dataset_fn = data.pretrain_dataset_fn(
                     source, split=config.split, image_size=config.image_size,
                     augment=config.augment, seed=config.seed, global_batch_size=config.batch_size,
-                    start_step=start)
+                    start_step=start, augment_on=augment_placement(config, strategy))
                 if config.steps_per_execution > 1:
                     dataset_fn = _take_steps(dataset_fn, steps)
                 dataset = strategy.distribute_datasets_from_function(dataset_fn)

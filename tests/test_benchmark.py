@@ -122,14 +122,51 @@ def test_precision_xla_and_threads_are_reported():
 
 
 def test_input_pipeline_fields():
-    out = run(["--input_only", "--image_size=32", "--num_jpegs=24", "--input_batch_size=8",
-               "--input_window=2", "--repeats=2", "--warmup=1"])
+    out = run(["--input_only", "--image_size=32", "--num_jpegs=8", "--input_batch_size=4",
+               "--input_window=1", "--repeats=2", "--warmup=1", "--input_rounds=1",
+               "--notorch_peer"])
     assert out["benchmark"] == "input_pipeline" and out["augment"] == "mocov2"
-    assert out["jpeg"]["files"] == 24 and 10 < out["jpeg"]["mean_file_kb"] < 500
-    for source in ("jpeg", "builtin"):
-        assert out[source]["source_images_per_sec"] > 0
-        assert len(out[source]["window_images_per_sec"]) == 2
-        assert 0 < out[source]["cores_used"] <= out["cores_available"] + 0.5
+    jpeg = out["jpeg"]
+    # Photograph-like: ImageNet's ~110 KB at 400-500 x 300-375 px, not ~40 KB smooth fields.
+    assert jpeg["files"] == 8 and 85 < jpeg["mean_file_kb"] < 140
+    for pipeline in (jpeg["host_part"], jpeg["host_all"], out["builtin"]):
+        assert pipeline["source_images_per_sec"] > 0
+        assert len(pipeline["window_images_per_sec"]) == 2
+        assert 0 < pipeline["cores_used"] <= out["cores_available"] + 0.5
+        assert pipeline["cpu_ms_per_image"] > 0
+    assert "torch_dataloader" not in jpeg
+    assert jpeg["device_part_on_this_cpu"]["cpu_ms_per_image"] > 0
+    placement = jpeg["cpu_placement_cpu_ms_per_image"]
+    assert placement["host"] == jpeg["host_all"]["cpu_ms_per_image"]
+    assert placement["device"] == pytest.approx(
+        jpeg["host_part"]["cpu_ms_per_image"]
+        + jpeg["device_part_on_this_cpu"]["cpu_ms_per_image"], abs=0.011)
+    assert jpeg["host_cores_at_3000_images_per_sec"] == pytest.approx(
+        3 * jpeg["host_part"]["cpu_ms_per_image"], abs=0.051)
+
+
+def test_torch_peer_pipeline(tmp_path):
+    """tools/torch_input.py: MoCo v2's two views as PyTorch's DataLoader delivers them."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import benchmark_lib
+    import torch_input
+    files = []
+    rng = __import__("numpy").random.RandomState(0)
+    for i in range(3):
+        from PIL import Image
+        path = str(tmp_path / f"{i}.jpg")
+        Image.fromarray(benchmark_lib.photo_like(rng, 120, 90)).save(path, quality=90)
+        files.append(path)
+    views = torch_input.TwoCrops(files, 24)[4]  # endless: file 4 mod 3
+    mean = torch_input.torch.tensor(torch_input.MEAN).view(3, 1, 1)
+    std = torch_input.torch.tensor(torch_input.STD).view(3, 1, 1)
+    for view in views:
+        assert tuple(view.shape) == (3, 24, 24)
+        pixels = view * std + mean  # Normalize undone: ToTensor's [0, 1]
+        assert float(pixels.min()) >= -1e-5 and float(pixels.max()) <= 1 + 1e-5
+    out = torch_input.run(files, batch_size=2, workers=0, warmup=1, batches=2, size=24)
+    assert out["images_per_sec"] > 0 and out["cpu_ms_per_image"] > 0 and out["workers"] == 0
 
 
 def test_bad_flag_is_one_line():

@@ -5,7 +5,8 @@
   python tools/benchmark.py ... --ablate                  # + bare encoders and convs-only steps
   python tools/benchmark.py ... --conv_kernels            # each conv's kernels alone, GFLOP/s
   python tools/benchmark.py ... --precision=mixed_bfloat16 --jit_compile --steps_per_execution=4
-  python tools/benchmark.py --input_only --image_size=224 # two-crop MoCo v2 input pipeline
+  python tools/benchmark.py --input_only --image_size=224 # two-crop MoCo v2 input pipeline:
+      # host CPU-ms per image, both --augment_on placements, vs PyTorch's DataLoader
 
 The step's flags are the trainer's (tools/train.py: same names, same
 defaults), the timing flags are this tool's. The step is `CO2Model.train_step`
@@ -20,7 +21,9 @@ gflops_per_sec / ceiling_gflops_per_sec; cpu (instruction sets), onednn_opts
 and jit_compile (what ran). --ablate adds step_ms_bare / overhead_fraction
 (the CO2 term, EMA and queue priced against the two encoders alone) and
 utilisation_convs_only (the backbones' convs without BN: this machine's
-conv-kernel ceiling for the step). --conv_kernels times, instead of the step,
+conv-kernel ceiling for the step). With --augment_on=device (or auto on
+a GPU / TPU) the step takes uint8 crops and augments them itself.
+--conv_kernels times, instead of the step,
 each distinct conv of the backbone alone at the step's batch (forward, input
 gradient, filter gradient: TF's op and, where co2_tf.conv_grad applies, the
 matmul one) and adds up what the step's convs cost at those rates

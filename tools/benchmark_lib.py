@@ -25,12 +25,14 @@ operations of the step's graph: every op with registered FLOP statistics,
 i.e. convolutions and their two backward ops, matmuls, and element-wise
 ops), divided by the global batch.
 
-Input pipeline (`benchmark_input`): source images/s of
-`data.pretrain_dataset_fn` (two crops per image), on generated JPEGs of
-ImageNet-like size and on the built-in dataset.
+Input pipeline (`benchmark_input`): host CPU-ms per source image (two crops)
+of `data.pretrain_dataset_fn`, both placements of the augmentation, on
+photograph-like JPEGs of ImageNet's size and weight, against PyTorch's
+DataLoader with MoCo v2's transforms on the same files, back to back.
 """
 
 import dataclasses
+import json
 import os
 import platform
 import re
@@ -60,6 +62,8 @@ class BenchmarkConfig:
     input_batch_size: int = 64
     input_window: int = 4  # batches per timed window
     jpeg_dir: str = ""  # "" = generate in a temp dir
+    input_rounds: int = 2  # alternations of the pipelines compared
+    torch_peer: bool = True  # also time PyTorch's DataLoader (tools/torch_input.py)
 
     def check(self):
         def need(ok, message):
@@ -67,7 +71,8 @@ class BenchmarkConfig:
                 raise UserError(message)
         need(self.intra_op_threads >= 0 and self.inter_op_threads >= 0,
              "--intra_op_threads and --inter_op_threads must be >= 0 (0 = TF's default)")
-        for name in ("repeats", "matmul_size", "num_jpegs", "input_batch_size", "input_window"):
+        for name in ("repeats", "matmul_size", "num_jpegs", "input_batch_size", "input_window",
+                     "input_rounds"):
             need(getattr(self, name) > 0, f"--{name}={getattr(self, name)} must be > 0")
         need(self.warmup >= 0 and self.cpu_devices >= 0,
              "--warmup and --cpu_devices must be >= 0")
@@ -99,7 +104,11 @@ HELP = {
     "conv_kernels": "time each conv of the backbone alone instead of the step: forward, "
                     "input gradient and filter gradient, against the matmul ceiling",
     "input_only": "benchmark the input pipeline instead of the train step",
-    "num_jpegs": "--input_only: JPEGs generated (400-500 x 300-375 px)",
+    "num_jpegs": "--input_only: photograph-like JPEGs generated (400-500 x 300-375 px, "
+                 "~110 KB)",
+    "input_rounds": "--input_only: rounds of the back-to-back comparison (medians reported)",
+    "torch_peer": "--input_only: also time PyTorch's DataLoader with MoCo v2's transforms "
+                  "on the same files (needs requirements-torch.txt)",
     "input_batch_size": "--input_only: batch size of the pipeline",
     "input_window": "--input_only: batches per timed window",
     "jpeg_dir": "--input_only: use this folder:PATH image folder instead of generated JPEGs",
@@ -306,13 +315,18 @@ def count_flops(fn, *specs):
 
 
 # ------------------------------------------------------------ the train step
-def _synthetic_dataset_fn(config):
-    """Two fixed crops per image, in memory: the input costs nothing."""
+def _synthetic_dataset_fn(config, uint8=False):
+    """Two fixed crops per image, in memory: the input costs nothing.
+
+    uint8: the crops --augment_on=device hands the step (which then augments them).
+    """
     import tensorflow as tf
     rng = np.random.RandomState(config.seed)
     shape = (config.batch_size, config.image_size, config.image_size, 3)
-    x_q = rng.rand(*shape).astype("float32")
-    x_k = rng.rand(*shape).astype("float32")
+    if uint8:
+        x_q, x_k = (rng.randint(0, 256, shape).astype("uint8") for _ in "qk")
+    else:
+        x_q, x_k = (rng.rand(*shape).astype("float32") for _ in "qk")
 
     def dataset_fn(context):
         b = context.get_per_replica_batch_size(config.batch_size)
@@ -333,6 +347,8 @@ def bare_step_fn(model, shuffle_bn):
 
     def step(data):
         x_q, x_k = data
+        if model.view_transform is not None:  # uint8 crops: priced without the augmentation
+            x_q, x_k = (tf.cast(x, tf.float32) / 255.0 for x in (x_q, x_k))
         ctx = tf.distribute.get_replica_context()
         global_b = tf.cast(tf.shape(x_q)[0] * ctx.num_replicas_in_sync, tf.float32)
         if shuffle_bn:
@@ -436,7 +452,9 @@ def benchmark_train_step(config, timing, strategy=None):
 
     # FLOPs of one global step, from the graph of the step on every replica.
     b = config.batch_size // replicas
-    spec = tf.TensorSpec([b, config.image_size, config.image_size, 3], tf.float32)
+    on_device = model.view_transform is not None
+    spec = tf.TensorSpec([b, config.image_size, config.image_size, 3],
+                         tf.uint8 if on_device else tf.float32)
     flop_method = ("TF profiler FLOP statistics per op of the train_step graph (fwd+bwd "
                    "query, fwd key, losses, EMA, queue), conv backward ops recounted "
                    "exactly, unused ops excluded; see tools/benchmark_lib.count_flops")
@@ -454,7 +472,8 @@ def benchmark_train_step(config, timing, strategy=None):
         flop_per_image, by_op = None, {}
         flop_method = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
 
-    iterator = iter(strategy.distribute_datasets_from_function(_synthetic_dataset_fn(config)))
+    iterator = iter(strategy.distribute_datasets_from_function(
+        _synthetic_dataset_fn(config, uint8=on_device)))
     timers = {"step": _timer(_executor(model), iterator)}
     if timing.ablate:
         timers["bare"] = _timer(_executor(model, bare_step_fn(model, False)), iterator)
@@ -503,6 +522,7 @@ def benchmark_train_step(config, timing, strategy=None):
         "backbone": config.backbone, "image_size": config.image_size,
         "batch_size": config.batch_size, "queue_size": config.queue_size,
         "precision": config.precision, "jit_compile": bool(model.jit_compile),
+        "augment_on": "device" if on_device else "host",
         "jit_compile_requested": config.jit_compile,
         "strategy": type(strategy).__name__, "replicas": replicas, "bn": config.bn,
         "bn_groups": groups, "steps_per_execution": spe,
@@ -561,31 +581,53 @@ def benchmark_train_step(config, timing, strategy=None):
 
 
 # ----------------------------------------------------------- input pipeline
-def write_jpegs(root, count, seed=0):
-    """`count` JPEGs of ImageNet-like size (400-500 x 300-375 px) in root/<2 classes>/.
+def photo_like(rng, width, height):
+    """uint8 [height, width, 3] with a photograph's texture.
 
-    Smooth random colour fields plus mild noise: they compress and decode
-    like photographs (~30-60 KB), unlike pure noise.
+    A smooth colour field plus 1/f^0.8 noise (natural images' spectra fall
+    off about so) and mild sensor noise: at JPEG quality 90 and 400-500 x
+    300-375 px such files weigh ~110 KB, as ImageNet's training JPEGs do;
+    smooth fields alone compress to ~40 KB and decode faster, which flatters
+    a pipeline.
     """
+    from PIL import Image
+    coarse = rng.randint(0, 256, size=(rng.randint(3, 9), rng.randint(3, 9), 3))
+    base = np.asarray(Image.fromarray(coarse.astype("uint8")).resize(
+        (width, height), Image.BICUBIC), np.float32)
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    f = np.sqrt(fx ** 2 + fy ** 2)
+    f[0, 0] = 1.0
+    spectrum = (rng.standard_normal(f.shape) + 1j * rng.standard_normal(f.shape)) / f ** 0.8
+    spectrum[0, 0] = 0.0
+    texture = np.fft.irfft2(spectrum, s=(height, width))
+    texture /= texture.std()
+    pixels = (base + 80.0 * texture[..., None] * rng.uniform(0.6, 1.0, 3)
+              + rng.normal(0.0, 8.0, (height, width, 3)))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def write_jpegs(root, count, seed=0):
+    """`count` photograph-like JPEGs (400-500 x 300-375 px, ~110 KB) in root/<2 classes>/."""
     from PIL import Image
     rng = np.random.RandomState(seed)
     for i in range(count):
         folder = os.path.join(root, f"class_{i % 2}")
         os.makedirs(folder, exist_ok=True)  # local-only: a scratch dir made by the benchmark
         w, h = rng.randint(400, 501), rng.randint(300, 376)
-        coarse = rng.randint(0, 256, size=(rng.randint(3, 9), rng.randint(3, 9), 3))
-        image = Image.fromarray(coarse.astype("uint8")).resize((w, h), Image.BICUBIC)
-        pixels = np.asarray(image, dtype=np.int16) + rng.randint(-12, 13, size=(h, w, 3))
-        Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")).save(
-            os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+        Image.fromarray(photo_like(rng, w, h)).save(os.path.join(folder, f"{i:05d}.jpg"),
+                                                    quality=90)
     return root
 
 
-def _time_pipeline(spec, config, image_size, seed):
+def _time_pipeline(spec, config, image_size, seed, augment_on="host"):
+    """Host CPU-ms per source image (two views) of pretrain_dataset_fn, and images/s.
+
+    augment_on "device": what the host does then (decode, crop, resize, uint8 batches).
+    """
     from co2_tf import data
     dataset = data.pretrain_dataset_fn(
         spec, split="train", image_size=image_size, augment="mocov2", seed=seed,
-        global_batch_size=config.input_batch_size)(None)
+        global_batch_size=config.input_batch_size, augment_on=augment_on)(None)
     iterator = iter(dataset)
     for _ in range(max(1, config.warmup)):  # fills the prefetch buffers, warms the threads
         for _ in range(config.input_window):
@@ -600,14 +642,64 @@ def _time_pipeline(spec, config, image_size, seed):
         cpu += time.process_time() - start_cpu
         wall += elapsed
         rates.append(config.input_window * config.input_batch_size / elapsed)
+    images = config.repeats * config.input_window * config.input_batch_size
     return {"source_images_per_sec": round(_median(rates), 1),
             "window_images_per_sec": [round(r, 1) for r in rates],
-            "cores_used": round(cpu / wall, 2)}
+            "cores_used": round(cpu / wall, 2),
+            "cpu_ms_per_image": round(1000 * cpu / images, 2)}
+
+
+def _time_device_part(config, timing):
+    """CPU-ms per source image of the train step's part of the augmentation on this CPU."""
+    import tensorflow as tf
+
+    from co2_tf import augment_device
+    transform = augment_device.ViewTransform("mocov2", config.seed)
+    b, s = timing.input_batch_size, config.image_size
+    crops = tf.constant(np.random.RandomState(0).randint(0, 256, (b, s, s, 3)).astype("uint8"))
+
+    @tf.function
+    def both_views(step):
+        ids = step * b + tf.range(b, dtype=tf.int64)
+        return [tf.reduce_sum(transform.for_view(v)(crops, ids, step)) for v in (0, 1)]
+    both_views(tf.constant(0, tf.int64))
+    cpu = []
+    for step in range(1, timing.repeats + 1):
+        start = time.process_time()
+        [x.numpy() for x in both_views(tf.constant(step, tf.int64))]
+        cpu.append(time.process_time() - start)
+    return {"cpu_ms_per_image": round(1000 * _median(cpu) / b, 2)}
+
+
+def _time_torch(files, timing, image_size, tmp):
+    """PyTorch's DataLoader with MoCo v2's transforms, in a process of its own."""
+    import subprocess
+    import sys
+    listing = os.path.join(tmp, "files.txt")
+    with open(listing, "w") as f:  # local-only: a scratch file in the benchmark's temp dir
+        f.write("\n".join(files))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_input.py")
+    batches = timing.repeats * timing.input_window
+    result = subprocess.run(
+        [sys.executable, script, f"--files={listing}", f"--batch_size={timing.input_batch_size}",
+         f"--workers={cores_available()}", f"--image_size={image_size}",
+         f"--warmup={max(1, timing.warmup) * timing.input_window}", f"--batches={batches}"],
+        capture_output=True, text=True)
+    if result.returncode:
+        lines = result.stderr.strip().splitlines() or ["(no output)"]
+        return {"error": lines[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def benchmark_input(config, timing):
-    """Two-crop MoCo v2 source images/s of pretrain_dataset_fn (JPEG folder and builtin).
+    """Host CPU-ms per image of the two-crop MoCo v2 pipeline, against PyTorch's DataLoader.
 
+    On photograph-like JPEGs (or --jpeg_dir), --input_rounds rounds, each
+    back to back on the same files and cores: the host part of
+    --augment_on=device (decode, crop, resize, uint8 batches), PyTorch's
+    DataLoader with MoCo v2's transforms (tools/torch_input.py), and the
+    whole augmentation on the host (--augment_on=host); then the device part
+    run on this CPU, and the built-in dataset. Medians over the rounds.
     `config` (TrainConfig) gives the image size and seed, `timing` the rest.
     """
     from co2_tf import image_files, io, sources
@@ -616,16 +708,46 @@ def benchmark_input(config, timing):
     result = {"benchmark": "input_pipeline", "augment": "mocov2",
               "image_size": config.image_size, "batch_size": timing.input_batch_size,
               "window_batches": timing.input_window, "timed_windows": timing.repeats,
-              "cores_available": cores_available()}
+              "rounds": timing.input_rounds, "cores_available": cores_available()}
+    rounds = {"host_part": [], "torch_dataloader": [], "host_all": []}
     # local-only: generated JPEGs go to a scratch dir on the benchmark machine's disk
     with tempfile.TemporaryDirectory(prefix="co2_jpegs_") as tmp:
-        root = timing.jpeg_dir or write_jpegs(tmp, timing.num_jpegs, config.seed)
+        root = timing.jpeg_dir or write_jpegs(os.path.join(tmp, "jpegs"), timing.num_jpegs,
+                                              config.seed)
         listing = image_files.list_folder(root)
         sizes = [io.size(f) for f in listing.files]
-        result["jpeg"] = dict(_time_pipeline(sources.parse_dataset_spec(f"folder:{root}"), timing,
-                                             config.image_size, config.seed),
-                              files=len(listing.files),
-                              mean_file_kb=round(sum(sizes) / len(sizes) / 1024, 1))
+        spec = sources.parse_dataset_spec(f"folder:{root}")
+        for _ in range(timing.input_rounds):
+            rounds["host_part"].append(_time_pipeline(spec, timing, config.image_size,
+                                                      config.seed, "device"))
+            if timing.torch_peer:
+                rounds["torch_dataloader"].append(_time_torch(
+                    listing.files, timing, config.image_size, tmp))
+            rounds["host_all"].append(_time_pipeline(spec, timing, config.image_size,
+                                                     config.seed, "host"))
+    result["jpeg"] = {"files": len(listing.files),
+                      "mean_file_kb": round(sum(sizes) / len(sizes) / 1024, 1)}
+    for name, runs in rounds.items():
+        if not runs:
+            continue
+        if any("error" in r for r in runs):
+            result["jpeg"][name] = runs[0]
+            continue
+        result["jpeg"][name] = dict(runs[-1], cpu_ms_per_image=round(_median(
+            [r["cpu_ms_per_image"] for r in runs]), 2), rounds_cpu_ms_per_image=[
+            r["cpu_ms_per_image"] for r in runs])
+    jpeg = result["jpeg"]
+    jpeg["device_part_on_this_cpu"] = _time_device_part(config, timing)
+    ours = jpeg["host_part"]["cpu_ms_per_image"]
+    if "cpu_ms_per_image" in jpeg.get("torch_dataloader", {}):
+        jpeg["host_part_vs_torch"] = round(ours / jpeg["torch_dataloader"]["cpu_ms_per_image"],
+                                           3)
+    # Host cores one accelerator taking 3,000 images/s (an H100 or a TPU v4 chip on
+    # ResNet-50 in bfloat16) needs at the host part's measured cost.
+    jpeg["host_cores_at_3000_images_per_sec"] = round(3000 * ours / 1000, 1)
+    jpeg["cpu_placement_cpu_ms_per_image"] = {
+        "host": jpeg["host_all"]["cpu_ms_per_image"],
+        "device": round(ours + jpeg["device_part_on_this_cpu"]["cpu_ms_per_image"], 2)}
     result["builtin"] = _time_pipeline(sources.parse_dataset_spec("builtin"), timing,
                                        config.image_size, config.seed)
     env = environment()

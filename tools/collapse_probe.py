@@ -12,6 +12,7 @@ with respect to the query encoder's weights, their cosine, and the spread
 measurement on stdout; docs/study.md reads them.
 """
 
+import dataclasses
 import json
 import time
 
@@ -48,6 +49,8 @@ def probe(config, steps, every):
 
     source = make_source(config.dataset, None, config.max_image_pixels)
     spe = data.steps_per_epoch(source, split=config.split, global_batch_size=config.batch_size)
+    # The probe encodes the views itself: the whole augmentation on the host.
+    config = dataclasses.replace(config, augment_on="host")
     model = build.build_model(config, bn_groups=4, steps_per_epoch=spe)
     build.compile_model(model, build.build_optimizer(config, spe, steps), config)
     batches = iter(data.pretrain_dataset_fn(
