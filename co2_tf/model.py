@@ -33,7 +33,7 @@ Distribution semantics (MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrate
 import keras
 import tensorflow as tf
 
-from co2_tf import distribute, keras_compat, losses
+from co2_tf import distribute, keras_compat, losses, precision
 from co2_tf.config import BN_MODES, HEADS
 
 
@@ -322,6 +322,8 @@ class CO2Model(keras_compat.SkipSymbolicBuildWhenBuilt, keras.Model):
             loss = tf.reduce_sum(terms["loss"]) / global_b
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, qvars)
+        if n > 1 and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            grads = precision.agree_on_overflow(grads, ctx)  # all replicas skip, or none
         self.optimizer.apply_gradients(zip(grads, qvars))
         self._momentum_update()
         self._enqueue(all_keys)

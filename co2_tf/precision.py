@@ -16,6 +16,8 @@ float16 has a narrow exponent range, so `mixed_float16` wraps the optimizer
 in `keras.optimizers.LossScaleOptimizer` (dynamic loss scaling);
 `CO2Model.train_step` already calls `optimizer.scale_loss`. bfloat16 has
 float32's range and needs no loss scaling (the usual choice on TPU).
+With several replicas `agree_on_overflow` makes every replica's loss scaling
+skip the same steps (Keras's alone does not, see there).
 
 The backbone builders take no dtype argument, so the policy is applied while
 the layers are created through `policy_scope`, which sets Keras's global
@@ -25,6 +27,7 @@ policy and always restores the previous one.
 import contextlib
 
 import keras
+import tensorflow as tf
 
 from co2_tf.config import PRECISIONS
 from co2_tf.errors import UserError
@@ -65,3 +68,21 @@ def wrap_optimizer(optimizer, precision):
             optimizer, keras.optimizers.LossScaleOptimizer):
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def agree_on_overflow(grads, ctx):
+    """`grads` with the first made NaN on every replica if any replica's are not all finite.
+
+    Keras 3.15's LossScaleOptimizer, under MirroredStrategy, decides whether to apply or
+    skip a step from replica 0's local gradients, before they are all-reduced: an overflow
+    on another replica alone was applied (the weights became NaN) and the scale kept. After
+    this, every replica judges alike: all skip the step and halve the scale, or all apply.
+    One all-reduce of a float32 scalar (the replicas that overflowed); on finite steps the
+    gradients are multiplied by exactly 1.0, so unchanged. `ctx`: the replica context.
+    """
+    present = [i for i, g in enumerate(grads) if g is not None]
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(grads[i])) for i in present])
+    overflowed = ctx.all_reduce("sum", 1.0 - tf.cast(finite, tf.float32))
+    first = present[0]
+    factor = tf.cast(tf.where(overflowed > 0, float("nan"), 1.0), grads[first].dtype)
+    return [g * factor if i == first else g for i, g in enumerate(grads)]

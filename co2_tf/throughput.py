@@ -22,6 +22,9 @@ LOG_SCALARS = 6
 # Keras's optimizer.iterations (int64, aggregation "only_first_replica"): its += 1 in replica
 # context is a merge call and a broadcast of 8 bytes. Keras's, not ours.
 OPTIMIZER_STEP_BYTES = 8
+# With loss scaling (mixed_float16), train_step all-reduces one float32 before the optimizer
+# so that every replica skips the same steps (co2_tf.precision.agree_on_overflow).
+OVERFLOW_FLAG_BYTES = 4
 
 COLLECTIVES = {  # kind -> (operation, what)
     "gradients": ("all-reduce", "float32 gradients of the query encoder"),
@@ -30,6 +33,7 @@ COLLECTIVES = {  # kind -> (operation, what)
     "BN statistics": ("all-reduce", "replica 0's BN moving statistics, both encoders"),
     "logs": ("all-reduce", "the step's scalar logs"),
     "optimizer step": ("broadcast", "Keras's optimizer.iterations"),
+    "overflow flag": ("all-reduce", "mixed_float16: how many replicas' gradients overflowed"),
 }
 
 
@@ -130,11 +134,12 @@ def step_flops(encoder_net, per_replica_batch, queue_size, dim):
 
 
 def collective_bytes(*, params, bn_statistics, per_replica_batch, image_size, image_bytes, dim,
-                     bn, replicas=2):
+                     bn, replicas=2, loss_scaling=False):
     """What one replica hands to each cross-replica call per step, in bytes, by kind.
 
     The call-site payload (what tests/test_traffic.py measures). `wire_bytes` turns it into
-    what a replica receives. Nothing crosses with one replica.
+    what a replica receives. Nothing crosses with one replica. `loss_scaling`: the run's
+    precision is mixed_float16 (dynamic loss scaling).
     """
     if bn == "sync":
         raise UserError("the throughput model does not cover --bn=sync (SyncBN all-reduces "
@@ -149,6 +154,7 @@ def collective_bytes(*, params, bn_statistics, per_replica_batch, image_size, im
         "BN statistics": 4 * bn_statistics,
         "logs": 4 * LOG_SCALARS,
         "optimizer step": OPTIMIZER_STEP_BYTES,
+        "overflow flag": OVERFLOW_FLAG_BYTES if loss_scaling else 0,
     }
 
 
@@ -219,7 +225,7 @@ def model(config, target_name, *, image_dtype="float32", mfu=DEFAULT_MFU,
     payload = collective_bytes(
         params=net.params, bn_statistics=2 * net.bn_statistics, per_replica_batch=b,
         image_size=config.image_size, image_bytes=image_bytes, dim=config.dim, bn=config.bn,
-        replicas=n)
+        replicas=n, loss_scaling=config.precision == "mixed_float16")
     wire = {k: wire_bytes(k, v, n) for k, v in payload.items()}
     step_seconds = flops["total"] / (peak * mfu)
     images_per_second = b / step_seconds  # per accelerator

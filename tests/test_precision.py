@@ -61,3 +61,37 @@ def test_mixed_float16_trains_with_loss_scaling():
     assert all(np.isfinite(v.numpy()).all() for v in model.weights)
     assert model.queue.dtype == "float32"
     np.testing.assert_allclose(np.linalg.norm(model.queue.numpy(), axis=1), 1.0, rtol=1e-5)
+
+
+def test_an_overflow_on_one_replica_skips_the_step_on_every_replica(two_replicas):
+    """Keras 3.15's LossScaleOptimizer, under MirroredStrategy, judges the gradients finite
+    from replica 0's local ones: replica 1's overflow alone reached the weights (NaN) and
+    left the scale. train_step makes the replicas agree: every copy skips the step."""
+    model, strategy = build(two_replicas, precision="mixed_float16")
+    optimizer = model.optimizer
+    optimizer.dynamic_scale.assign(1.0)  # replica 0's float16 gradients stay finite
+    x_q, x_k = batches(2, seed=4)
+    x_q[8:16] = 1e6  # replica 1's query images of step 1: inf in float16
+    weights0 = [v.numpy().copy() for v in model.query_variables]
+
+    def copies(v):
+        values = [t.numpy() for t in strategy.experimental_local_results(v.value)]
+        assert len(values) == 2, v.path
+        return values
+
+    run_steps(model, strategy, (x_q[:16], x_k[:16]))
+    for v, w in zip(model.query_variables, weights0, strict=True):
+        for copy in copies(v):
+            np.testing.assert_array_equal(copy, w, err_msg=v.path)
+    assert [float(s) for s in copies(optimizer.dynamic_scale)] == [0.5, 0.5]
+    assert int(optimizer.iterations.numpy()) == 0  # skipped: the inner optimizer did not step
+    assert [int(c) for c in strategy.experimental_local_results(model.step_counter)] == [1, 1]
+
+    # The next step, finite on both replicas, is applied, identically on both.
+    run_steps(model, strategy, (x_q[16:], x_k[16:]))
+    assert int(optimizer.iterations.numpy()) == 1
+    assert [float(s) for s in copies(optimizer.dynamic_scale)] == [0.5, 0.5]
+    for v, w in zip(model.query_variables, weights0, strict=True):
+        first, second = copies(v)
+        np.testing.assert_array_equal(second, first, err_msg=v.path)
+        assert np.isfinite(first).all() and np.abs(first - w).max() > 0, v.path

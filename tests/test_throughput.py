@@ -49,7 +49,7 @@ def test_mocov2_gpu_preset_on_8_a100():
     payload = got["collective_payload_bytes_per_step_per_replica"]
     assert payload == {"gradients": 4 * params, "key images": b * 224 * 224 * 3 * 4,
                        "keys": b * 128 * 4, "BN statistics": 4 * 2 * 2 * R50_BN_CHANNELS,
-                       "logs": 24, "optimizer step": 8}
+                       "logs": 24, "optimizer step": 8, "overflow flag": 4}  # mixed_float16
     received = got["collective_received_bytes_per_step_per_replica"]
     assert received["gradients"] == 2 * 7 * 4 * params / 8  # ring all-reduce
     assert received["key images"] == 7 * b * 224 * 224 * 3 * 4

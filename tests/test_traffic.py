@@ -164,6 +164,8 @@ def _label(kind, site):
         return "gradients" if keras == "_all_reduce_sum_gradients" else "logs"
     if kind == "all_reduce" and ours == "distribute.copy_first_replica":
         return "BN statistics"
+    if kind == "all_reduce" and ours == "precision.agree_on_overflow":
+        return "overflow flag"
     return f"{kind}: {ours} / {keras}"
 
 
@@ -221,7 +223,8 @@ def _doc_rows():
 @pytest.fixture(scope="module", params=["float32", "mixed_float16"])
 def traced(two_replicas, request):
     """One step traced in float32 and in the GPU presets' mixed_float16 (Keras's
-    LossScaleOptimizer adds a merge call, in which each replica applies its gradients)."""
+    LossScaleOptimizer adds a merge call, in which each replica applies its gradients, and
+    train_step an all-reduce of whether any replica's gradients overflowed)."""
     return request.param, *_trace_one_step(two_replicas, precision=request.param)
 
 
@@ -229,17 +232,21 @@ def test_one_step_moves_what_the_table_says(traced):
     precision, model, sites = traced
     n = 2
     params, bn_stats, expected = _expected(model, n)
-    if precision == "mixed_float16":
+    loss_scaling = precision == "mixed_float16"
+    if loss_scaling:
         expected["merge call: optimizer (Keras)"] = (0, 3)
+        # Whether any replica's gradients overflowed: one float32, before the optimizer.
+        expected["overflow flag"] = (4, 1)
     assert _measured(sites, n) == expected
     # The library's arithmetic (co2_tf.throughput, what tools/throughput.py prints) agrees.
     b = MODEL["batch_size"] // n
     lib = throughput.collective_bytes(
         params=params, bn_statistics=bn_stats, per_replica_batch=b,
-        image_size=MODEL["image_size"], image_bytes=4, dim=MODEL["dim"], bn="shuffle")
+        image_size=MODEL["image_size"], image_bytes=4, dim=MODEL["dim"], bn="shuffle",
+        loss_scaling=loss_scaling)
     assert lib == {label: expected[label][0] for label in
                    ("gradients", "key images", "keys", "logs", "BN statistics")} | {
-        "optimizer step": 8}
+        "optimizer step": 8, "overflow flag": 4 if loss_scaling else 0}
     # The docs' table lists each kind measured here.
     assert _doc_rows() >= set(lib) | {"merge calls"}
 
