@@ -207,6 +207,19 @@ def _queue(values):
 
 
 # ---------------------------------------------------------------- resume
+def _logged_steps(paths, tag="batch_loss"):
+    """(the steps `tag` was logged at in these TensorBoard files, their image tags)."""
+    steps, images = [], set()
+    for path in paths:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "images":
+                    images.add(value.tag)
+                elif value.tag == tag:
+                    steps.append(event.step)
+    return sorted(steps), images
+
+
 def _wait_for_checkpoint(model_dir, proc, timeout=300):
     """Returns once the checkpoint state file lists a checkpoint.
 
@@ -258,6 +271,14 @@ def test_kill9_then_rerun_resumes_to_the_same_end(tmp_path, uninterrupted):
     assert result.returncode == 0, result.stderr
     with open(os.path.join(model_dir, "summary.json")) as f:
         assert json.load(f)["steps"] == 30
+    # What the resumed process itself did (a fresh deterministic run from step 0 would end
+    # with the same weights): its own TensorBoard files (named with its pid) log exactly
+    # steps killed_at+1 .. 30, and no view pairs (a run starting at step 0 writes them).
+    events = glob.glob(os.path.join(model_dir, "logs", "train", "events*"))
+    steps, images = _logged_steps([p for p in events
+                                   if f".{proc.pid}." not in os.path.basename(p)])
+    assert steps == list(range(killed_at + 1, 31)), (killed_at, steps)
+    assert not images
     resumed, straight = _checkpoint_values(model_dir), _checkpoint_values(uninterrupted)
     queue, ptr = _queue(resumed)
     assert ptr == 30 * 16 % 64
