@@ -9,8 +9,10 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import tensorflow as tf
+from helpers.references import split_arrays
 from helpers.tools_in_one_process import run_tools
 from PIL import Image
 
@@ -61,6 +63,36 @@ def fake_knn_run(path):
     return path
 
 
+def check_class_grid(path, size, per_class, pad=4):
+    """The class picture's content: a row per class of the built-in data (10), each row a
+    name (dark text on white) then `per_class` different tiles, each one of THAT class's
+    training images, centre-cropped to `size` (NumPy's own crop of the split, to a grey
+    level); white gaps between tiles. Tiles are placed from the right edge (the name column's
+    width depends on the font)."""
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    images, labels = split_arrays("train", size)
+    images = np.round(images * 255).astype(np.int16)
+    height, width, _ = grid.shape
+    assert height == pad + 10 * (size + pad), grid.shape
+    left = width - pad - per_class * (size + pad)
+    assert left > 20  # room for the names
+    for c in range(10):
+        y = pad + c * (size + pad)
+        assert grid[y:y + size, pad:left - pad].min() < 128, f"no name drawn in row {c}"
+        assert (grid[y - pad:y] == 255).all()  # the white gap above the row
+        found = []
+        for j in range(per_class):
+            x = left + j * (size + pad)
+            tile = grid[y:y + size, x:x + size]
+            assert (grid[y:y + size, x + size:x + size + pad] == 255).all()
+            distance = np.abs(images - tile[None]).max(axis=(1, 2, 3))
+            match = int(np.argmin(distance))
+            assert distance[match] <= 1, (c, j, distance[match])  # uint8 rounding
+            assert labels[match] == c, (c, j, labels[match])
+            found.append(match)
+        assert len(set(found)) == per_class, found
+
+
 def test_readme_flags_exist_and_picture_commands_draw(run_dir, tmp_path):
     commands = readme_commands()
     tools = sorted({tool for tool, _ in commands})
@@ -97,6 +129,7 @@ def test_readme_flags_exist_and_picture_commands_draw(run_dir, tmp_path):
         with Image.open(tmp_path / os.path.basename(picture)) as image:
             assert image.format == "PNG" and min(image.size) > 16, picture
             image.verify()
+    check_class_grid(tmp_path / "classes.png", size=16, per_class=2)
     # The curve's points: what the logs hold, as plot_curve reads them.
     assert rundir.read_scalars(fake, "epoch_knn_top1") == [
         (1, pytest.approx(0.3)), (3, pytest.approx(0.6)), (5, pytest.approx(0.7))]
