@@ -20,7 +20,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers.references import no_end_of_run_knn
-from test_train import SMALL, TRAIN, assert_one_line_error, run_binary, small_flags
+from test_train import (
+    SMALL,
+    TRAIN,
+    assert_one_line_error,
+    run_binary,
+    run_train_main,
+    small_flags,
+)
 
 from co2_tf import training
 from co2_tf.config import TrainConfig
@@ -160,7 +167,7 @@ def unprivileged():
 
 
 @pytest.mark.parametrize("kind", ["under_a_file", "unknown_scheme", "read_only"])
-def test_an_unwritable_model_dir_is_one_line_before_anything_is_built(tmp_path, kind):
+def test_an_unwritable_model_dir_is_one_line_before_anything_is_built(tmp_path, kind, capfd):
     user = contextlib.nullcontext()
     if kind == "under_a_file":
         (tmp_path / "file.txt").write_text("not a folder")
@@ -175,8 +182,9 @@ def test_an_unwritable_model_dir_is_one_line_before_anything_is_built(tmp_path, 
         model_dir = os.path.join(parent, "run")
         user = unprivileged()
     try:
-        if kind == "unknown_scheme":  # the binary's one line (each subprocess: a TF import)
-            result = run_binary([f"--model_dir={model_dir}"] + small_flags(train_steps=2))
+        if kind == "unknown_scheme":  # the binary's one line (its main, in-process)
+            result = run_train_main([f"--model_dir={model_dir}"] + small_flags(train_steps=2),
+                                    capfd)
             assert_one_line(result, 1, f"--model_dir={model_dir}")
         else:  # the same UserError, in-process
             with user, pytest.raises(UserError) as caught:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers.references import no_end_of_run_knn, numpy_knn, split_arrays, topk
+from helpers.tool_main import run_main
 from helpers.tools_in_one_process import run_tools
 
 from co2_tf import build, rundir, training
@@ -36,6 +37,15 @@ def small_flags(**overrides):
 def run_binary(args, **kwargs):
     return subprocess.run([sys.executable, TRAIN] + args, capture_output=True, text=True,
                           timeout=600, **kwargs)
+
+
+def run_train_main(args, capfd):
+    """tools/train.py's main with `args`, in this process (no TF import to pay; the flags
+    parsed as absl does): a result like run_binary's, stdout and stderr from `capfd`."""
+    capfd.readouterr()
+    code = run_main("train", args)
+    out, err = capfd.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def assert_one_line_error(result, *fragments):
@@ -108,11 +118,12 @@ def finished_run(tmp_path_factory):
     return config, summary
 
 
-def test_incompatible_checkpoint_is_named_not_restored(finished_run):
+def test_incompatible_checkpoint_is_named_not_restored(finished_run, capfd):
     config, _ = finished_run
     before = _listing(config.model_dir)
-    # The binary: one line (one subprocess; the other fields in-process, same check).
-    result = run_binary([f"--model_dir={config.model_dir}"] + small_flags() + ["--dim=32"])
+    # The binary's main: one line (the other fields through the library, same check).
+    result = run_train_main([f"--model_dir={config.model_dir}"] + small_flags() + ["--dim=32"],
+                            capfd)
     assert_one_line_error(result, "--dim", "--model_dir")
     for field, value in (("queue_size", 128), ("backbone", "resnet18_cifar")):
         other = TrainConfig(**dict(vars(config), **{field: value}))
