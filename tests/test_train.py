@@ -198,11 +198,11 @@ def test_training_beats_random_init(tmp_path):
     the loss trained is InfoNCE + alpha * L_con with the configured alpha.
 
     Measured with the defaults (MoCo v1's recipe, alpha = 1 @ tau_con 0.2; kNN top-1 trained
-    vs random init, 124 steps): seed 0 0.729 vs 0.497, seed 1 0.749 vs 0.449 (BUILD.md,
-    "Mutation check", has this run's figures on both machine kinds). The margin, 0.12, is
-    just over half of seed 0's gain (0.232): a change that loses half of what training gains
-    fails. Plain MoCo (alpha ignored) gains nearly as much at this length (docs/study.md: CO2
-    adds ~1 kNN point at 480 steps, within one seed's noise here), so alpha's use is checked
+    vs random init, 124 steps): seed 0 0.729 vs 0.497, seed 1 0.749 vs 0.449. The margin,
+    0.12, is just over half of seed 0's gain (0.232): a change that loses half of what
+    training gains fails. Plain MoCo (alpha ignored) gains nearly as much at this length
+    (docs/study.md: CO2 adds ~1 kNN point at 480 steps; tests/mutations.py's two alpha
+    mutations pass the kNN margin and fail below), so alpha's use is checked
     on the logged terms instead: every logged step's loss is loss_ins + alpha * loss_con
     (global means, so exact up to float32 rounding) with alpha the config's 1.0, which fails
     with alpha dropped in the model's build or in the loss. (The 12-step 16 px run above is
