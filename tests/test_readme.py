@@ -135,3 +135,22 @@ def test_readme_flags_exist_and_picture_commands_draw(run_dir, tmp_path):
         (1, pytest.approx(0.3)), (3, pytest.approx(0.6)), (5, pytest.approx(0.7))]
     with Image.open(tmp_path / "knn_curve.png") as image:
         assert image.size == (240, 160)
+    check_curve(tmp_path / "knn_curve.png")
+
+
+def check_curve(path, blue=(31, 100, 180), orange=(220, 110, 20)):
+    """The kNN curve's content: the fake run's points (0.3, 0.6, 0.7 at epochs 2, 4, 6) in
+    blue, rising left to right, above the random-init baseline (0.2, dashed orange), at
+    heights in proportion to the values: (0.3 - 0.2) / (0.7 - 0.3) = 0.25 of the rise, read
+    off the pixels (a linear y axis, whatever its ticks)."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    is_blue = (np.abs(pixels - blue).max(-1) <= 40)
+    is_orange = (np.abs(pixels - orange).max(-1) <= 40)
+    columns = np.flatnonzero(is_blue.any(0))
+    first, last = columns[:4], columns[-4:]  # the first and last markers (the label of the
+    # last value is written left of its marker)
+    y_first = np.flatnonzero(is_blue[:, first].any(1)).mean()
+    y_last = np.flatnonzero(is_blue[:, last].any(1)).mean()
+    y_base = np.argmax(is_orange[:, first[0]:last[-1]].sum(1))  # the dashed line's row
+    assert y_base > y_first > y_last, (y_base, y_first, y_last)
+    assert (y_base - y_first) / (y_first - y_last) == pytest.approx(0.25, abs=0.06)
