@@ -93,7 +93,45 @@ def check_class_grid(path, size, per_class, pad=4):
         assert len(set(found)) == per_class, found
 
 
-def test_readme_flags_exist_and_picture_commands_draw(run_dir, tmp_path):
+def check_retrieval(path, reference, queries=2, k=3, thumb=16):
+    """The retrieval picture's content: per row a held-out query (a test image, black frame)
+    and, in order of the cells, the k training images whose features are the most cosine-
+    similar to the query's, recomputed in NumPy from the reference features; each framed
+    green when its class is the query's, else red. Cell geometry: 6 px padding, 3 px frames,
+    two 16 px caption lines, 18 px between the query and its neighbours, a 22 px title."""
+    _, ref = reference
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    train_x, train_y, train_f = ref["train"]
+    test_x, test_y, test_f = ref["test"]
+    train_x, test_x = (np.round(x * 255).astype(np.int16) for x in (train_x, test_x))
+    cell_w, cell_h = thumb + 6, thumb + 6 + 32
+
+    def tile_at(x, y):
+        return grid[y:y + thumb, x:x + thumb]
+
+    def find(tile, images):
+        distance = np.abs(images - tile[None]).max(axis=(1, 2, 3))
+        assert distance.min() <= 1, distance.min()
+        return int(np.argmin(distance))
+
+    unit_train = train_f / np.linalg.norm(train_f, axis=1, keepdims=True)
+    for r in range(queries):
+        y = 22 + r * (cell_h + 6) + 3
+        assert (grid[y - 3, 6] == 0).all()  # the query's black frame
+        q = find(tile_at(9, y), test_x)
+        sims = unit_train @ (test_f[q] / np.linalg.norm(test_f[q]))
+        expected = np.argsort(-sims, kind="stable")[:k]
+        shown = []
+        for j in range(k):
+            x = 6 + cell_w + 18 + j * (cell_w + 6) + 3
+            shown.append(find(tile_at(x, y), train_x))
+            red, green, _ = grid[y - 3, x]
+            assert (green > red) == (train_y[shown[-1]] == test_y[q]), (r, j)
+        # As sets: features from another batch size may swap two near-equal neighbours.
+        assert set(shown) == set(expected.tolist()), (r, shown, expected)
+
+
+def test_readme_flags_exist_and_picture_commands_draw(run_dir, reference, tmp_path):
     commands = readme_commands()
     tools = sorted({tool for tool, _ in commands})
     assert {"train", "export", "knn_eval", "linear_eval", "retrieval"} <= set(tools)
@@ -130,6 +168,7 @@ def test_readme_flags_exist_and_picture_commands_draw(run_dir, tmp_path):
             assert image.format == "PNG" and min(image.size) > 16, picture
             image.verify()
     check_class_grid(tmp_path / "classes.png", size=16, per_class=2)
+    check_retrieval(tmp_path / "retrieval.png", reference)
     # The curve's points: what the logs hold, as plot_curve reads them.
     assert rundir.read_scalars(fake, "epoch_knn_top1") == [
         (1, pytest.approx(0.3)), (3, pytest.approx(0.6)), (5, pytest.approx(0.7))]
