@@ -31,11 +31,11 @@ MUTATIONS = [
     dict(name="info_nce_with_consistency_temperature", file="co2_tf/model.py",
          old="terms = losses.co2_loss(q, keys, self.queue, self.temperature,",
          new="terms = losses.co2_loss(q, keys, self.queue, self.consistency_temperature,",
-         tests="tests/test_model.py"),
+         tests="tests/test_model_reference.py"),
     dict(name="keys_through_query_head", file="co2_tf/model.py",
          old="z = [self.key_head(self.key_backbone(p, training=True), training=True)",
          new="z = [self.query_head(self.key_backbone(p, training=True), training=True)",
-         tests="tests/test_model.py"),
+         tests="tests/test_model_reference.py"),
     # -- 3: the config -> model wiring.
     dict(name="build_drops_consistency_over", file="co2_tf/build.py",
          old="consistency_over=config.consistency_over, consistency_kl=config.consistency_kl,",
@@ -90,7 +90,7 @@ MUTATIONS = [
     dict(name="neg_sim_is_max", file="co2_tf/losses.py",
          old='"neg_sim": tf.reduce_mean(q_neg, axis=-1),',
          new='"neg_sim": tf.reduce_max(q_neg, axis=-1),',
-         tests="tests/test_model.py"),
+         tests="tests/test_model_reference.py"),
 ]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
