@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,7 +185,7 @@ COMPARE = os.path.join(TOOLS, "compare_torch.py")
 def test_torch_step_first_loss_is_co2_tfs():
     """Same weights, queue and inputs: the PyTorch step's loss is co2_tf's."""
     torch = pytest.importorskip("torch")
-    import numpy as np
+
     import tensorflow as tf
 
     sys.path.insert(0, TOOLS)
@@ -344,3 +345,55 @@ def test_conv_kernels_mode_adds_up_the_step_convs():
     on = [key for key, applies in matmul.items() if applies]
     assert {output_size(key) for key in on} == {4} and {key[1] for key in on} == {(3, 3)}
     assert {key[2] for key in on} == {(1, 1)} and sum(counts[key] for key in on) == 3
+
+
+def test_paired_utilisation_is_the_median_of_the_rounds(monkeypatch):
+    """The step and matmul timers faked with known seconds (in-process, the real tiny step's
+    FLOP count): each round's utilisation pairs the step with the faster of TF's and NumPy's
+    matmul rates around it, and the figure is the median of the rounds (not their mean, not
+    the ratio of medians), recomputed here in NumPy. The timings are chosen so that those
+    three differ by over 5%."""
+    sys.path.insert(0, TOOLS)
+    import benchmark_lib
+
+    from co2_tf.config import TrainConfig
+
+    steps = iter([0.5, 0.20, 0.25, 0.60])  # warm-up, then 3 rounds
+    # Per call: the calibration (count 2), then before / after each round.
+    tf_calls = iter([0.010, 0.010, 0.014, 0.020, 0.020, 0.010, 0.010])
+    np_calls = iter([0.020, 0.030, 0.030, 0.010, 0.012, 0.050, 0.050])
+    counts = []
+
+    def fake_matmul(calls):
+        def run(count=1):
+            counts.append(count)
+            return next(calls)
+        return run
+    monkeypatch.setattr(benchmark_lib, "_timer", lambda function, iterator: lambda: next(steps))
+    monkeypatch.setattr(benchmark_lib, "matmul_timer", lambda n, parallel=1: fake_matmul(tf_calls))
+    monkeypatch.setattr(benchmark_lib, "numpy_matmul_timer", lambda n: fake_matmul(np_calls))
+    config = TrainConfig(**benchmark_lib.NOT_A_RUN, backbone="tiny", image_size=16,
+                         batch_size=16, queue_size=64, dim=16, bn_groups=1)
+    out = benchmark_lib.benchmark_train_step(
+        config, benchmark_lib.BenchmarkConfig(warmup=1, repeats=3, matmul_size=64))
+    assert counts[:2] == [2, 2] and set(counts[2:]) == {25, 12}  # 0.5 s / 2 / per-call time
+
+    n, parallel = 64, out["matmul_parallel"]
+    step = np.array([0.20, 0.25, 0.60])
+    tf_s = np.array([[0.010, 0.014], [0.020, 0.020], [0.010, 0.010]])
+    np_s = np.array([[0.030, 0.030], [0.010, 0.012], [0.050, 0.050]])
+    flops = out["gflop_per_image"] * 1e9 * 16
+    best = np.maximum(2 * n ** 3 * parallel / tf_s.mean(1), 2 * n ** 3 / np_s.mean(1))
+    ratios = flops / step / best
+    assert out["utilisation_per_round"] == pytest.approx(ratios, rel=2e-3)
+    assert out["utilisation_paired_median"] == pytest.approx(np.median(ratios), rel=2e-3)
+    tf_rate = 2 * n ** 3 * parallel / np.median(tf_s) / 1e9
+    np_rate = 2 * n ** 3 / np.median(np_s) / 1e9
+    ratio_of_medians = flops / np.median(step) / 1e9 / max(tf_rate, np_rate)
+    for other in (ratios.mean(), ratio_of_medians):
+        assert abs(other / np.median(ratios) - 1) > 0.05  # the check tells them apart
+    assert out["step_ms"] == pytest.approx(250.0) and out["images_per_sec"] == 64.0
+    assert out["step_ms_samples"] == [200.0, 250.0, 600.0]
+    assert out["matmul_gflops_per_sec"] == pytest.approx(tf_rate, rel=1e-3)
+    assert out["numpy_matmul_gflops_per_sec"] == pytest.approx(np_rate, rel=1e-3)
+    assert out["ceiling_source"] == ("tf" if tf_rate > np_rate else "numpy")

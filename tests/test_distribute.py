@@ -2,6 +2,7 @@
 import logging
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from helpers.models import batches, build, find, run_steps, state
 
@@ -62,3 +63,72 @@ def test_xla_under_mirrored_cpu_falls_back_with_one_warning(two_replicas, caplog
     warnings = [r.getMessage() for r in caplog.records if r.name == "co2_tf.distribute"]
     assert len(warnings) == 1 and "--jit_compile ignored" in warnings[0]
     assert "\n" not in warnings[0]
+
+
+# ------------------------------------------------------------ strategy choice
+def test_auto_picks_tpu_with_an_address_mirrored_with_several_gpus(monkeypatch):
+    from co2_tf import distribute  # noqa: PLC0415
+    from co2_tf.errors import UserError  # noqa: PLC0415
+
+    gpus = []
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: list(gpus) if kind == "GPU" else [])
+    assert distribute.resolve_kind("auto") == "one_device"
+    gpus.append("GPU:0")
+    assert distribute.resolve_kind("auto") == "one_device"
+    gpus.append("GPU:1")
+    assert distribute.resolve_kind("auto") == "mirrored"
+    assert distribute.resolve_kind("auto", tpu="local") == "tpu"  # an address wins
+    for kind in ("one_device", "mirrored", "multi_worker", "tpu"):
+        assert distribute.resolve_kind(kind, tpu="local") == kind  # an explicit choice stays
+    with pytest.raises(UserError, match="--strategy='gpu'"):
+        distribute.resolve_kind("gpu")
+
+
+def test_tpu_flag_reaches_the_resolver_and_an_unreachable_tpu_is_one_line(monkeypatch,
+                                                                          tmp_path):
+    """--tpu=ADDRESS (TrainConfig.tpu) -> train -> make_strategy -> TPUClusterResolver(ADDRESS),
+    connected and initialised before TPUStrategy is made (TF's TPU calls faked: no TPU here)."""
+    from co2_tf import distribute, training  # noqa: PLC0415
+    from co2_tf.config import TrainConfig  # noqa: PLC0415
+    from co2_tf.errors import UserError  # noqa: PLC0415
+
+    calls = []
+
+    class Resolver:
+        def __init__(self, tpu):
+            calls.append(("resolver", tpu))
+
+    monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", Resolver)
+    monkeypatch.setattr(tf.config, "experimental_connect_to_cluster",
+                        lambda r: calls.append(("connect", type(r))))
+    monkeypatch.setattr(tf.tpu.experimental, "initialize_tpu_system",
+                        lambda r: calls.append(("initialize", type(r))))
+
+    class Stop(Exception):
+        pass
+
+    def strategy(resolver):
+        calls.append(("strategy", type(resolver)))
+        raise Stop  # the run stops here: nothing below the strategy is the subject
+    monkeypatch.setattr(tf.distribute, "TPUStrategy", strategy)
+    config = TrainConfig(model_dir=str(tmp_path / "run"), image_size=16, batch_size=16,
+                         queue_size=64, dim=16, train_steps=1, tpu="grpc://10.0.0.2:8470")
+    with pytest.raises(Stop):
+        training.train(config, verbose=0)
+    assert calls == [("resolver", "grpc://10.0.0.2:8470"), ("connect", Resolver),
+                     ("initialize", Resolver), ("strategy", Resolver)]
+    calls.clear()
+    with pytest.raises(Stop):
+        distribute.make_strategy("tpu")  # --strategy=tpu without --tpu: the TPU VM's own
+    assert calls[0] == ("resolver", "local")
+
+    def unreachable(r):
+        raise tf.errors.UnavailableError(None, None, "failed to connect to all addresses")
+    monkeypatch.setattr(tf.config, "experimental_connect_to_cluster", unreachable)
+    with pytest.raises(UserError) as caught:
+        training.train(config, verbose=0)
+    message = str(caught.value)
+    assert "\n" not in message and "cannot reach TPU 'grpc://10.0.0.2:8470'" in message
+    assert "failed to connect to all addresses" in message and "--tpu" in message
+    assert not (tmp_path / "run").exists()

@@ -1,23 +1,33 @@
 """Faults a long run meets: broken checkpoints, unwritable run dirs, Ctrl-C, a second run,
 skipped mixed-precision steps."""
 
+import contextlib
 import glob
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from helpers.references import no_end_of_run_knn
-from test_train import SMALL, TRAIN, assert_one_line_error, run_binary, small_flags
+from test_train import (
+    SMALL,
+    TRAIN,
+    assert_one_line_error,
+    run_binary,
+    run_train_main,
+    small_flags,
+)
 
 from co2_tf import training
 from co2_tf.config import TrainConfig
@@ -131,25 +141,63 @@ def assert_one_line(result, code, *fragments):
     return assert_one_line_error(result, *fragments)
 
 
+@contextlib.contextmanager
+def unprivileged():
+    """Runs the block with user nobody's effective uid and gid when the process is root (CI
+    runs as root, which writes through chmod 555); otherwise as is.
+
+    In-process (a subprocess as another user would pay a TF import and need the checkout
+    and the venv readable by that user): seteuid changes every thread of the process, and
+    root's saved uid lets it come back.
+    """
+    if os.geteuid() != 0:
+        yield
+        return
+    try:
+        uid, gid = pwd.getpwnam("nobody")[2:4]
+    except KeyError:
+        uid = gid = 65534
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
 @pytest.mark.parametrize("kind", ["under_a_file", "unknown_scheme", "read_only"])
-def test_an_unwritable_model_dir_is_one_line_before_anything_is_built(tmp_path, kind):
+def test_an_unwritable_model_dir_is_one_line_before_anything_is_built(tmp_path, kind, capfd):
+    user = contextlib.nullcontext()
     if kind == "under_a_file":
         (tmp_path / "file.txt").write_text("not a folder")
         model_dir = str(tmp_path / "file.txt" / "run")
     elif kind == "unknown_scheme":
         model_dir = "nosuchfs://bucket/run"
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root writes through chmod 555")
-        os.chmod(tmp_path, 0o555)
-        model_dir = str(tmp_path / "run")
-    if kind == "unknown_scheme":  # the binary's one line (each subprocess: a TF import)
-        result = run_binary([f"--model_dir={model_dir}"] + small_flags(train_steps=2))
-        assert_one_line(result, 1, f"--model_dir={model_dir}")
-    else:  # the same UserError, in-process
-        with pytest.raises(UserError) as caught:
-            training.train(small_config(model_dir, train_steps=2), verbose=0)
-        assert f"--model_dir={model_dir}" in str(caught.value) and "\n" not in str(caught.value)
+        # Not under tmp_path: pytest's /tmp/pytest-of-root is root's alone (0700), and
+        # nobody must reach the read-only folder to be refused by it.
+        parent = tempfile.mkdtemp()
+        os.chmod(parent, 0o555)
+        model_dir = os.path.join(parent, "run")
+        user = unprivileged()
+    try:
+        if kind == "unknown_scheme":  # the binary's one line (its main, in-process)
+            result = run_train_main([f"--model_dir={model_dir}"] + small_flags(train_steps=2),
+                                    capfd)
+            assert_one_line(result, 1, f"--model_dir={model_dir}")
+        else:  # the same UserError, in-process
+            with user, pytest.raises(UserError) as caught:
+                training.train(small_config(model_dir, train_steps=2), verbose=0)
+            message = str(caught.value)
+            assert f"--model_dir={model_dir}" in message and "\n" not in message
+            if kind == "read_only":
+                assert "Permission denied" in message, message
+                assert os.listdir(parent) == []
+    finally:
+        if kind == "read_only":
+            os.chmod(parent, 0o755)
+            shutil.rmtree(parent)
     assert not glob.glob(os.path.join(os.getcwd(), "nosuchfs*"))
 
 

@@ -9,8 +9,10 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import tensorflow as tf
+from helpers.references import split_arrays
 from helpers.tools_in_one_process import run_tools
 from PIL import Image
 
@@ -61,7 +63,75 @@ def fake_knn_run(path):
     return path
 
 
-def test_readme_flags_exist_and_picture_commands_draw(run_dir, tmp_path):
+def check_class_grid(path, size, per_class, pad=4):
+    """The class picture's content: a row per class of the built-in data (10), each row a
+    name (dark text on white) then `per_class` different tiles, each one of THAT class's
+    training images, centre-cropped to `size` (NumPy's own crop of the split, to a grey
+    level); white gaps between tiles. Tiles are placed from the right edge (the name column's
+    width depends on the font)."""
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    images, labels = split_arrays("train", size)
+    images = np.round(images * 255).astype(np.int16)
+    height, width, _ = grid.shape
+    assert height == pad + 10 * (size + pad), grid.shape
+    left = width - pad - per_class * (size + pad)
+    assert left > 20  # room for the names
+    for c in range(10):
+        y = pad + c * (size + pad)
+        assert grid[y:y + size, pad:left - pad].min() < 128, f"no name drawn in row {c}"
+        assert (grid[y - pad:y] == 255).all()  # the white gap above the row
+        found = []
+        for j in range(per_class):
+            x = left + j * (size + pad)
+            tile = grid[y:y + size, x:x + size]
+            assert (grid[y:y + size, x + size:x + size + pad] == 255).all()
+            distance = np.abs(images - tile[None]).max(axis=(1, 2, 3))
+            match = int(np.argmin(distance))
+            assert distance[match] <= 1, (c, j, distance[match])  # uint8 rounding
+            assert labels[match] == c, (c, j, labels[match])
+            found.append(match)
+        assert len(set(found)) == per_class, found
+
+
+def check_retrieval(path, reference, queries=2, k=3, thumb=16):
+    """The retrieval picture's content: per row a held-out query (a test image, black frame)
+    and, in order of the cells, the k training images whose features are the most cosine-
+    similar to the query's, recomputed in NumPy from the reference features; each framed
+    green when its class is the query's, else red. Cell geometry: 6 px padding, 3 px frames,
+    two 16 px caption lines, 18 px between the query and its neighbours, a 22 px title."""
+    _, ref = reference
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    train_x, train_y, train_f = ref["train"]
+    test_x, test_y, test_f = ref["test"]
+    train_x, test_x = (np.round(x * 255).astype(np.int16) for x in (train_x, test_x))
+    cell_w, cell_h = thumb + 6, thumb + 6 + 32
+
+    def tile_at(x, y):
+        return grid[y:y + thumb, x:x + thumb]
+
+    def find(tile, images):
+        distance = np.abs(images - tile[None]).max(axis=(1, 2, 3))
+        assert distance.min() <= 1, distance.min()
+        return int(np.argmin(distance))
+
+    unit_train = train_f / np.linalg.norm(train_f, axis=1, keepdims=True)
+    for r in range(queries):
+        y = 22 + r * (cell_h + 6) + 3
+        assert (grid[y - 3, 6] == 0).all()  # the query's black frame
+        q = find(tile_at(9, y), test_x)
+        sims = unit_train @ (test_f[q] / np.linalg.norm(test_f[q]))
+        expected = np.argsort(-sims, kind="stable")[:k]
+        shown = []
+        for j in range(k):
+            x = 6 + cell_w + 18 + j * (cell_w + 6) + 3
+            shown.append(find(tile_at(x, y), train_x))
+            red, green, _ = grid[y - 3, x]
+            assert (green > red) == (train_y[shown[-1]] == test_y[q]), (r, j)
+        # As sets: features from another batch size may swap two near-equal neighbours.
+        assert set(shown) == set(expected.tolist()), (r, shown, expected)
+
+
+def test_readme_flags_exist_and_picture_commands_draw(run_dir, reference, tmp_path):
     commands = readme_commands()
     tools = sorted({tool for tool, _ in commands})
     assert {"train", "export", "knn_eval", "linear_eval", "retrieval"} <= set(tools)
@@ -97,8 +167,29 @@ def test_readme_flags_exist_and_picture_commands_draw(run_dir, tmp_path):
         with Image.open(tmp_path / os.path.basename(picture)) as image:
             assert image.format == "PNG" and min(image.size) > 16, picture
             image.verify()
+    check_class_grid(tmp_path / "classes.png", size=16, per_class=2)
+    check_retrieval(tmp_path / "retrieval.png", reference)
     # The curve's points: what the logs hold, as plot_curve reads them.
     assert rundir.read_scalars(fake, "epoch_knn_top1") == [
         (1, pytest.approx(0.3)), (3, pytest.approx(0.6)), (5, pytest.approx(0.7))]
     with Image.open(tmp_path / "knn_curve.png") as image:
         assert image.size == (240, 160)
+    check_curve(tmp_path / "knn_curve.png")
+
+
+def check_curve(path, blue=(31, 100, 180), orange=(220, 110, 20)):
+    """The kNN curve's content: the fake run's points (0.3, 0.6, 0.7 at epochs 2, 4, 6) in
+    blue, rising left to right, above the random-init baseline (0.2, dashed orange), at
+    heights in proportion to the values: (0.3 - 0.2) / (0.7 - 0.3) = 0.25 of the rise, read
+    off the pixels (a linear y axis, whatever its ticks)."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    is_blue = (np.abs(pixels - blue).max(-1) <= 40)
+    is_orange = (np.abs(pixels - orange).max(-1) <= 40)
+    columns = np.flatnonzero(is_blue.any(0))
+    first, last = columns[:4], columns[-4:]  # the first and last markers (the label of the
+    # last value is written left of its marker)
+    y_first = np.flatnonzero(is_blue[:, first].any(1)).mean()
+    y_last = np.flatnonzero(is_blue[:, last].any(1)).mean()
+    y_base = np.argmax(is_orange[:, first[0]:last[-1]].sum(1))  # the dashed line's row
+    assert y_base > y_first > y_last, (y_base, y_first, y_last)
+    assert (y_base - y_first) / (y_first - y_last) == pytest.approx(0.25, abs=0.06)

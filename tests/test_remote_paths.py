@@ -9,6 +9,7 @@ there (what gs:// run dirs used to get).
 import os
 import uuid
 
+import keras
 import numpy as np
 import tensorflow as tf
 from helpers.image_folder import write_split_folders
@@ -23,6 +24,21 @@ SMALL = dict(image_size=16, batch_size=8, queue_size=16, dim=16, knn_every=0, lo
              seed=3)
 RUN_FILES = ["checkpoints", "classes.txt", "config.json", "logs", "summary.json"]
 EXPORT_FILES = ["backbone.keras", "export.json", "feature_maps.keras", "saved_model"]
+
+
+class StartAndSteps(keras.callbacks.Callback):
+    """The model's step counter when fit starts, and how many batches it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.start, self.batches = None, 0
+
+    def on_train_begin(self, logs=None):
+        if self.start is None:
+            self.start = int(self.model.step_counter.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
 
 
 def _tools(cwd, *runs):
@@ -76,7 +92,10 @@ def test_library_chain_on_ram_uris(tmp_path, monkeypatch):
                          **SMALL)
     training.train(config, verbose=0)
     config.train_steps = 4
-    assert training.train(config, verbose=0)["steps"] == 4  # resumed
+    resumed = StartAndSteps()
+    assert training.train(config, callbacks=[resumed], verbose=0)["steps"] == 4
+    # Resumed, not restarted: it began at the checkpoint's step 2 and ran the 2 left.
+    assert (resumed.start, resumed.batches) == (2, 2)
     assert _listdir(run) == RUN_FILES
     assert tf.io.gfile.glob(f"{run}/logs/train/events.out.tfevents.*")  # TensorBoard too
     info = export.export(export.ExportConfig(model_dir=run, export_dir=f"{out}/export"))

@@ -109,3 +109,64 @@ def test_a_cell_saved_before_a_flag_existed_is_that_flag_at_its_default():
     assert study.config_diffs(moco, dataclasses.replace(now, consistency_weight=1.0)) == [
         "--consistency_temperature=0.04 there, 0.2 now",
         "--consistency_weight=0.0 there, 1.0 now"]
+
+
+def _cell(knn_top1, linear_top1, pos_sim, neg_sim, detected, at_end, ms):
+    return {"knn_top1": knn_top1, "linear_top1": linear_top1, "pos_sim": pos_sim,
+            "neg_sim": neg_sim, "collapse": {"detected": detected, "collapsed_at_end": at_end},
+            "ms_per_step": ms}
+
+
+def test_the_table_is_the_mean_and_sample_std_over_seeds():
+    """docs/study.md's "beyond the seed spread" reads these columns: mean ± sample std (n - 1)
+    of each seed's value, recomputed here in NumPy from known numbers (seeds whose value is
+    missing left out), the collapse counts, and the median ms/step."""
+    three = [_cell(0.5, 0.9, 0.40, 0.02, None, False, 10.0),
+             _cell(0.6, 0.7, 0.46, -0.04, {"step": 30}, False, 40.0),
+             _cell(0.85, 0.8, 0.61, 0.10, {"step": 50}, True, None)]
+    one = [_cell(0.255, 0.5, None, None, None, False, None)]
+    rows = study.table([("three", three), ("one", one)]).splitlines()
+
+    def mean_std(values, scale=100.0, digits=1):
+        values = np.array([v for v in values if v is not None], np.float64)
+        return f"{scale * values.mean():.{digits}f} ± {scale * values.std(ddof=1):.{digits}f}"
+
+    columns = [mean_std([c[k] for c in three]) for k in ("knn_top1", "linear_top1")]
+    columns += [mean_std([c[k] for c in three], 1, 2) for k in ("pos_sim", "neg_sim")]
+    assert columns == ["65.0 ± 18.0", "80.0 ± 10.0", "0.49 ± 0.11", "0.03 ± 0.07"]  # by hand
+    assert rows[2] == (f"| three | 3 | {' | '.join(columns)} | 2 / 1 of 3 | "
+                       f"{np.median([10.0, 40.0]):.0f} |")
+    assert rows[3] == "| one | 1 | 25.5 | 50.0 | - | - | 0 / 0 of 1 | - |"  # one seed: no ±
+
+
+def test_the_binary_reuses_finished_cells_and_prints_the_table(tmp_path, capsys):
+    """tools/study.py's main (in-process): flags -> StudyConfig -> the table on stdout; its
+    one-line errors. The cells are already finished (no training)."""
+    from helpers.tool_main import run_main  # noqa: PLC0415
+
+    study_dir = str(tmp_path / "study")
+    common = ["--dataset=builtin", "--train_steps=2", "--image_size=16", "--linear_epochs=3",
+              f"--study_dir={study_dir}"]
+    values = [(0.5, 0.75), (0.625, 0.875)]
+    for seed, (knn_top1, linear_top1) in zip((3, 4), values):
+        config = TrainConfig(dataset="builtin", train_steps=2, image_size=16,
+                             consistency_weight=0.0, seed=seed,
+                             model_dir=io.join(study_dir, "alpha=0", f"seed{seed}"))
+        io.makedirs(config.model_dir)
+        io.write_json_atomic(io.join(config.model_dir, study.CELL_FILE), {
+            **_cell(knn_top1, linear_top1, 0.5, 0.0, None, False, 8.0), "steps": 2,
+            "config": study._comparable(config)})
+    code = run_main("study", common + ["--cell=consistency_weight=0", "--seeds=3,4"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[:2] == ["reused alpha=0 seed 3: kNN 50.0%, linear 75.0%",
+                       "reused alpha=0 seed 4: kNN 62.5%, linear 87.5%"]
+    assert out[-1] == "| alpha=0 | 2 | 56.2 ± 8.8 | 81.2 ± 8.8 | 0.50 ± 0.00 | 0.00 ± 0.00 | " \
+                      "0 / 0 of 2 | 8 |"
+    assert io.read_text(io.join(study_dir, study.TABLE_FILE)).splitlines()[-1] == out[-1]
+    for args, fragment in (([f"--study_dir={study_dir}", "--seeds=a"], "--seeds=a"),
+                           (["--study_dir="], "--study_dir is required"),
+                           ([f"--study_dir={study_dir}", "--cell=alpha=1"], "alpha")):
+        assert run_main("study", args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and fragment in err[-1], err

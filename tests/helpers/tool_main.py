@@ -1,0 +1,34 @@
+"""Runs a tool's main (tools/TOOL.py) inside the test process: no TF import to pay.
+
+The tool's module is executed afresh (its absl flags defined), argv parsed into absl's
+FLAGS, main(argv) called; afterwards the flags it defined are removed again, so that the
+next tool (or the same one) can define them. Returns the exit code: 0 when main returns,
+else its SystemExit's (common.fail: 1 and one `error:` line on stderr).
+"""
+import os
+import runpy
+import sys
+
+from absl import flags
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "tools")
+
+
+def run_main(tool, args):
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
+    before = set(flags.FLAGS)
+    path = os.path.join(TOOLS, f"{tool}.py")
+    try:
+        namespace = runpy.run_path(path, run_name=f"{tool}_in_process")
+        try:
+            argv = flags.FLAGS([path] + list(args))
+            namespace["main"](argv)
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return 0
+    finally:
+        flags.FLAGS.unparse_flags()
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
