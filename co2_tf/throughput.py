@@ -3,9 +3,11 @@
 For a run's configuration and a target (accelerator kind, replicas, hosts), per step and per
 replica: the FLOPs, what crosses replicas by kind (the call sites tests/test_traffic.py
 accounts), the bytes each image costs from host to device, and so the host cores each
-accelerator needs at a given host CPU cost per image. The targets' peak rates and the
-utilisation are stated assumptions (docs/accelerators.md), not measurements: no accelerator
-was reachable while this was written.
+accelerator needs at the host CPU cost per image. Both follow the run's --augment_on: where
+flip, colour jitter, grayscale and blur run decides the dtype the pipeline hands the device
+(the key images cross replicas in it) and what the host spends per image. The targets' peak
+rates and the utilisation are stated assumptions (docs/accelerators.md), not measurements: no
+accelerator was reachable while this was written.
 
 Conventions: a multiply-add is 2 FLOPs; only convolutions, dense layers and the loss's
 matmuls are counted (BN, ReLU, pooling, the EMA and the optimizer are elementwise and small
@@ -193,15 +195,36 @@ TARGETS = {
 # Model FLOPs utilisation: a round assumption for a convnet step in mixed precision, not a
 # measurement (none was possible here); --mfu changes it.
 DEFAULT_MFU = 0.25
-# BUILD.md, "Input pipeline": the two-crop MoCo v2 pipeline on 224 px JPEGs, AVX-512 machine.
-DEFAULT_CPU_MS_PER_IMAGE = 7.3
+# --augment_on on an accelerator (every target is one): co2_tf.augment_device.resolve_placement's
+# rule, auto = the device on GPUs and TPUs (written out here: that module imports TF).
+PLACEMENTS = {"auto": "device", "device": "device", "host": "host"}
+# What co2_tf.data.pretrain_dataset_fn hands the step, by placement: the uint8 crops that
+# co2_tf.augment_device.ViewTransform finishes on the device, or the host's float32 views.
+IMAGE_DTYPES = {"device": "uint8", "host": "float32"}
+# BUILD.md, "Input pipeline": tools/benchmark.py --input_only's host CPU-ms per source image.
+CPU_MS_PER_IMAGE = {"device": 1.91, "host": 5.65}
 
 
-def model(config, target_name, *, image_dtype="float32", mfu=DEFAULT_MFU,
-          cpu_ms_per_image=DEFAULT_CPU_MS_PER_IMAGE):
-    """The whole model for a TrainConfig on a target: a dict of named figures."""
+def placement(augment_on):
+    """Where the augmentation after the crop runs on an accelerator: "device" or "host"."""
+    if augment_on not in PLACEMENTS:
+        raise UserError(f"unknown --augment_on={augment_on!r}: use one of "
+                        f"{', '.join(PLACEMENTS)}")
+    return PLACEMENTS[augment_on]
+
+
+def model(config, target_name, *, image_dtype=None, mfu=DEFAULT_MFU, cpu_ms_per_image=None):
+    """The whole model for a TrainConfig on a target: a dict of named figures.
+
+    image_dtype (of the images handed to the device, and so of the key images gathered) and
+    cpu_ms_per_image (host CPU-ms per source image, both views) default to the config's
+    --augment_on placement's (IMAGE_DTYPES, CPU_MS_PER_IMAGE); given, they override it.
+    """
     if target_name not in TARGETS:
         raise UserError(f"unknown --target={target_name!r}: use one of {', '.join(TARGETS)}")
+    where = placement(config.augment_on)
+    image_dtype = IMAGE_DTYPES[where] if image_dtype is None else image_dtype
+    cpu_ms_per_image = CPU_MS_PER_IMAGE[where] if cpu_ms_per_image is None else cpu_ms_per_image
     if image_dtype not in DTYPE_BYTES:
         raise UserError(f"unknown --image_dtype={image_dtype!r}: use one of "
                         f"{', '.join(DTYPE_BYTES)}")
@@ -232,7 +255,7 @@ def model(config, target_name, *, image_dtype="float32", mfu=DEFAULT_MFU,
     return {
         "target": target_name, "target_description": target.description, "replicas": n,
         "hosts": target.hosts, "global_batch": config.batch_size, "per_replica_batch": b,
-        "precision": config.precision, "image_dtype": image_dtype,
+        "precision": config.precision, "augment_on": where, "image_dtype": image_dtype,
         "encoder_params": net.params, "bn_statistics": 2 * net.bn_statistics,
         "encoder_forward_macs_per_image": net.macs,
         "flops_per_step_per_replica": flops,

@@ -12,7 +12,8 @@ import sys
 import pytest
 from helpers.presets import preset_config
 
-from co2_tf import throughput
+from co2_tf import augment_device, throughput
+from co2_tf.config import AUGMENT_PLACEMENTS
 from co2_tf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,41 +40,84 @@ def test_backbones_match_published_sizes():
 
 
 def test_mocov2_gpu_preset_on_8_a100():
+    """augment_on=auto on GPUs: the device augments, so the pipeline hands uint8 crops (the key
+    images gather as uint8) and the host does the crops only, at BUILD.md's 1.91 CPU-ms."""
     config = preset_config("imagenet_mocov2_co2_gpu.cfg")
+    assert config.augment_on == "auto"
     got = throughput.model(config, "8xa100")
+    assert (got["augment_on"], got["image_dtype"], got["cpu_ms_per_image"]) == (
+        "device", "uint8", 1.91)
     b = 256 // 8
     macs = R50_MACS + MLP_MACS
     flops = b * (3 * 2 * macs + 2 * macs) + b * 6 * 65536 * 128
     assert got["flops_per_step_per_replica"]["total"] == flops
     params = R50_PARAMS + MLP_HEAD
     payload = got["collective_payload_bytes_per_step_per_replica"]
-    assert payload == {"gradients": 4 * params, "key images": b * 224 * 224 * 3 * 4,
+    assert payload == {"gradients": 4 * params, "key images": b * 224 * 224 * 3,
                        "keys": b * 128 * 4, "BN statistics": 4 * 2 * 2 * R50_BN_CHANNELS,
                        "logs": 24, "optimizer step": 8, "overflow flag": 4}  # mixed_float16
     received = got["collective_received_bytes_per_step_per_replica"]
     assert received["gradients"] == 2 * 7 * 4 * params / 8  # ring all-reduce
-    assert received["key images"] == 7 * b * 224 * 224 * 3 * 4
-    assert got["host_to_device_bytes_per_image"] == 2 * 224 * 224 * 3 * 4
+    assert received["key images"] == 7 * b * 224 * 224 * 3
+    assert got["host_to_device_bytes_per_image"] == 2 * 224 * 224 * 3
     seconds = flops / (312e12 * 0.25)
     assert got["step_seconds"] == pytest.approx(seconds)
     assert got["images_per_second_per_accelerator"] == pytest.approx(b / seconds)
-    assert got["host_cores_per_accelerator"] == pytest.approx(b / seconds * 7.3e-3)
-    assert got["host_cores_per_host"] == pytest.approx(8 * b / seconds * 7.3e-3)
+    assert got["host_to_device_bytes_per_second_per_accelerator"] == pytest.approx(
+        b / seconds * 2 * 224 * 224 * 3)
+    assert got["host_cores_per_accelerator"] == pytest.approx(b / seconds * 1.91e-3)
+    assert got["host_cores_per_host"] == pytest.approx(8 * b / seconds * 1.91e-3)
 
 
-def test_large_batch_preset_on_tpu_v4_32_with_uint8_views():
+def test_augment_on_host_hands_float32_views():
+    """augment_on=host: the pipeline's float32 views cross to the device and between
+    replicas (4 bytes a channel), and the host does the whole augmentation (5.65 CPU-ms)."""
+    config = preset_config("imagenet_mocov2_co2_gpu.cfg", augment_on="host")
+    got = throughput.model(config, "8xa100")
+    assert (got["augment_on"], got["image_dtype"], got["cpu_ms_per_image"]) == (
+        "host", "float32", 5.65)
+    b = 256 // 8
+    assert got["collective_payload_bytes_per_step_per_replica"]["key images"] == (
+        b * 224 * 224 * 3 * 4)
+    assert got["collective_received_bytes_per_step_per_replica"]["key images"] == (
+        7 * b * 224 * 224 * 3 * 4)
+    assert got["host_to_device_bytes_per_image"] == 2 * 224 * 224 * 3 * 4
+    flops = b * 8 * (R50_MACS + MLP_MACS) + b * 6 * 65536 * 128
+    rate = b / (flops / (312e12 * 0.25))
+    assert got["host_cores_per_accelerator"] == pytest.approx(rate * 5.65e-3)
+    device = throughput.model(preset_config("imagenet_mocov2_co2_gpu.cfg",
+                                            augment_on="device"), "8xa100")
+    assert (device["image_dtype"], device["cpu_ms_per_image"]) == ("uint8", 1.91)
+    # The placements are the training's on an accelerator (written out: no TF in the model).
+    for augment_on in AUGMENT_PLACEMENTS:
+        assert throughput.placement(augment_on) == augment_device.resolve_placement(
+            augment_on, accelerated=True)
+
+
+def test_large_batch_preset_on_tpu_v4_32_with_overrides():
+    """auto on a TPU is the device placement; --image_dtype and --cpu_ms_per_image override
+    what it implies."""
     config = preset_config("imagenet_mocov2_co2_lars4096_tpu.cfg")
-    got = throughput.model(config, "tpu_v4_32", image_dtype="uint8", mfu=0.5,
+    got = throughput.model(config, "tpu_v4_32", image_dtype="bfloat16", mfu=0.5,
                            cpu_ms_per_image=4.0)
+    assert (got["augment_on"], got["image_dtype"], got["cpu_ms_per_image"]) == (
+        "device", "bfloat16", 4.0)
     b = 4096 // 16
     macs = R50_MACS + MLP_MACS
     flops = b * 8 * macs + b * 6 * 65536 * 128
     assert got["flops_per_step_per_replica"]["total"] == flops
-    assert got["collective_payload_bytes_per_step_per_replica"]["key images"] == b * 224 * 224 * 3
-    assert got["host_to_device_bytes_per_image"] == 2 * 224 * 224 * 3
+    assert got["collective_payload_bytes_per_step_per_replica"]["key images"] == (
+        b * 224 * 224 * 3 * 2)
+    assert got["host_to_device_bytes_per_image"] == 2 * 224 * 224 * 3 * 2
     rate = b / (flops / (275e12 * 0.5))
     assert got["host_cores_per_accelerator"] == pytest.approx(rate * 4e-3)
     assert got["host_cores_per_host"] == pytest.approx(rate * 4e-3 * 16 / 4)
+    default = throughput.model(config, "tpu_v4_32")
+    assert (default["image_dtype"], default["cpu_ms_per_image"]) == ("uint8", 1.91)
+    assert default["collective_payload_bytes_per_step_per_replica"]["key images"] == (
+        b * 224 * 224 * 3)
+    assert default["host_cores_per_host"] == pytest.approx(
+        b / (flops / (275e12 * 0.25)) * 1.91e-3 * 16 / 4)
 
 
 def test_mocov1_linear_head_and_one_device():
@@ -92,6 +136,7 @@ def test_mocov1_linear_head_and_one_device():
     (dict(bn="sync"), "--bn=sync"),
     (dict(mfu=1.5), "--mfu"),
     (dict(image_dtype="int3"), "--image_dtype"),
+    (dict(augment_on="elsewhere"), "unknown --augment_on"),
 ])
 def test_bad_inputs_are_one_line_errors(change, match):
     change = dict(change)
@@ -107,10 +152,11 @@ def test_tool_prints_the_library_figures():
     cmd = [sys.executable, os.path.join(ROOT, "tools", "throughput.py"),
            "--flagfile=" + os.path.join(ROOT, "flags", "imagenet_mocov2_co2_tpu.cfg"),
            "--target=tpu_v4_32,8xa100", "--precision=mixed_bfloat16"]
-    out = subprocess.run(cmd + ["--format=json"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(cmd + ["--format=json", "--augment_on=host"], capture_output=True,
+                         text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
-    config = preset_config("imagenet_mocov2_co2_tpu.cfg")
+    config = preset_config("imagenet_mocov2_co2_tpu.cfg", augment_on="host")
     assert results == [json.loads(json.dumps(throughput.model(config, t)))
                        for t in ("tpu_v4_32", "8xa100")]
     table = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -118,6 +164,8 @@ def test_tool_prints_the_library_figures():
     lines = table.stdout.splitlines()
     assert lines[0] == "| figure | tpu_v4_32 | 8xa100 |"
     assert "| replicas x per-replica batch | 16 x 16 | 8 x 32 |" in lines
+    assert "| augment_on / image dtype | device / uint8 | device / uint8 |" in lines
+    assert "| host CPU-ms per image | 1.91 | 1.91 |" in lines
     bad = subprocess.run(cmd[:2] + ["--target=tpu_v9"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0

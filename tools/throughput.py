@@ -2,12 +2,15 @@
 
   python tools/throughput.py --flagfile=flags/imagenet_mocov2_co2_gpu.cfg --target=8xa100,h100
   python tools/throughput.py --flagfile=flags/imagenet_mocov2_co2_tpu.cfg --target=tpu_v4_32 \
-      --image_dtype=uint8 --format=json
+      --augment_on=host --format=json
 
 Per step and per replica: FLOPs, the bytes each cross-replica call carries (payload) and a
 replica receives (ring all-reduce), host-to-device bytes per image, and from the targets'
-stated peak rates, an assumed utilisation (--mfu) and the host CPU cost per image
-(--cpu_ms_per_image), the images/s per accelerator and the host cores each one needs.
+stated peak rates, an assumed utilisation (--mfu) and the host CPU cost per image, the
+images/s per accelerator and the host cores each one needs. --augment_on sets the dtype the
+pipeline hands the device (device, and auto on accelerators: uint8 crops; host: float32
+views) and the host CPU-ms per image (BUILD.md's measured figure for that placement);
+--image_dtype and --cpu_ms_per_image override them.
 docs/accelerators.md states the assumptions and holds the table of the ImageNet presets.
 """
 
@@ -25,14 +28,15 @@ _OWNER = {"module_name": sys.argv[0]}  # as common.define_flags: listed by --hel
 flags.DEFINE_list("target", ["8xa100"],
                   f"targets, comma-separated: {', '.join(throughput.TARGETS)}", **_OWNER)
 flags.DEFINE_enum("format", "table", ["table", "json"], "output format", **_OWNER)
-flags.DEFINE_enum("image_dtype", "float32", list(throughput.DTYPE_BYTES),
-                  "dtype the pipeline hands the device (float32 today; uint8 views cost 1/4)",
-                  **_OWNER)
+flags.DEFINE_enum("image_dtype", None, list(throughput.DTYPE_BYTES),
+                  "dtype the pipeline hands the device; default: the --augment_on placement's "
+                  f"({throughput.IMAGE_DTYPES})", **_OWNER)
 flags.DEFINE_float("mfu", throughput.DEFAULT_MFU,
                    "assumed model FLOPs utilisation of the accelerators' peak", **_OWNER)
-flags.DEFINE_float("cpu_ms_per_image", throughput.DEFAULT_CPU_MS_PER_IMAGE,
+flags.DEFINE_float("cpu_ms_per_image", None,
                    "host CPU milliseconds per source image (two views); default: BUILD.md's "
-                   "input pipeline figure", **_OWNER)
+                   f"figure for the --augment_on placement ({throughput.CPU_MS_PER_IMAGE})",
+                   **_OWNER)
 
 FLAGS = flags.FLAGS
 
@@ -49,7 +53,8 @@ def rows(result):
     f = result["flops_per_step_per_replica"]
     out = [("replicas x per-replica batch", f"{result['replicas']} x "
                                             f"{result['per_replica_batch']}"),
-           ("precision / image dtype", f"{result['precision']} / {result['image_dtype']}"),
+           ("precision", result["precision"]),
+           ("augment_on / image dtype", f"{result['augment_on']} / {result['image_dtype']}"),
            ("FLOPs per step per replica", _si(f["total"], "FLOP")),
            ("  query fwd+bwd / key fwd / loss", " / ".join(_si(f[k]) for k in
                                                           ("query", "key", "loss")))]
