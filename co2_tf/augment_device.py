@@ -43,21 +43,7 @@ import functools
 import tensorflow as tf
 
 from co2_tf import augment
-from co2_tf.config import AUGMENT_PLACEMENTS as PLACEMENTS
-from co2_tf.errors import UserError
-
-# --augment_on=auto on CPUs: the placement measured faster there (BUILD.md, input pipeline).
-CPU_PLACEMENT = "host"
-
-
-def resolve_placement(augment_on, accelerated):
-    """"host" or "device" for --augment_on; `accelerated`: the step runs on GPUs or TPUs."""
-    if augment_on not in PLACEMENTS:
-        raise UserError(f"unknown --augment_on={augment_on!r}: use one of "
-                        f"{', '.join(PLACEMENTS)}")
-    if augment_on != "auto":
-        return augment_on
-    return "device" if accelerated else CPU_PLACEMENT
+from co2_tf.config import CPU_PLACEMENT, resolve_placement  # noqa: F401 (one rule: config)
 
 
 def crop_view(image, view_seed, recipe, image_size):

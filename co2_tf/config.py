@@ -15,6 +15,8 @@ from co2_tf.errors import UserError
 AUGMENTS = ("mocov1", "mocov2")
 # Where the augmentation's steps after the crop run (co2_tf.augment_device).
 AUGMENT_PLACEMENTS = ("auto", "host", "device")
+# --augment_on=auto on CPUs: the placement measured faster there (BUILD.md, input pipeline).
+CPU_PLACEMENT = "host"
 SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "lars")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -37,6 +39,17 @@ CHOICES = {"backbone": BACKBONES, "head": HEADS, "bn": BN_MODES, "strategy": STR
            "optimizer": OPTIMIZERS,
            "precision": PRECISIONS, "consistency_over": CONSISTENCY_OVER,
            "consistency_kl": CONSISTENCY_KL}
+
+
+
+def resolve_placement(augment_on, accelerated):
+    """"host" or "device" for --augment_on; `accelerated`: the step runs on GPUs or TPUs."""
+    if augment_on not in AUGMENT_PLACEMENTS:
+        raise UserError(f"unknown --augment_on={augment_on!r}: use one of "
+                        f"{', '.join(AUGMENT_PLACEMENTS)}")
+    if augment_on != "auto":
+        return augment_on
+    return "device" if accelerated else CPU_PLACEMENT
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ next to them); a layer's backward pass costs twice its forward (input and weight
 
 import dataclasses
 
+from co2_tf import config as config_lib
 from co2_tf.errors import UserError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
@@ -195,9 +196,6 @@ TARGETS = {
 # Model FLOPs utilisation: a round assumption for a convnet step in mixed precision, not a
 # measurement (none was possible here); --mfu changes it.
 DEFAULT_MFU = 0.25
-# --augment_on on an accelerator (every target is one): co2_tf.augment_device.resolve_placement's
-# rule, auto = the device on GPUs and TPUs (written out here: that module imports TF).
-PLACEMENTS = {"auto": "device", "device": "device", "host": "host"}
 # What co2_tf.data.pretrain_dataset_fn hands the step, by placement: the uint8 crops that
 # co2_tf.augment_device.ViewTransform finishes on the device, or the host's float32 views.
 IMAGE_DTYPES = {"device": "uint8", "host": "float32"}
@@ -206,11 +204,8 @@ CPU_MS_PER_IMAGE = {"device": 1.91, "host": 5.65}
 
 
 def placement(augment_on):
-    """Where the augmentation after the crop runs on an accelerator: "device" or "host"."""
-    if augment_on not in PLACEMENTS:
-        raise UserError(f"unknown --augment_on={augment_on!r}: use one of "
-                        f"{', '.join(PLACEMENTS)}")
-    return PLACEMENTS[augment_on]
+    """Where the augmentation after the crop runs on an accelerator (every target is one)."""
+    return config_lib.resolve_placement(augment_on, accelerated=True)
 
 
 def model(config, target_name, *, image_dtype=None, mfu=DEFAULT_MFU, cpu_ms_per_image=None):
