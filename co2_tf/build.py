@@ -9,17 +9,11 @@ import dataclasses
 
 import tensorflow as tf
 
-from co2_tf import (
-    augment_device,
-    backbones,
-    conv_grad,
-    distribute,
-    fused_batchnorm,
-    losses,
-    optimizers,
-    precision,
-)
-from co2_tf.model import CO2Model
+from co2_tf import distribute, optimizers, precision
+from co2_tf.data import augment_device
+from co2_tf.method import losses
+from co2_tf.method.model import CO2Model
+from co2_tf.nets import backbones, conv_grad, fused_batchnorm
 
 
 def in_float32(config):
@@ -47,7 +41,7 @@ def augment_placement(config, strategy=None):
     """"host" or "device": where the augmentation's steps after the crop run (--augment_on).
 
     auto: the device when the step runs on GPUs or TPUs, else what measured
-    faster on CPUs (co2_tf.augment_device.CPU_PLACEMENT).
+    faster on CPUs (co2_tf.data.augment_device.CPU_PLACEMENT).
     """
     strategy = strategy or tf.distribute.get_strategy()
     accelerated = (isinstance(strategy, tf.distribute.TPUStrategy)

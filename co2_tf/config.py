@@ -13,7 +13,7 @@ from co2_tf import progress
 from co2_tf.errors import UserError
 
 AUGMENTS = ("mocov1", "mocov2")
-# Where the augmentation's steps after the crop run (co2_tf.augment_device).
+# Where the augmentation's steps after the crop run (co2_tf.data.augment_device).
 AUGMENT_PLACEMENTS = ("auto", "host", "device")
 # --augment_on=auto on CPUs: the placement measured faster there (BUILD.md, input pipeline).
 CPU_PLACEMENT = "host"
@@ -25,7 +25,7 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 # How the KEY encoder's BN sees the batch (backbones.LAYER_BN_MODES is per layer).
 BN_MODES = ("shuffle", "sync", "local")
 HEADS = ("linear", "mlp")
-# The consistency term's variants (co2_tf.losses).
+# The consistency term's variants (co2_tf.method.losses).
 CONSISTENCY_OVER = ("negatives", "positive_and_negatives")
 CONSISTENCY_KL = ("symmetric", "one_sided")
 
@@ -66,13 +66,13 @@ class TrainConfig:
     augment_on: str = "auto"  # auto: the device on GPUs and TPUs, the host on CPUs (BUILD.md)
     image_size: int = 32
     max_image_pixels: int = 40_000_000  # image files: larger JPEGs decoded smaller, others skipped
-    # How sources read (co2_tf.sources.ReadOptions has the same fields).
+    # How sources read (co2_tf.data.sources.ReadOptions has the same fields).
     index_dir: str = ""  # dataset indexes (folder scans, record counts); "" = beside the data
     check_image_files: bool = True  # folder: check each file once, at the first scan
     tfrecord_image_key: str = "image/encoded"
     tfrecord_label_key: str = "image/class/label"
     tfrecord_label_offset: int = 1  # TPU ImageNet records: labels 1..1000
-    input_threads: int = 0  # 0 = the usable cores (autotune is off: co2_tf.data)
+    input_threads: int = 0  # 0 = the usable cores (autotune is off: co2_tf.data.pipelines)
     # model
     backbone: str = "tiny"
     head: str = "linear"
@@ -90,7 +90,7 @@ class TrainConfig:
     consistency_over: str = "negatives"  # the paper's P and Q: the K negatives only
     consistency_kl: str = "symmetric"  # the paper's 1/2 KL(P||Q) + 1/2 KL(Q||P)
     consistency_warmup_epochs: float = 0.0  # alpha ramped up from ~0 over these epochs
-    # alpha x (tau_con / tau)^2 (co2_tf.losses.consistency_scale); off: the paper's alpha.
+    # alpha x (tau_con / tau)^2 (co2_tf.method.losses.consistency_scale); off: the paper's alpha.
     consistency_temperature_scaling: bool = False
     bn: str = "shuffle"
     bn_groups: int = 0  # 0 = 1 group per replica, or 4 on a single replica

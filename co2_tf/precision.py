@@ -4,7 +4,7 @@ Mixed precision follows Keras's dtype policies: the backbone and projection
 head layers compute in bfloat16 / float16 while their variables stay float32.
 What must not lose digits stays float32 whatever the policy:
 
-- the losses (co2_tf.losses casts q, k and the queue to float32 and works
+- the losses (co2_tf.method.losses casts q, k and the queue to float32 and works
   from log-softmax),
 - the L2-normalised embeddings (CO2Model casts the head output to float32
   before normalising),

@@ -12,7 +12,7 @@ The rate is the one since the previous line (the current speed, not diluted
 by a slow start), the ETA the rest of the task at that rate. The clock is
 injectable: tests drive a fake one instead of sleeping. Pure Python (no TF:
 co2_tf.config imports it); Keras's fit reports through
-co2_tf.callbacks.ProgressCallback.
+co2_tf.run.callbacks.ProgressCallback.
 """
 
 import dataclasses
@@ -107,7 +107,7 @@ class Progress:
 class Reporter:
     """Makes `Progress` counters sharing an interval (0 = off), a clock and an output.
 
-    Equal settings compare equal (a cache key may hold one: co2_tf.image_files).
+    Equal settings compare equal (a cache key may hold one: co2_tf.data.image_files).
     """
     every_secs: float = 60.0
     clock: object = time.monotonic

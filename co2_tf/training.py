@@ -15,13 +15,13 @@ before it writes anything, then runs Keras's `fit` with co2_tf's callbacks:
   a pure function of the step, so a resumed run sees exactly the batches an
   uninterrupted one would have seen;
 - a non-finite loss stops the run before anything is saved at that step;
-- a collapsed embedding (co2_tf.collapse) is reported in one line and in
+- a collapsed embedding (co2_tf.run.collapse) is reported in one line and in
   summary.json, and training goes on;
 - TensorBoard in DIR/logs: per-step scalars, the augmented view pairs at the
   start, kNN accuracy per epoch.
 
-What it builds comes from co2_tf.build, the callbacks from co2_tf.callbacks,
-the run dir's file names from co2_tf.rundir.
+What it builds comes from co2_tf.build, the callbacks from co2_tf.run.callbacks,
+the run dir's file names from co2_tf.run.rundir.
 """
 
 import contextlib
@@ -31,9 +31,14 @@ import sys
 
 import tensorflow as tf
 
-from co2_tf import checkpoints, data, distribute, progress, rundir, runlock
+from co2_tf import distribute, progress
 from co2_tf.build import augment_placement, backbone_fn, build_model, build_optimizer, compile_model
-from co2_tf.callbacks import (
+from co2_tf.config import TrainConfig, check_compatible
+from co2_tf.data import pipelines as data
+from co2_tf.data.sources import make_source
+from co2_tf.errors import UserError
+from co2_tf.run import checkpoints, rundir, runlock
+from co2_tf.run.callbacks import (
     CheckpointCallback,
     CollapseMonitor,
     GlobalStepTensorBoard,
@@ -46,10 +51,7 @@ from co2_tf.callbacks import (
     knn_evaluator,
     progress_callbacks,
 )
-from co2_tf.checkpoints import SaveFailed
-from co2_tf.config import TrainConfig, check_compatible
-from co2_tf.errors import UserError
-from co2_tf.sources import make_source
+from co2_tf.run.checkpoints import SaveFailed
 
 # What tools/train.py catches (defined with the callback that raises them).
 __all__ = ["NonFiniteLoss", "Preempted", "SaveFailed", "train", "epoch_segments",
@@ -151,7 +153,7 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
     restored, recovered = checkpoints.restore_newest(
         lambda with_step: checkpoints.training_checkpoint(model, optimizer, with_step),
         ckpt_dir, config.model_dir, model.step_counter, optimizer.iterations)
-    # One run per run dir (co2_tf.runlock); for an existing run dir, taking
+    # One run per run dir (co2_tf.run.runlock); for an existing run dir, taking
     # the lock is also the first write, the test that the dir is writable.
     with runlock.RunLock(config.model_dir) if chief else contextlib.nullcontext():
         if chief and recovered:

@@ -15,7 +15,12 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # threads stay: collectives across the logical devices need one per device.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# research/ and benchmarks/ are folders of scripts, not packages: their tests import them by name,
+# and their binaries import tools/common.py by name.
+for _folder in ("tools", "research", "benchmarks"):
+    sys.path.append(os.path.join(ROOT, _folder))
 
 import tensorflow as tf  # noqa: E402
 
@@ -63,7 +68,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(run_dir):
     """The run's backbone and NumPy features of both builtin splits."""
-    from co2_tf import rundir  # noqa: PLC0415
+    from co2_tf.run import rundir  # noqa: PLC0415
 
     backbone = rundir.load_run(run_dir).model.query_backbone
     out = {}

@@ -1,4 +1,4 @@
-"""Tests for co2_tf.augment: decision rates, crops, colour ops, blur."""
+"""Tests for co2_tf.data.augment: decision rates, crops, colour ops, blur."""
 import colorsys
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from co2_tf import augment
+from co2_tf.data import augment
 from co2_tf.errors import UserError
 
 N_DRAWS = 4000

@@ -1,4 +1,4 @@
-"""Tests for co2_tf.augment_device: the host/device split makes today's views.
+"""Tests for co2_tf.data.augment_device: the host/device split makes today's views.
 
 The decisions are checked against the host pipeline's own (whose rates and
 ranges tests/test_augment.py checks against MoCo's numbers) and against the
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from co2_tf import augment, augment_device
+from co2_tf.data import augment, augment_device
 from co2_tf.errors import UserError
 
 SEED = 11
@@ -174,8 +174,8 @@ def test_train_step_routes_each_views_indices(two_replicas):
 
 def test_pipeline_hands_over_the_crops_of_its_views():
     """pretrain_dataset_fn(augment_on="device"): example i's crops, seeded [seed, i]."""
-    from co2_tf import data
-    from co2_tf.sources import make_source
+    from co2_tf.data import pipelines as data
+    from co2_tf.data.sources import make_source
     b, step, size = 4, 3, 16
     fn = data.pretrain_dataset_fn("builtin", image_size=size, augment="mocov2", seed=SEED,
                                   global_batch_size=b, start_step=step, augment_on="device")

@@ -1,11 +1,17 @@
-"""Tests for co2_tf.backbones: layout, numerics, seeds, saving, SyncBN."""
+"""Tests for co2_tf.nets.backbones: layout, numerics, seeds, saving, SyncBN."""
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from co2_tf.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone, feature_dim
 from co2_tf.errors import UserError
+from co2_tf.nets.backbones import (
+    BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_backbone,
+    feature_dim,
+)
 
 # Trainable parameters without the fc layer. torchvision's numbers are
 # sum(p.numel() for p in model.parameters()) minus fc (all its parameters

@@ -1,4 +1,4 @@
-"""tools/benchmark.py: the JSON line and its fields (a smoke test: no timing is asserted)."""
+"""benchmarks/benchmark.py: the JSON line and its fields (a smoke test: no timing is asserted)."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARK = os.path.join(ROOT, "tools", "benchmark.py")
+BENCHMARK = os.path.join(ROOT, "benchmarks", "benchmark.py")
 # The MLP head (not the default linear one): the FLOP count checks both of its layers.
 TINY = ["--backbone=tiny", "--image_size=16", "--batch_size=16", "--queue_size=64", "--dim=16",
         "--head=mlp", "--warmup=1", "--repeats=2", "--matmul_size=256"]
@@ -147,9 +147,8 @@ def test_input_pipeline_fields():
 
 
 def test_torch_peer_pipeline(tmp_path):
-    """tools/torch_input.py: MoCo v2's two views as PyTorch's DataLoader delivers them."""
+    """benchmarks/torch_input.py: MoCo v2's two views as PyTorch's DataLoader delivers them."""
     pytest.importorskip("torch")
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
     import benchmark_lib
     import torch_input
     files = []
@@ -178,23 +177,21 @@ def test_bad_flag_is_one_line():
 
 
 # ------------------------------------------------------------ the PyTorch step
-TOOLS = os.path.join(ROOT, "tools")
-COMPARE = os.path.join(TOOLS, "compare_torch.py")
+COMPARE = os.path.join(ROOT, "benchmarks", "compare_torch.py")
 
 
 def test_torch_step_first_loss_is_co2_tfs():
     """Same weights, queue and inputs: the PyTorch step's loss is co2_tf's."""
     torch = pytest.importorskip("torch")
 
-    import tensorflow as tf
-
-    sys.path.insert(0, TOOLS)
     import benchmark_lib
+    import tensorflow as tf
     import torch_step
 
-    from co2_tf import backbones, losses
     from co2_tf.config import TrainConfig
-    from co2_tf.model import CO2Model
+    from co2_tf.method import losses
+    from co2_tf.method.model import CO2Model
+    from co2_tf.nets import backbones
 
     config = TrainConfig(**benchmark_lib.NOT_A_RUN, backbone="tiny", image_size=16,
                          batch_size=16, queue_size=64, dim=16, bn_groups=1, head="mlp",
@@ -269,7 +266,6 @@ def test_compare_torch_fields(tmp_path):
 def test_compare_torch_takes_the_median_of_the_alternations(monkeypatch):
     """Three alternations (the tools' runs faked): the median ratio, not the mean."""
     pytest.importorskip("torch")
-    sys.path.insert(0, TOOLS)
     import benchmark_lib
     import compare_torch
 
@@ -309,7 +305,6 @@ def test_compare_torch_without_torch_is_one_line(tmp_path):
 
 def test_conv_kernels_mode_adds_up_the_step_convs():
     """--conv_kernels: every conv of the backbone, its FLOPs, and the per-step sum they give."""
-    sys.path.insert(0, TOOLS)
     import benchmark_lib
 
     from co2_tf.config import TrainConfig
@@ -353,7 +348,6 @@ def test_paired_utilisation_is_the_median_of_the_rounds(monkeypatch):
     matmul rates around it, and the figure is the median of the rounds (not their mean, not
     the ratio of medians), recomputed here in NumPy. The timings are chosen so that those
     three differ by over 5%."""
-    sys.path.insert(0, TOOLS)
     import benchmark_lib
 
     from co2_tf.config import TrainConfig

@@ -16,7 +16,7 @@ from helpers.step_reference import recorded_steps
 
 from co2_tf import build
 from co2_tf.config import TrainConfig
-from co2_tf.model import CO2Model
+from co2_tf.method.model import CO2Model
 
 BATCH, STEPS, STEPS_PER_EPOCH = 16, 3, 2
 # Every option differs from CO2Model's default (asserted below): a value dropped on the way

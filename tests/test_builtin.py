@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
+from co2_tf.data.sources import builtin
 from co2_tf.errors import UserError
-from co2_tf.sources import builtin
 
 SIZE = 16
 

@@ -1,10 +1,10 @@
-"""co2_tf.collapse: the detector's logic on synthetic metric sequences (no training)."""
+"""co2_tf.run.collapse: the detector's logic on synthetic metric sequences (no training)."""
 
 import math
 
 import pytest
 
-from co2_tf import collapse
+from co2_tf.run import collapse
 
 K = 4096
 LN = math.log(1 + K)

@@ -1,4 +1,4 @@
-"""tools/collapse_probe.py (docs/study.md reads its JSON lines): in-process, a few steps of
+"""research/collapse_probe.py (docs/study.md reads its JSON lines): in-process, a few steps of
 the tiny model."""
 import json
 

@@ -5,8 +5,10 @@ import re
 
 import pytest
 
-from co2_tf import augment, backbones, config, optimizers
+from co2_tf import config, optimizers
+from co2_tf.data import augment
 from co2_tf.errors import UserError
+from co2_tf.nets import backbones
 
 
 def test_flag_choices_match_the_library():

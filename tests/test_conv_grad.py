@@ -1,11 +1,11 @@
-"""co2_tf.conv_grad: the filter gradient by matmul equals a NumPy reference."""
+"""co2_tf.nets.conv_grad: the filter gradient by matmul equals a NumPy reference."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from co2_tf import conv_grad
+from co2_tf.nets import conv_grad
 
 
 def _numpy_filter_grad(x, g, kernel, stride, pads):

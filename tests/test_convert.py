@@ -21,8 +21,10 @@ torch = pytest.importorskip("torch")
 from helpers import torch_layouts as tl  # noqa: E402
 from helpers import torch_resnets as tr  # noqa: E402
 
-from co2_tf import backbones, convert, export, rundir  # noqa: E402
 from co2_tf.errors import UserError  # noqa: E402
+from co2_tf.interop import convert, export  # noqa: E402
+from co2_tf.nets import backbones  # noqa: E402
+from co2_tf.run import rundir  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT_TOOL = os.path.join(ROOT, "tools", "convert.py")

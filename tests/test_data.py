@@ -1,4 +1,4 @@
-"""Tests for co2_tf.data: the index contract and the labelled pipeline, per source kind."""
+"""co2_tf.data.pipelines: the index contract and the labelled pipeline, per source kind."""
 import logging
 import os
 
@@ -9,9 +9,10 @@ import tensorflow_datasets as tfds
 from helpers.image_folder import GOOD
 from helpers.references import split_arrays
 
-from co2_tf import augment, data
+from co2_tf.data import augment
+from co2_tf.data import pipelines as data
+from co2_tf.data.sources import builtin, make_source
 from co2_tf.errors import UserError
-from co2_tf.sources import builtin, make_source
 
 SIZE = 16
 SEED = 5

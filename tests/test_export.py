@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from co2_tf import backbones, build, export, rundir
+from co2_tf import build
 from co2_tf.errors import UserError
+from co2_tf.interop import export
+from co2_tf.nets import backbones
+from co2_tf.run import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPORT_TOOL = os.path.join(ROOT, "tools", "export.py")

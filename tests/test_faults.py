@@ -371,7 +371,7 @@ def _dead_pid():
 ])
 def test_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path, holder, taken_over,
                                                             caplog):
-    from co2_tf import runlock
+    from co2_tf.run import runlock
     path = tmp_path / ".lock"
     now = time.time()
     lock = dict(host=socket.gethostname() if holder["host"] == "this" else holder["host"],

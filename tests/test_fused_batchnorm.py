@@ -1,4 +1,4 @@
-"""Tests for co2_tf.fused_batchnorm: the fused op is Keras's BatchNormalization."""
+"""Tests for co2_tf.nets.fused_batchnorm: the fused op is Keras's BatchNormalization."""
 import keras
 import numpy as np
 import pytest
@@ -11,7 +11,8 @@ from helpers.models import batches
 def test_fused_batch_norm_is_keras_batch_norm(precision_name, tmp_path):
     """The fused training-mode BN (what the trainer's backbones use) gives Keras
     BN's outputs, gradients and moving statistics, and saves as built-in BN."""
-    from co2_tf import backbones, fused_batchnorm, precision
+    from co2_tf import precision
+    from co2_tf.nets import backbones, fused_batchnorm
     with precision.policy_scope(precision_name):
         keras_bn = backbones.build_backbone("tiny", 16, seed=1)
         fused = fused_batchnorm.fuse_batch_norm(backbones.build_backbone("tiny", 16, seed=1))

@@ -1,4 +1,4 @@
-"""Tests for co2_tf.image_files: folder listing, integrity checks, decoding."""
+"""Tests for co2_tf.data.image_files: folder listing, integrity checks, decoding."""
 import io
 import logging
 import os
@@ -12,10 +12,11 @@ import tensorflow as tf
 from helpers.image_folder import GOOD
 from PIL import Image
 
-from co2_tf import data, image_files
 from co2_tf.config import TrainConfig
+from co2_tf.data import image_files
+from co2_tf.data import pipelines as data
+from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError, user_error_in
-from co2_tf.sources import make_source
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
                      "train.py")
@@ -35,7 +36,7 @@ def _pil_reference(path):
 
 def test_folder_listing_and_report(image_folder, caplog):
     image_files._list_folder_cached.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="co2_tf.image_files"):
+    with caplog.at_level(logging.WARNING, logger="co2_tf.data.image_files"):
         listing = image_files.list_folder(str(image_folder))
         image_files.list_folder(str(image_folder))
         make_source(f"folder:{image_folder}").validate()
@@ -184,7 +185,7 @@ def test_pixel_limit_reduces_jpegs_and_skips_other_formats(tmp_path, caplog):
         (folder / "big.jpg").write_bytes(_encoded("JPEG", 64, k))
         (folder / "big.png").write_bytes(_encoded("PNG", 64, k))
         (folder / "small.png").write_bytes(_encoded("PNG", 16, k))
-    with caplog.at_level(logging.WARNING, logger="co2_tf.image_files"):
+    with caplog.at_level(logging.WARNING, logger="co2_tf.data.image_files"):
         source = make_source(f"folder:{tmp_path}", max_image_pixels=1000)
         listing = source.listing("train")
     assert sorted(os.path.relpath(f, tmp_path) for f in listing.files) == [
@@ -236,10 +237,10 @@ def test_degenerate_pretraining_data_is_named(tmp_path, caplog):
     one.mkdir(parents=True)
     for i in range(4):
         (one / f"{i}.png").write_bytes(_encoded("PNG", 8, i))
-    with caplog.at_level(logging.WARNING, logger="co2_tf.data"):
+    with caplog.at_level(logging.WARNING, logger="co2_tf.data.pipelines"):
         lines = data.pretraining_data_warnings(make_source(f"folder:{one.parent}"), "train", 2)
     assert len(lines) == 1 and "one class (only)" in lines[0] and "meaningless" in lines[0]
-    assert [r.getMessage() for r in caplog.records if r.name == "co2_tf.data"] == lines
+    assert [r.getMessage() for r in caplog.records if r.name == "co2_tf.data.pipelines"] == lines
     builtin = make_source("builtin")
     n = builtin.num_examples("train")
     assert data.pretraining_data_warnings(builtin, "train", n - 1) == []

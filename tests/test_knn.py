@@ -7,9 +7,10 @@ import pytest
 import tensorflow as tf
 from helpers.references import SMALL, numpy_knn, topk, unit
 
-from co2_tf import export, rundir
+from co2_tf.data.sources import builtin
 from co2_tf.evaluation import knn
-from co2_tf.sources import builtin
+from co2_tf.interop import export
+from co2_tf.run import rundir
 
 
 def test_knn_scores_match_numpy():

@@ -1,4 +1,4 @@
-"""co2_tf.losses against an independent float64 NumPy reference."""
+"""co2_tf.method.losses against an independent float64 NumPy reference."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from helpers.references import (
     ref_info_nce,
 )
 
-from co2_tf import losses
+from co2_tf.method import losses
 
 
 # ------------------------------------------------------------ NumPy reference

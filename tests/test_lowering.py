@@ -17,8 +17,10 @@ import tensorflow_datasets as tfds
 from helpers.presets import preset_config
 from PIL import Image
 
-from co2_tf import backbones, build, data, precision
+from co2_tf import build, precision
+from co2_tf.data import pipelines as data
 from co2_tf.evaluation import classifier, linear_probe
+from co2_tf.nets import backbones
 
 BATCH = 2
 # Ops that call back into Python or carry strings: none may be in a device graph.

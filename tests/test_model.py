@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from co2_tf import losses
-from co2_tf.backbones import build_backbone
-from co2_tf.fused_batchnorm import fuse_batch_norm
-from co2_tf.model import CO2Model
+from co2_tf.method import losses
+from co2_tf.method.model import CO2Model
+from co2_tf.nets.backbones import build_backbone
+from co2_tf.nets.fused_batchnorm import fuse_batch_norm
 from co2_tf.optimizers import make_optimizer
 
 SIZE = 8

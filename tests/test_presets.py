@@ -10,9 +10,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import throughput_model as throughput
 from helpers.presets import preset_config
 
-from co2_tf import build, optimizers, throughput
+from co2_tf import build, optimizers
 
 EXECUTION = {"precision", "steps_per_execution", "strategy"}
 ACCELERATOR = {  # preset -> (its recipe, precision, strategy, replicas it must split over)
@@ -77,7 +78,7 @@ def test_preset_builds(name):
     assert all(w.dtype == "float32" for w in model.query_variables)
     assert model.queue.dtype == "float32"
     assert model.steps_per_execution == config.steps_per_execution
-    # The throughput model's arithmetic counts the same parameters (tools/throughput.py).
+    # The throughput model's arithmetic counts the same parameters (benchmarks/throughput.py).
     params = sum(int(np.prod(w.shape)) for w in model.query_variables)
     assert params == throughput.encoder(config).params
     if config.precision == "mixed_float16":

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import data
+from co2_tf.data import pipelines as data
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tools"))

@@ -9,9 +9,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import image_files, progress
-from co2_tf.callbacks import ProgressCallback, progress_callbacks
+from co2_tf import progress
+from co2_tf.data import image_files
 from co2_tf.evaluation import knn
+from co2_tf.run.callbacks import ProgressCallback, progress_callbacks
 
 # What every progress line looks like (with a total: count/total, percent, ETA).
 LINE = re.compile(r"^(?P<what>[^:]+): (?P<count>\d+)/(?P<total>\d+) (?P<unit>\w+) \(\d+%\), "

@@ -16,7 +16,7 @@ from helpers.references import split_arrays
 from helpers.tools_in_one_process import run_tools
 from PIL import Image
 
-from co2_tf import rundir
+from co2_tf.run import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(ROOT, "README.md")) as _f:

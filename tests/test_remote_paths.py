@@ -15,9 +15,10 @@ import tensorflow as tf
 from helpers.image_folder import write_split_folders
 from helpers.tools_in_one_process import run_tools
 
-from co2_tf import export, training
+from co2_tf import training
 from co2_tf.config import TrainConfig
 from co2_tf.evaluation import knn, linear_probe, semi_supervised
+from co2_tf.interop import export
 
 # Tiny convnet, 16 px, 3 classes x 8 images per split, a queue of 2 batches.
 SMALL = dict(image_size=16, batch_size=8, queue_size=16, dim=16, knn_every=0, log_every=1,

@@ -20,9 +20,10 @@ import pytest
 import tensorflow as tf
 from helpers.references import SMALL
 
-from co2_tf import callbacks, distribute, progress, rundir, training
+from co2_tf import distribute, progress, training
 from co2_tf.config import TrainConfig
 from co2_tf.evaluation import classifier, common, knn, retrieval
+from co2_tf.run import callbacks, rundir
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers",
                       "replicas_worker.py")

@@ -1,11 +1,12 @@
-"""Tests for co2_tf.rundir: the run dir's small files, on local paths and ram:// alike."""
+"""Tests for co2_tf.run.rundir: the run dir's small files, on local paths and ram:// alike."""
 import dataclasses
 
 import pytest
 
-from co2_tf import io, rundir
+from co2_tf import io
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
+from co2_tf.run import rundir
 
 
 def test_write_class_names(tmp_path):

@@ -7,10 +7,10 @@ import pytest
 import tensorflow as tf
 from helpers.references import split_arrays, topk
 
-from co2_tf import rundir
+from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError
 from co2_tf.evaluation import classifier, common, semi_supervised
-from co2_tf.sources import make_source
+from co2_tf.run import rundir
 
 
 def test_balanced_subset_and_split_files(tmp_path):
@@ -52,7 +52,7 @@ def test_label_fraction_outside_0_1_is_an_error(fraction):
 
 
 def test_fine_tuner_gives_backbone_and_head_their_own_learning_rates():
-    from co2_tf import backbones  # noqa: PLC0415
+    from co2_tf.nets import backbones  # noqa: PLC0415
     backbone = backbones.build_backbone("tiny", 16, seed=0)
 
     def sgd(lr):

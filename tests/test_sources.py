@@ -1,4 +1,4 @@
-"""Tests for co2_tf.sources: dataset specs, sizes, labels and the held-out split per kind."""
+"""Tests for co2_tf.data.sources: dataset specs, sizes, labels and the held-out split per kind."""
 import os
 
 import numpy as np
@@ -7,9 +7,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from co2_tf import data, folder_index, image_files, io
+from co2_tf import io
+from co2_tf.data import folder_index, image_files
+from co2_tf.data import pipelines as data
+from co2_tf.data.sources import builtin, make_source, parse_dataset_spec
 from co2_tf.errors import UserError
-from co2_tf.sources import builtin, make_source, parse_dataset_spec
 
 # Specs. -------------------------------------------------------------------
 

@@ -4,9 +4,10 @@ import dataclasses
 
 import numpy as np
 import pytest
+import study_runs as study
 import tensorflow as tf
 
-from co2_tf import io, study, training
+from co2_tf import io, training
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
 
@@ -140,7 +141,7 @@ def test_the_table_is_the_mean_and_sample_std_over_seeds():
 
 
 def test_the_binary_reuses_finished_cells_and_prints_the_table(tmp_path, capsys):
-    """tools/study.py's main (in-process): flags -> StudyConfig -> the table on stdout; its
+    """research/study.py's main (in-process): flags -> StudyConfig -> the table on stdout; its
     one-line errors. The cells are already finished (no training)."""
     from helpers.tool_main import run_main  # noqa: PLC0415
 

@@ -6,9 +6,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from co2_tf import data, record_writer
+from co2_tf.data import pipelines as data
+from co2_tf.data import record_writer
+from co2_tf.data.sources import make_source, tfrecord
 from co2_tf.errors import UserError
-from co2_tf.sources import make_source, tfrecord
 
 CLASSES = ("ant", "bee", "cat")
 PER_CLASS = {"train": 6, "val": 2}

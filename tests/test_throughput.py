@@ -1,4 +1,4 @@
-"""co2_tf.throughput's arithmetic, pinned by hand for the presets, and tools/throughput.py.
+"""co2_tf.throughput's arithmetic, pinned by hand for the presets, and benchmarks/throughput.py.
 
 References: torchvision's published ResNet sizes (resnet50 25,557,032 parameters and 4.09
 GMACs, "GFLOPS" in its docs; resnet18 11,689,512 and 1.81), less their 1000-class fc layer,
@@ -10,10 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import throughput_model as throughput
 from helpers.presets import preset_config
 
-from co2_tf import augment_device, throughput
 from co2_tf.config import AUGMENT_PLACEMENTS
+from co2_tf.data import augment_device
 from co2_tf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,8 +149,8 @@ def test_bad_inputs_are_one_line_errors(change, match):
 
 
 def test_tool_prints_the_library_figures():
-    """tools/throughput.py (no TF import: fast) in JSON and as the docs' table."""
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "throughput.py"),
+    """benchmarks/throughput.py (no TF import: fast) in JSON and as the docs' table."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
            "--flagfile=" + os.path.join(ROOT, "flags", "imagenet_mocov2_co2_tpu.cfg"),
            "--target=tpu_v4_32,8xa100", "--precision=mixed_bfloat16"]
     out = subprocess.run(cmd + ["--format=json", "--augment_on=host"], capture_output=True,

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+import throughput_model as throughput
 from helpers.models import MODEL, batches, build
 from tensorflow.python.distribute import distribute_lib
-
-from co2_tf import throughput
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "accelerators.md"
 
@@ -238,7 +237,7 @@ def test_one_step_moves_what_the_table_says(traced):
         # Whether any replica's gradients overflowed: one float32, before the optimizer.
         expected["overflow flag"] = (4, 1)
     assert _measured(sites, n) == expected
-    # The library's arithmetic (co2_tf.throughput, what tools/throughput.py prints) agrees.
+    # The library's arithmetic (co2_tf.throughput, what benchmarks/throughput.py prints) agrees.
     b = MODEL["batch_size"] // n
     lib = throughput.collective_bytes(
         params=params, bn_statistics=bn_stats, per_replica_batch=b,
@@ -254,7 +253,7 @@ def test_one_step_moves_what_the_table_says(traced):
 def test_a_queue_broadcast_is_caught(two_replicas, monkeypatch):
     """The accounting sees the traffic this work removed: with the queue back on
     "only_first_replica", the same step gains a merge call and a broadcast of the queue."""
-    from co2_tf import model as model_module  # noqa: PLC0415
+    from co2_tf.method import model as model_module  # noqa: PLC0415
 
     original = model_module.CO2Model.add_weight
 
@@ -320,7 +319,7 @@ def test_key_images_cross_in_their_dtype_and_the_transform_sees_global_ids(two_r
 def test_all_gather_in_own_bytes(two_replicas, dtype, shape):
     """Dtypes the collective refuses (uint8, bfloat16) cross bitcast into int32 words, examples
     padded to whole words, and come out exact; others go through as they are."""
-    from co2_tf.model import _all_gather_in_own_bytes  # noqa: PLC0415
+    from co2_tf.method.model import _all_gather_in_own_bytes  # noqa: PLC0415
 
     dtype = tf.as_dtype(dtype)
     parts = [np.random.RandomState(i).randint(0, 200, (2, *shape)) for i in range(2)]

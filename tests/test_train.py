@@ -17,10 +17,11 @@ from helpers.references import no_end_of_run_knn, numpy_knn, split_arrays, topk
 from helpers.tool_main import run_main
 from helpers.tools_in_one_process import run_tools
 
-from co2_tf import build, rundir, training
-from co2_tf.callbacks import GlobalStepTensorBoard
+from co2_tf import build, training
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
+from co2_tf.run import rundir
+from co2_tf.run.callbacks import GlobalStepTensorBoard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "tools", "train.py")
@@ -353,17 +354,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------ presets
-PRESETS = sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg")))
+PRESETS = sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg"))
+                 + glob.glob(os.path.join(ROOT, "research", "flags", "*.cfg")))
 # In one subprocess for all presets (each process costs a TF import: co2_tf.study imports
 # training): each preset's flags parsed by its tool's flag definitions (defined afresh per
 # preset, tests/helpers/tool_runner.py's load), checked, and its TrainConfig printed.
 PARSE_PRESETS = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import tool_runner  # (puts tools/ on sys.path)
+import tool_runner  # (puts tools/, research/, benchmarks/ on sys.path)
 import common
+import study_runs as study
 from absl import flags
-from co2_tf import study
 from co2_tf.config import TrainConfig
 out = {}
 for preset, tool in json.loads(sys.argv[2]):
@@ -384,7 +386,7 @@ print(json.dumps(out))
 
 
 def _preset_tool(preset):
-    # flags/study_*.cfg are tools/study.py's: the training flags of every cell, and the grid.
+    # research/flags/study_*.cfg are research/study.py's: every cell's training flags and the grid.
     return "study" if os.path.basename(preset).startswith("study_") else "train"
 
 
@@ -406,7 +408,9 @@ def test_presets_parse_and_check(preset, parsed_presets):
     assert isinstance(config, dict), config
     with open(preset) as f:
         head = f.read()
-    assert f"python tools/{tool}.py --flagfile=flags/" in head  # the run command on top
+    folder = "research" if tool == "study" else "tools"
+    flagfile = os.path.relpath(preset, ROOT)
+    assert f"python {folder}/{tool}.py --flagfile={flagfile}" in head  # the run command on top
     for line in head.splitlines():
         if line.startswith("--"):
             name, value = line[2:].split("=", 1)

@@ -19,9 +19,11 @@ import tensorflow as tf
 from helpers.models import MODEL, DumpWeights, build, find
 from helpers.references import numpy_knn, topk
 
-from co2_tf import data, rundir, training
+from co2_tf import training
 from co2_tf.config import TrainConfig
-from co2_tf.sources import make_source
+from co2_tf.data import pipelines as data
+from co2_tf.data.sources import make_source
+from co2_tf.run import rundir
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "train_worker.py")
 

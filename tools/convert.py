@@ -18,7 +18,7 @@ MoCo's (both encoders, heads, queue; detectron2's MoCo converter reads it):
 import common
 from absl import app
 
-from co2_tf import convert as convert_lib
+from co2_tf.interop import convert as convert_lib
 
 common.define_flags(convert_lib.ConvertConfig, convert_lib.HELP,
                     choices={"torch_layout": convert_lib.LAYOUTS})

@@ -8,7 +8,7 @@
 
 Fine-tune with `keras.models.load_model(".../backbone.keras")` or
 `keras.layers.TFSMLayer(".../saved_model", call_endpoint="serve",
-call_training_endpoint="serve_training", trainable=True)` (see co2_tf/export.py);
+call_training_endpoint="serve_training", trainable=True)` (see co2_tf/interop/export.py);
 feature_maps.keras (and the SavedModel endpoint feature_maps) gives the pyramid C2..C5 for
 detection and segmentation heads.
 """
@@ -16,7 +16,7 @@ detection and segmentation heads.
 import common
 from absl import app
 
-from co2_tf import export as export_lib
+from co2_tf.interop import export as export_lib
 
 common.define_flags(export_lib.ExportConfig, export_lib.HELP)
 

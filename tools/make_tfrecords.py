@@ -10,7 +10,7 @@ With --dataset=tfrecord:GLOB (shards made elsewhere, e.g. by the TPU ImageNet sc
 writes nothing but their record index: it counts the records of --split once, so that the
 hosts of a multi-host run do not each read every shard at their first start.
 
-The Model Garden / TPU ImageNet layout (co2_tf.record_writer): shards
+The Model Garden / TPU ImageNet layout (co2_tf.data.record_writer): shards
 OUTPUT_SPLIT-00000-of-01024 with `image/encoded` (the file's bytes, not
 re-encoded) and `image/class/label` (class index + --label_offset), plus
 classes.txt and the record index. Rerunning the command resumes: finished
@@ -37,9 +37,10 @@ FLAGS = flags.FLAGS
 
 
 def convert():
-    from co2_tf import progress, record_writer
+    from co2_tf import progress
+    from co2_tf.data import record_writer
+    from co2_tf.data.sources import ReadOptions, make_source
     from co2_tf.errors import UserError
-    from co2_tf.sources import ReadOptions, make_source
 
     reporter = progress.Reporter.for_stdout(30.0)
     source = make_source(FLAGS.dataset, FLAGS.data_dir or None, progress=reporter,

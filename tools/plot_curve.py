@@ -11,7 +11,7 @@ batch_* tags against the step. Drawn with Pillow, no plotting library.
 import common
 from absl import app
 
-from co2_tf import drawing
+from co2_tf.evaluation import drawing
 
 common.define_flags(drawing.CurveConfig, drawing.HELP)
 

@@ -7,16 +7,17 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw
 
-from co2_tf import augment as _augment
-from co2_tf import data, drawing
 from co2_tf.config import AUGMENTS
+from co2_tf.data import augment as _augment
+from co2_tf.data import pipelines as data
+from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError
-from co2_tf.sources import make_source
+from co2_tf.evaluation import drawing
 
 
 def preview_grid(spec, *, split="train", data_dir=None, image_size, augment,
                  num_images=8, seed=0):
-    """uint8 preview grid (see `co2_tf.augment.view_pair_grid`) of view pairs.
+    """uint8 preview grid (see `co2_tf.data.augment.view_pair_grid`) of view pairs.
 
     For indexed sources (builtin, folder), row j shows global example j of the
     pretraining stream with this `seed` (its source, and the very views

@@ -13,9 +13,9 @@ import tensorflow as tf
 
 from co2_tf import distribute, optimizers
 from co2_tf import progress as progress_lib
-from co2_tf.callbacks import progress_callbacks
 from co2_tf.errors import UserError
 from co2_tf.evaluation import common
+from co2_tf.run.callbacks import progress_callbacks
 
 
 def classification_metrics(num_classes):

@@ -2,7 +2,7 @@
 
 `EvalConfig` holds the common flags: where the representation comes from (a
 run dir's latest checkpoint, a named checkpoint, or an exported
-backbone.keras, see co2_tf.rundir and co2_tf.export) and which labelled data
+backbone.keras, see co2_tf.run.rundir and co2_tf.interop.export) and which labelled data
 to evaluate it on, and where it runs (--strategy / --tpu, through the
 strategy selection training uses, co2_tf.distribute). `prepare` turns it into
 a strategy, a backbone built under its scope and a checked dataset
@@ -15,11 +15,13 @@ import math
 import keras
 import tensorflow as tf
 
-from co2_tf import build, data, distribute, io, progress, rundir
+from co2_tf import build, distribute, io, progress
 from co2_tf.config import HELP as TRAIN_HELP
 from co2_tf.config import STRATEGIES
+from co2_tf.data import pipelines as data
+from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError
-from co2_tf.sources import make_source
+from co2_tf.run import rundir
 
 LOG_SUBDIR = "logs"  # TensorBoard, in a tool's output dir
 
@@ -216,7 +218,7 @@ def load_backbone(config: EvalConfig):
 @dataclasses.dataclass
 class EvalData:
     """A checked, labelled dataset to evaluate on."""
-    source: object  # co2_tf.sources.base.Source
+    source: object  # co2_tf.data.sources.base.Source
     split: str
     eval_split: str
     image_size: int

@@ -3,10 +3,10 @@
 OUTPUT_DIR/checkpoints holds ``ckpt-N`` (N = the classifier optimizer's
 step): the whole classifier (backbone included), its optimizers and the
 position in the data (epoch, batch of that epoch). As in training
-(co2_tf.callbacks), one is written every `checkpoint_every` steps, at every
+(co2_tf.run.callbacks), one is written every `checkpoint_every` steps, at every
 epoch end and when SIGTERM or SIGINT arrives (then `Preempted` is raised:
 exit 143 / 130). Rerunning the same command restores the newest intact one
-(co2_tf.checkpoints) and goes on from that batch with the very batches an
+(co2_tf.run.checkpoints) and goes on from that batch with the very batches an
 uninterrupted run would have seen.
 
 ``checkpoints/evaluation.json`` records what is trained: the backbone's
@@ -19,9 +19,10 @@ import json
 
 import tensorflow as tf
 
-from co2_tf import checkpoints, io
-from co2_tf.callbacks import CheckpointCallback, Preempted, PreemptionWatcher
+from co2_tf import io
 from co2_tf.errors import UserError
+from co2_tf.run import checkpoints
+from co2_tf.run.callbacks import CheckpointCallback, Preempted, PreemptionWatcher
 
 CHECKPOINT_SUBDIR = "checkpoints"
 KEY_FILE = "evaluation.json"

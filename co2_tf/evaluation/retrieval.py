@@ -15,9 +15,9 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from co2_tf import drawing, io
+from co2_tf import io
 from co2_tf.errors import UserError
-from co2_tf.evaluation import common, knn
+from co2_tf.evaluation import common, drawing, knn
 
 PICTURE_FILE = "retrieval.png"
 RESULTS_FILE = "retrieval.json"

@@ -1,7 +1,7 @@
 """References tests share: the small trained run's settings, NumPy kNN, float64 NumPy losses."""
 import numpy as np
 
-from co2_tf import data
+from co2_tf.data import pipelines as data
 
 # The small run the evaluation and export tests share (tests/conftest.py trains it once).
 SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, train_steps=3, knn_every=0,

@@ -11,15 +11,17 @@ import sys
 
 from absl import flags
 
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "tools")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = os.path.join(ROOT, "tools")
+# Binaries live in tools/ (users'), research/ and benchmarks/; all import tools/common.py.
+FOLDERS = [TOOLS, os.path.join(ROOT, "research"), os.path.join(ROOT, "benchmarks")]
 
 
 def run_main(tool, args):
     if TOOLS not in sys.path:
         sys.path.insert(0, TOOLS)
     before = set(flags.FLAGS)
-    path = os.path.join(TOOLS, f"{tool}.py")
+    path = next(p for p in (os.path.join(d, f"{tool}.py") for d in FOLDERS) if os.path.exists(p))
     try:
         namespace = runpy.run_path(path, run_name=f"{tool}_in_process")
         try:

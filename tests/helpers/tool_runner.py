@@ -17,9 +17,15 @@ import runpy
 import sys
 import tempfile
 
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "tools")
-sys.path.insert(0, TOOLS)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = os.path.join(ROOT, "tools")
+# Binaries live in tools/ (users'), research/ and benchmarks/; all import tools/common.py.
+FOLDERS = [TOOLS, os.path.join(ROOT, "research"), os.path.join(ROOT, "benchmarks")]
+sys.path[:0] = FOLDERS
+
+
+def tool_path(tool):
+    return next(p for p in (os.path.join(d, f"{tool}.py") for d in FOLDERS) if os.path.exists(p))
 
 from absl import app, flags, logging  # noqa: E402, F401 (app and logging define flags)
 
@@ -32,7 +38,7 @@ def load(tool, run_name):
     FLAGS.unparse_flags()
     for name in set(FLAGS) - ABSL_FLAGS:
         delattr(FLAGS, name)
-    path = os.path.join(TOOLS, f"{tool}.py")
+    path = tool_path(tool)
     namespace = runpy.run_path(path, run_name=run_name)
     if run_name != "__main__" and "define_flags" in namespace:  # defined in __main__ only
         namespace["define_flags"]()
@@ -41,7 +47,7 @@ def load(tool, run_name):
 
 def run(tool, args):
     """Runs tools/TOOL.py ARGS; returns its exit code."""
-    sys.argv = [os.path.join(TOOLS, f"{tool}.py")] + args
+    sys.argv = [tool_path(tool)] + args
     try:
         load(tool, "__main__")  # app.run parses the flags, runs main and exits
         return 0

@@ -1,0 +1,1 @@
+"""Data: sources (builtin, folder, tfds, tfrecord), image files, augmentation, pipelines."""

@@ -1,0 +1,1 @@
+"""Leaving co2_tf: export (.keras, SavedModel) and PyTorch weights."""

@@ -1,0 +1,1 @@
+"""The method (the paper): the CO2 model and its losses."""

@@ -1,0 +1,1 @@
+"""Networks: backbones in torchvision's layout, fused batch norm, CPU kernel patches."""

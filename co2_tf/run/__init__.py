@@ -1,0 +1,1 @@
+"""What every long job shares: the run dir, checkpoints, preemption, callbacks."""
