@@ -77,7 +77,7 @@ def build_model(config, bn_groups, steps_per_epoch=1):
     """
     with precision.policy_scope(config.precision):
         return CO2Model(
-            backbone_fn(config), image_size=config.image_size, head=config.head, dim=config.dim,
+            backbone_fn(config), head=config.head, dim=config.dim,
             queue_size=config.queue_size, ema_momentum=config.ema_momentum,
             temperature=config.temperature,
             consistency_temperature=config.consistency_temperature,

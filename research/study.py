@@ -47,15 +47,8 @@ def main(argv):
                                linear_epochs=FLAGS.linear_epochs,
                                base=dataclasses.replace(base, model_dir=""))
     common.run_guarded(config.check)
-    from co2_tf import training
-    try:
-        text = common.run_guarded(study.run_study, config,
-                                  verbose=1 if sys.stdout.isatty() else 0,
-                                  log=lambda line: print(line, flush=True))
-    except training.Preempted as e:  # the cell's checkpoint is written: a rerun resumes it
-        common.fail(str(e), code=e.exit_code)
-    except (training.NonFiniteLoss, training.SaveFailed) as e:
-        common.fail(str(e), code=3 if isinstance(e, training.NonFiniteLoss) else 4)
+    text = common.run_guarded(study.run_study, config, verbose=1 if sys.stdout.isatty() else 0,
+                              log=lambda line: print(line, flush=True))
     print(text)
 
 

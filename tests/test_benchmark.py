@@ -197,7 +197,7 @@ def test_torch_step_first_loss_is_co2_tfs():
                          batch_size=16, queue_size=64, dim=16, bn_groups=1, head="mlp",
                          consistency_weight=1.0).check()
     ours = CO2Model(lambda name: backbones.build_backbone("tiny", 16, model_name=name, seed=3),
-                    image_size=16, head="mlp", dim=16, queue_size=64,
+                    head="mlp", dim=16, queue_size=64,
                     temperature=config.temperature,
                     consistency_temperature=config.consistency_temperature,
                     consistency_weight=1.0, bn_groups=1, seed=3)

@@ -29,7 +29,7 @@ def flat_backbone(name, with_bn=False):
 def make_model(strategy=None, with_bn=False, optimizer=None, **kwargs):
     """optimizer: a factory, called under the strategy's scope."""
     strategy = strategy or tf.distribute.get_strategy()
-    args = dict(image_size=SIZE, head="mlp", dim=4, queue_size=16, ema_momentum=0.9,
+    args = dict(head="mlp", dim=4, queue_size=16, ema_momentum=0.9,
                 temperature=0.2, consistency_temperature=0.1, consistency_weight=1.0,
                 bn="shuffle", bn_groups=1, seed=5)
     args.update(kwargs)
@@ -226,7 +226,7 @@ def test_mirrored_copies_stay_bit_identical(two_replicas, bn):
                                               model_name=name, seed=3))
 
     with two_replicas.scope():
-        model = CO2Model(backbone, image_size=SIZE, head="mlp", dim=4, queue_size=16,
+        model = CO2Model(backbone, head="mlp", dim=4, queue_size=16,
                          ema_momentum=0.9, bn=bn, bn_groups=1, seed=5)
         opt = make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=0.05)
         model.compile(optimizer=opt)

@@ -25,17 +25,7 @@ def main(argv):
     config = common.config_from_flags(config_lib.TrainConfig)
     common.run_guarded(config.check)  # fail before importing TF for bad flags
     from co2_tf import training
-    try:
-        summary = common.run_guarded(training.train, config)
-    except training.NonFiniteLoss as e:
-        common.fail(str(e), code=3)
-    except training.Preempted as e:
-        common.fail(str(e), code=e.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
-        common.fail("interrupted (Ctrl-C) before the first step; nothing written to resume "
-                    "from", code=130)
-    except training.SaveFailed as e:
-        common.fail(str(e), code=4)
+    summary = common.run_guarded(training.train, config)
     if "knn_top1" in summary:
         print(f"kNN top-1 (k={config.knn_k}) on the held-out split: "
               f"trained {100 * summary['knn_top1']:.1f}%, "

@@ -91,14 +91,6 @@ def consistency_scale(consistency_temperature, temperature):
     return (float(consistency_temperature) / float(temperature)) ** 2
 
 
-def contrastive_logits(q, k, queue, temperature):
-    """Logits [B, 1 + K]: the positive q.k at index 0, then q.queue^T."""
-    q, k, queue = _f32(q, k, queue)
-    positive = tf.reduce_sum(q * k, axis=-1, keepdims=True)
-    negatives = tf.matmul(q, queue, transpose_b=True)
-    return tf.concat([positive, negatives], axis=-1) / temperature
-
-
 def info_nce_loss(q, k, queue, temperature):
     """MoCo's InfoNCE: cross-entropy with the positive at index 0.
 

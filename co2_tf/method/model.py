@@ -114,7 +114,6 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
       backbone_fn: callable(model_name) -> keras.Model mapping images to pooled
         features [B, F]. Called twice (query and key encoder); it must build
         the same architecture each time.
-      image_size: side of the square input images.
       head: "linear" (MoCo v1) or "mlp" (MoCo v2).
       dim: projection dimension D.
       queue_size: K, a multiple of the global batch size.
@@ -139,7 +138,7 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         the key shard, each with the examples' global indices.
     """
 
-    def __init__(self, backbone_fn, *, image_size, head="mlp", dim=128, queue_size=65536,
+    def __init__(self, backbone_fn, *, head="mlp", dim=128, queue_size=65536,
                  ema_momentum=0.999, temperature=0.2, consistency_temperature=0.04,
                  consistency_weight=1.0, consistency_over="negatives",
                  consistency_kl="symmetric", consistency_warmup_steps=0, bn="shuffle",
@@ -149,7 +148,6 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        self.image_size = image_size
         self.dim = dim
         self.queue_size = queue_size
         self.ema_momentum = ema_momentum

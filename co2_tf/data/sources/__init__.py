@@ -20,7 +20,6 @@ import importlib
 
 from co2_tf.errors import UserError
 
-KINDS = ("builtin", "tfds", "folder", "tfrecord")
 SPEC_FORMS = "'builtin', 'tfds:NAME[/CONFIG]', 'folder:PATH' or 'tfrecord:GLOB'"
 # kind -> (module in this package, Source class).
 _SOURCE_CLASSES = {"builtin": ("builtin", "BuiltinSource"), "tfds": ("tfds", "TfdsSource"),
