@@ -354,7 +354,7 @@ def bare_step_fn(model, shuffle_bn):
         if shuffle_bn:
             keys, _ = model.encode_keys(x_k, model.optimizer.iterations)
         else:
-            keys = tf.stop_gradient(model._encode_key_groups(x_k, 1))
+            keys = tf.stop_gradient(model.encode_key_groups(x_k))
         qvars = model.query_variables
         with tf.GradientTape() as tape:
             q = model.encode_query(x_q, training=True)

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from co2_tf import distribute, optimizers, precision
 from co2_tf.data import augment_device
-from co2_tf.method import losses
+from co2_tf.method import objective
 from co2_tf.method.model import CO2Model
 from co2_tf.nets import backbones, conv_grad, fused_batchnorm
 
@@ -58,17 +58,8 @@ def view_transform(config, strategy=None):
                                         jit_compile=bool(tf.config.list_logical_devices("GPU")))
 
 
-def consistency_weight(config):
-    """The alpha the model trains with: --consistency_weight, times (tau_con / tau)^2 with
-    --consistency_temperature_scaling (the paper's alpha, and MoCo's 0, without it)."""
-    if not config.consistency_temperature_scaling:
-        return config.consistency_weight
-    return config.consistency_weight * losses.consistency_scale(
-        config.consistency_temperature, config.temperature)
-
-
 def build_model(config, bn_groups, steps_per_epoch=1):
-    """A CO2Model for `config`; call under the strategy's scope.
+    """A CO2Model for `config`, trained on its CO2Objective; call under the strategy's scope.
 
     `steps_per_epoch` turns --consistency_warmup_epochs into steps.
 
@@ -77,14 +68,9 @@ def build_model(config, bn_groups, steps_per_epoch=1):
     """
     with precision.policy_scope(config.precision):
         return CO2Model(
-            backbone_fn(config), head=config.head, dim=config.dim,
+            backbone_fn(config), objective.co2_objective(config, steps_per_epoch),
+            head=config.head, dim=config.dim,
             queue_size=config.queue_size, ema_momentum=config.ema_momentum,
-            temperature=config.temperature,
-            consistency_temperature=config.consistency_temperature,
-            consistency_weight=consistency_weight(config),
-            consistency_over=config.consistency_over, consistency_kl=config.consistency_kl,
-            consistency_warmup_steps=int(round(config.consistency_warmup_epochs
-                                               * steps_per_epoch)),
             bn=config.bn, bn_groups=bn_groups, seed=config.seed,
             view_transform=view_transform(config), name="co2")
 
