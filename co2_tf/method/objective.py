@@ -88,8 +88,7 @@ def co2_objective(config, steps_per_epoch=1):
     """
     weight = config.consistency_weight
     if config.consistency_temperature_scaling:
-        weight = weight * consistency_scale(config.consistency_temperature,
-                                                   config.temperature)
+        weight = weight * consistency_scale(config.consistency_temperature, config.temperature)
     return CO2Objective(
         temperature=config.temperature, consistency_temperature=config.consistency_temperature,
         weight=weight, over=config.consistency_over, kl=config.consistency_kl,
