@@ -22,11 +22,13 @@ import tempfile
 import time
 
 MUTATIONS = [
-    # -- 1: shuffle-BN becomes local BN on every multi-replica run.
+    # -- 1: shuffle-BN becomes local BN on every multi-replica run. (test_model.py's
+    # BN-free 2-replica test cannot see it: it once failed only on a stale name here.)
     dict(name="shuffle_bn_identity_across_replicas", file="co2_tf/method/model.py",
          old="perm = tf.argsort(noise, stable=True)",
-         new="perm = tf.argsort(noise, stable=True) if n == 1 else tf.range(total)",
-         tests="tests/test_model.py"),
+         new="perm = tf.argsort(noise, stable=True) if n == 1 else tf.range(b * n)",
+         tests="tests/test_model_reference.py"
+               "::test_shuffle_bn_across_two_replicas_matches_the_reference"),
     # -- 2: InfoNCE in the step's objective given tau_con; the keys through the query head.
     dict(name="info_nce_with_consistency_temperature", file="co2_tf/method/objective.py",
          old="co2_terms(q, k, queue, self.temperature, self.consistency_temperature,",
