@@ -190,7 +190,7 @@ class ViewTransform:
     jit_compile: run it as one XLA cluster even when the step is not compiled
     (for GPUs: its dozens of element-wise ops over the batch fuse into a few
     kernels instead of streaming the batch through memory each; on a CPU XLA
-    made it 4x slower, BUILD.md). TPUs compile the whole step anyway.
+    made it slower; measured: docs/performance.md). TPUs compile the whole step anyway.
     """
 
     def __init__(self, recipe, seed, view=0, jit_compile=False):
