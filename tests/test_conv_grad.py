@@ -120,7 +120,7 @@ def test_conv_filter_grad_picks_the_kernel(monkeypatch):
         assert conv_grad.resolve("auto") == ("matmul" if pays_off else "tf")
         auto = backbones.build_backbone("tiny", 16, conv_filter_grad="auto")
         assert _patched(auto) == [pays_off] * 4
-    with pytest.raises(UserError, match="conv_filter_grad 'fast'"):
+    with pytest.raises(UserError, match="conv_filter_grad='fast'"):
         backbones.build_backbone("tiny", 16, conv_filter_grad="fast")
 
 

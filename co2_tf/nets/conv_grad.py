@@ -127,7 +127,8 @@ def resolve(conv_filter_grad):
     if conv_filter_grad == "auto":
         return "matmul" if pays_off() else "tf"
     if conv_filter_grad not in ("tf", "matmul"):
-        raise UserError(f"unknown conv_filter_grad {conv_filter_grad!r}: use auto, tf or matmul")
+        raise UserError(f"unknown --conv_filter_grad={conv_filter_grad!r}: use one of auto, tf, "
+                        "matmul")
     return conv_filter_grad
 
 
