@@ -13,7 +13,7 @@ from co2_tf import distribute, optimizers, precision
 from co2_tf.data import augment_device
 from co2_tf.method import objective
 from co2_tf.method.model import CO2Model
-from co2_tf.nets import backbones, conv_grad, fused_batchnorm
+from co2_tf.nets import backbones, fused_batchnorm
 
 
 def in_float32(config):
@@ -21,18 +21,22 @@ def in_float32(config):
     return dataclasses.replace(config, precision="float32")
 
 
-def backbone_fn(config):
-    """The builder the model calls for its query and key backbones."""
+def backbone_fn(config, conv_filter_grad="tf"):
+    """The builder the model calls for its query and key backbones.
+
+    conv_filter_grad: the convs' filter-gradient kernel (co2_tf.nets.conv_grad). Training
+    and the benchmark pass config.conv_filter_grad; evaluation, export and the kNN
+    monitor keep TF's kernel, the default.
+    """
     bn = "sync" if config.bn == "sync" else "local"
 
     def build(model_name):
         with precision.policy_scope(config.precision):
             backbone = backbones.build_backbone(config.backbone, config.image_size, bn=bn,
-                                                model_name=model_name, seed=config.seed)
+                                                model_name=model_name, seed=config.seed,
+                                                conv_filter_grad=conv_filter_grad)
         # Same BN semantics, one fused op per BN layer (the step's main cost otherwise).
         fused_batchnorm.fuse_batch_norm(backbone)
-        if conv_grad.pays_off():  # the same gradients, faster on AVX2 CPUs
-            conv_grad.matmul_filter_grad(backbone)
         return backbone
     return build
 
@@ -58,17 +62,18 @@ def view_transform(config, strategy=None):
                                         jit_compile=bool(tf.config.list_logical_devices("GPU")))
 
 
-def build_model(config, bn_groups, steps_per_epoch=1):
+def build_model(config, bn_groups, steps_per_epoch=1, conv_filter_grad="tf"):
     """A CO2Model for `config`, trained on its CO2Objective; call under the strategy's scope.
 
-    `steps_per_epoch` turns --consistency_warmup_epochs into steps.
+    `steps_per_epoch` turns --consistency_warmup_epochs into steps. `conv_filter_grad`:
+    see `backbone_fn` (training passes config.conv_filter_grad, a loaded run keeps TF's).
 
     The encoders compute in `config.precision` (see co2_tf.precision); the
     queue, the losses and all variables stay float32.
     """
     with precision.policy_scope(config.precision):
         return CO2Model(
-            backbone_fn(config), objective.co2_objective(config, steps_per_epoch),
+            backbone_fn(config, conv_filter_grad), objective.co2_objective(config, steps_per_epoch),
             head=config.head, dim=config.dim,
             queue_size=config.queue_size, ema_momentum=config.ema_momentum,
             bn=config.bn, bn_groups=bn_groups, seed=config.seed,

@@ -145,7 +145,8 @@ def train(config: TrainConfig, *, strategy=None, callbacks=(), verbose=None):
            else None)
 
     with strategy.scope():
-        model = build_model(config, bn_groups, steps_per_epoch)
+        model = build_model(config, bn_groups, steps_per_epoch,
+                            conv_filter_grad=config.conv_filter_grad)
         optimizer = build_optimizer(config, steps_per_epoch, total_steps)
         compile_model(model, optimizer, config)
     checkpoint = checkpoints.training_checkpoint(model, optimizer)

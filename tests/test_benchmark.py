@@ -327,7 +327,7 @@ def test_conv_kernels_mode_adds_up_the_step_convs():
     assert out["ceiling_gflops_per_sec"] > 0 and "avx2" in out["cpu"]
     # ResNet-18 (CIFAR stem): 20 convs; the matmul filter gradient applies to layer4's
     # three stride-1 3x3 convs (4x4 maps).
-    counts, matmul = benchmark_lib._conv_shapes(
+    counts, matmul, _ = benchmark_lib._conv_shapes(
         TrainConfig(**benchmark_lib.NOT_A_RUN, backbone="resnet18_cifar", image_size=32,
                     batch_size=256))
     assert sum(counts.values()) == 20

@@ -89,3 +89,25 @@ def test_tensorboard_batch_step_is_where_batch_summaries_go(tmp_path):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             steps += [event.step for v in event.summary.value if v.tag == "batch_loss"]
     assert sorted(steps) == [101, 102]
+
+
+def test_conv_layers_convolve_through_a_replaceable_convolution_op():
+    """Keras's conv call goes through `self.convolution_op` then adds the bias: replacing it on
+    one instance changes that layer only, which stays a built-in Conv2D."""
+    calls = []
+
+    def doubled(layer, inputs, kernel):
+        calls.append(layer.name)
+        return 2 * type(layer).convolution_op(layer, inputs, kernel)
+
+    layer = keras.layers.Conv2D(3, 3, padding="same", bias_initializer="ones", name="changed")
+    other = keras.layers.Conv2D(3, 3, padding="same", bias_initializer="ones", name="other")
+    x = np.random.default_rng(0).random((2, 5, 5, 2), np.float32)
+    layer.build(x.shape)
+    other.build(x.shape)
+    other.set_weights(layer.get_weights())
+    compat.replace_convolution_op(layer, doubled)
+    assert type(layer) is keras.layers.Conv2D
+    plain = other(x).numpy()
+    np.testing.assert_allclose(layer(x).numpy(), 2 * (plain - 1) + 1, rtol=1e-5, atol=1e-5)
+    assert calls == ["changed"]
