@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # Under pytest-xdist (CI: three workers on 2 cores) one intra-op thread per process, the
 # tools' subprocesses included (they inherit it): TF's thread pools in three processes
-# spinning against each other cost CPU (BUILD.md, "CI"). Inter-op
+# spinning against each other cost CPU (docs/performance.md). Inter-op
 # threads stay: collectives across the logical devices need one per device.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
@@ -81,7 +81,7 @@ def reference(run_dir):
 @pytest.fixture(autouse=True)
 def _no_end_of_run_knn(request, monkeypatch):
     """training.train ends with two kNN evaluations on in-memory data (trained and random-init
-    backbones, 6-9 CPU-s together, measured under load), which the summary reports. Most
+    backbones; their cost: docs/performance.md), which the summary reports. Most
     tests never read them: off, unless the test is marked `end_of_run_knn`. Fixtures of a
     wider scope (the session's `run_dir`, module runs) are built before this one and keep
     them."""

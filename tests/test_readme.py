@@ -1,5 +1,6 @@
-"""README.md against the tools: every flag its commands and its flag table name exists, and
-the commands beside its pictures run (on a tiny run) and write PNGs.
+"""README.md against the tools: every flag its commands name exists (and every flag
+docs/flags.md lists), the commands beside its pictures run (on a tiny run) and write PNGs,
+docs/make_pictures.sh runs those same commands, and the README stays short (<= 250 lines).
 
 One subprocess (tests/helpers/tool_runner.py) loads every tool the README names and runs the
 picture commands: one TF import for all of them.
@@ -21,6 +22,9 @@ from co2_tf.run import rundir
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(ROOT, "README.md")) as _f:
     README = _f.read()
+FLAGS_DOC = os.path.join(ROOT, "docs", "flags.md")  # every flag, generated from the config
+PICTURES_SCRIPT = os.path.join(ROOT, "docs", "make_pictures.sh")
+MAX_README_LINES = 250  # a newcomer reads it in ten minutes (issue 22)
 # absl's own flags, which every tool has.
 ABSL = {"flagfile", "help", "helpfull", "helpshort", "helpxml"}
 # Appended to the picture commands: tiny sizes (absl keeps a flag's last value).
@@ -157,10 +161,12 @@ def test_readme_flags_exist_and_picture_commands_draw(run_dir, reference, tmp_pa
     for tool, args in commands:
         unknown = flag_names(args) - set(report["flags"][tool]) - ABSL
         assert not unknown, f"README: tools/{tool}.py has no --{', --'.join(sorted(unknown))}"
-    # ... and so is every flag of the train.py flag table.
-    table = README.split("## Flags of `tools/train.py`")[1].split("\n## ")[0]
-    named = set(re.findall(r"`--(\w+)`", table))
-    assert len(named) > 30 and not named - set(report["flags"]["train"]) - ABSL
+    # ... and so is every flag docs/flags.md names for tools/train.py (the README links to it).
+    assert "docs/flags.md" in README and "python tools/train.py --helpfull" in README
+    if os.path.exists(FLAGS_DOC):
+        with open(FLAGS_DOC) as f:
+            named = set(re.findall(r"`--(\w+)`", f.read()))
+        assert len(named) > 30 and not named - set(report["flags"]["train"]) - ABSL
 
     assert report["exit"] == [0] * len(runs), result.stderr[-3000:]
     for picture in pictures:
@@ -193,3 +199,48 @@ def check_curve(path, blue=(31, 100, 180), orange=(220, 110, 20)):
     y_base = np.argmax(is_orange[:, first[0]:last[-1]].sum(1))  # the dashed line's row
     assert y_base > y_first > y_last, (y_base, y_first, y_last)
     assert (y_base - y_first) / (y_first - y_last) == pytest.approx(0.25, abs=0.06)
+
+
+def test_readme_is_short_and_its_setup_commands_are_cis():
+    lines = README.count("\n") + (not README.endswith("\n"))
+    assert lines <= MAX_README_LINES, f"README.md has {lines} lines (at most {MAX_README_LINES})"
+    # The two set-up commands, as a fresh clone runs them: the demo's and CI's test command.
+    venv = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+    assert f"{venv} && .venv/bin/python tools/train.py --model_dir=/tmp/co2_demo" in README
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    test_command = ".venv/bin/python -m pytest -q -n 3 tests"
+    assert test_command in ci
+    assert (f"{venv} -r requirements-test.txt -r requirements-torch.txt && {test_command}"
+            in README)
+
+
+def test_make_pictures_runs_the_readme_picture_commands_after_a_fresh_demo():
+    """docs/make_pictures.sh redraws every picture the README shows, each with the README's
+    command (the run dir aside), the two that read a run after the README's demo command."""
+    with open(PICTURES_SCRIPT) as f:
+        script = [line.split() for line in f.read().splitlines()
+                  if line.startswith("$PYTHON tools/")]
+    runs = [(line[1][len("tools/"):-len(".py")], line[2:]) for line in script]
+
+    def without_run_dir(args):
+        return [a for a in args if not a.startswith("--model_dir=")]
+
+    for picture, (tool, args) in picture_commands().items():
+        assert (tool, without_run_dir(args)) in [(t, without_run_dir(a)) for t, a in runs], \
+            picture
+        if any(a.startswith("--model_dir=") for a in args):  # reads the demo's run
+            demo = runs.index(("train", ['--model_dir="$RUN"']))
+            assert demo < [t for t, _ in runs].index(tool), picture
+    assert len(runs) == len(picture_commands()) + 1  # the pictures and the demo, nothing else
+
+
+def test_the_readme_names_the_installed_commands():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"].get("scripts", {})
+    if not scripts:
+        pytest.skip("pyproject.toml declares no [project.scripts] yet")
+    named = set(re.findall(r"`(co2-[\w-]+)`", README))
+    assert named == set(scripts), (sorted(named), sorted(scripts))

@@ -14,10 +14,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # oneDNN's custom ops, which TF's wheels turn on by themselves only on CPUs with
-# AVX-512 VNNI/BF16 or AMX. On an AVX2 + FMA CPU (no AVX-512) they made the CIFAR
-# ResNet-18 train step ~2x faster (BUILD.md); TF reads the variable once, when
-# it is imported, so it is set here, before any tool imports TF. A value the
-# user exported wins.
+# AVX-512 VNNI/BF16 or AMX; on AVX2-only CPUs they make the train step faster
+# (docs/performance.md). TF reads the variable once, at import, so it is set here,
+# before any tool imports TF. A value the user exported wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import (

@@ -36,11 +36,11 @@ are decoded after it. With ``augment_on="device"`` there, the crops are
 seeded by the stream's counter and the rest by the global index:
 independent draws of the same distributions.
 
-Performance: tf.data autotune is OFF (it was slower on a 2-core machine), so
-parallelism is explicit (the usable cores, or the source's
+Performance: tf.data autotune is OFF (it measured slower; docs/performance.md),
+so parallelism is explicit (the usable cores, or the source's
 ``input_threads``) and prefetch is 2 batches. Maps are ordered
 (deterministic=True), which the index contract needs; deterministic=False
-was no faster. Measured: docs/performance.md.
+measured no faster.
 """
 import logging
 import os
@@ -104,7 +104,7 @@ def pretraining_data_warnings(source, split, queue_size):
 
 
 def pipeline_options():
-    """tf.data options: autotune OFF (slower with it; measured: docs/performance.md).
+    """tf.data options: autotune OFF (it measured slower: docs/performance.md).
 
     With autotune off, parallelism and prefetch sizes must be explicit.
     """

@@ -217,7 +217,7 @@ def _colour_pair(s_lum, s_chroma, s_swap, n):
 # The source.
 
 # Largest side at which builtin images are generated; larger image sizes
-# upscale them (keeps memory and generation time small at 224 px).
+# upscale them (bounds memory and generation time; figures: docs/performance.md).
 MAX_SOURCE_SIZE = 128
 
 
