@@ -19,7 +19,6 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers.references import no_end_of_run_knn
 from test_train import (
     SMALL,
     TRAIN,
@@ -64,9 +63,7 @@ class CountSteps(tf.keras.callbacks.Callback):
 def twelve_steps(tmp_path_factory):
     """A finished run of 12 steps, checkpoints 4, 8, 12, and ckpt-12's values."""
     model_dir = tmp_path_factory.mktemp("twelve") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        no_end_of_run_knn(patch)  # the tests here check checkpoints, not the summary
-        training.train(small_config(model_dir, train_steps=12, checkpoint_every=4), verbose=0)
+    training.train(small_config(model_dir, train_steps=12, checkpoint_every=4), verbose=0)
     assert _numbers(str(model_dir)) == [4, 8, 12]
     return str(model_dir), _values(os.path.join(model_dir, "checkpoints", "ckpt-12"))
 
