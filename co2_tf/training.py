@@ -9,17 +9,17 @@ before it writes anything, then runs Keras's `fit` with co2_tf's callbacks:
   loss scaling skips, which `optimizer.iterations` does not count; it is the
   data position, the checkpoint number and what --train_steps counts), every
   `checkpoint_every` steps, at each
-  epoch end, and when SIGTERM or SIGINT (Ctrl-C) arrives (preemption);
+  epoch end, and when SIGTERM or SIGINT (Ctrl-C) arrives (co2_tf.run.preemption);
 - resume: rerunning the same command restores the latest checkpoint and goes
   on from its step. The input pipeline of the built-in and folder datasets is
   a pure function of the step, so a resumed run sees exactly the batches an
   uninterrupted one would have seen;
-- a non-finite loss stops the run before anything is saved at that step;
+- a non-finite loss stops the run before anything is saved at that step
+  (co2_tf.run.nonfinite);
 - a collapsed embedding (co2_tf.run.collapse) is reported in one line and in
   summary.json, and training goes on;
 - TensorBoard in DIR/logs: per-step scalars, the augmented view pairs at the
-  start, kNN accuracy per epoch.
-
+  start, kNN accuracy per epoch;
 - at the end (`end_of_run_knn`), the kNN top-1 of the trained backbone and of a
   random-init one, in summary.json.
 
@@ -94,7 +94,7 @@ def execution_segments(segments, steps_per_execution):
     Keras runs whole executions of k steps, across epoch ends: a call of
     several epochs whose length is not a multiple of k would drift past its
     epoch boundaries. Each call's dataset is cut to its steps instead (see
-    train), so its last execution ends early, exactly at the call's end.
+    _fit), so its last execution ends early, exactly at the call's end.
     """
     if steps_per_execution == 1:
         return segments

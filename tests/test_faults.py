@@ -31,6 +31,7 @@ from test_train import (
 from co2_tf import training
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
+from co2_tf.run.preemption import PreemptionWatcher
 
 
 def small_config(model_dir, **overrides):
@@ -261,7 +262,7 @@ def test_ctrl_c_writes_a_checkpoint_at_the_current_step_and_exits_130(tmp_path):
 
 
 def test_after_one_ctrl_c_the_next_one_aborts_at_once():
-    with training.PreemptionWatcher() as watcher:
+    with PreemptionWatcher() as watcher:
         assert signal.getsignal(signal.SIGINT) == watcher._handle
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)  # Python runs the handler at the next bytecode
