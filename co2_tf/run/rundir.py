@@ -13,6 +13,7 @@ A run dir (`--model_dir`) holds:
 
 An export dir (tools/export.py) holds ``export.json`` beside ``backbone.keras``.
 Every path goes through co2_tf.io (tf.io.gfile): run dirs may be gs:// URIs.
+Rebuilding a run's model from these files is co2_tf.run.trained's.
 """
 
 import os
