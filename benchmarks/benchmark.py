@@ -28,7 +28,8 @@ a GPU / TPU) the step takes uint8 crops and augments them itself.
 each distinct conv of the backbone alone at the step's batch (forward, input
 gradient, filter gradient: TF's op and, where co2_tf.nets.conv_grad applies, the
 matmul one) and adds up what the step's convs cost at those rates
-(conv_seconds_per_step).
+(conv_seconds_per_step), with the filter gradient --conv_filter_grad gives the step
+(auto|tf|matmul, as in training).
 """
 
 import json

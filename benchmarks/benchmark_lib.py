@@ -286,7 +286,6 @@ def count_flops(fn, *specs):
     import tensorflow as tf
 
     from co2_tf import compat
-    from co2_tf.nets import conv_grad
     graph = fn.get_concrete_function(*specs).graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
@@ -303,11 +302,16 @@ def count_flops(fn, *specs):
                 continue
             flops = compat.registered_flops(graph, op.node_def)
             if flops:
-                # Scope names are made unique: matmul_filter_grad, matmul_filter_grad_1, ...
-                by_matmul = op.type == "MatMul" and re.search(
-                    rf"(^|/){conv_grad.SCOPE}(_\d+)?/", op.name)
+                by_matmul = op.type == "MatMul" and _in_matmul_filter_grad(op)
                 breakdown["Conv2DBackpropFilter" if by_matmul else op.type] += int(flops)
     return sum(breakdown.values()), dict(breakdown), profiler_total
+
+
+def _in_matmul_filter_grad(op):
+    """Whether graph op `op` is part of a filter gradient by co2_tf.nets.conv_grad's matmul."""
+    from co2_tf.nets import conv_grad
+    # Scope names are made unique: matmul_filter_grad, matmul_filter_grad_1, ...
+    return re.search(rf"(^|/){conv_grad.SCOPE}(_\d+)?/", op.name) is not None
 
 
 # ------------------------------------------------------------ the train step
@@ -350,7 +354,7 @@ def bare_step_fn(model, shuffle_bn):
         if shuffle_bn:
             keys, _ = model.encode_keys(x_k, model.optimizer.iterations)
         else:
-            keys = tf.stop_gradient(model._encode_key_groups(x_k, 1))
+            keys = tf.stop_gradient(model.encode_key_groups(x_k))
         qvars = model.query_variables
         with tf.GradientTape() as tape:
             q = model.encode_query(x_q, training=True)
@@ -376,7 +380,7 @@ def convs_only_step(config):
 
     from co2_tf.nets import backbones
     query = backbones.build_backbone(config.backbone, config.image_size, bn="none",
-                                     seed=config.seed)
+                                     seed=config.seed, conv_filter_grad=config.conv_filter_grad)
     key = backbones.build_backbone(config.backbone, config.image_size, bn="none",
                                    seed=config.seed + 1)
 
@@ -431,6 +435,8 @@ def benchmark_train_step(config, timing, strategy=None):
     `config` (TrainConfig) is the step, `timing` (BenchmarkConfig) how it is timed.
     """
     import tensorflow as tf
+
+    from co2_tf.nets import conv_grad
     trainer = _trainer()
 
     config.check()
@@ -440,7 +446,7 @@ def benchmark_train_step(config, timing, strategy=None):
     replicas = strategy.num_replicas_in_sync
     groups = config.check_replicas(replicas)
     with strategy.scope():
-        model = trainer.build_model(config, groups)
+        model = trainer.build_model(config, groups, conv_filter_grad=config.conv_filter_grad)
         optimizer = trainer.build_optimizer(config, steps_per_epoch=1000, total_steps=10**6)
         trainer.compile_model(model, optimizer, config)
 
@@ -516,6 +522,7 @@ def benchmark_train_step(config, timing, strategy=None):
         "backbone": config.backbone, "image_size": config.image_size,
         "batch_size": config.batch_size, "queue_size": config.queue_size,
         "precision": config.precision, "jit_compile": bool(model.jit_compile),
+        "conv_filter_grad": conv_grad.resolve(config.conv_filter_grad),
         "augment_on": "device" if on_device else "host",
         "jit_compile_requested": config.jit_compile,
         "strategy": type(strategy).__name__, "replicas": replicas, "bn": config.bn,
@@ -755,33 +762,57 @@ def _conv_shapes(config):
     """{(input HWC, kernel, strides, padding, filters, first): count} of the backbone's convs.
 
     `first`: the first conv (the layers are in graph order) reads the images, so the step
-    computes no input gradient for it.
-    Also returns {key: whether conv_grad's matmul filter gradient applies to that conv}.
+    computes no input gradient for it. Also returns {key: whether conv_grad's matmul
+    filter gradient applies to that conv} and {key: tf.function(x, dy) of that conv's
+    filter gradient as --conv_filter_grad=matmul computes it}.
     """
     import collections
 
     import keras
+    import tensorflow as tf
 
     from co2_tf import compat as compat
-    from co2_tf.nets import backbones, conv_grad
+    from co2_tf.nets import backbones
     net = backbones.build_backbone(config.backbone, config.image_size, bn="none",
-                                   seed=config.seed)
-    counts, matmul = collections.Counter(), {}
+                                   seed=config.seed, conv_filter_grad="matmul")
+    counts, matmul, grads = collections.Counter(), {}, {}
     for layer in compat.nested_layers(net):
         if isinstance(layer, keras.layers.Conv2D):
             shape = tuple(layer.input.shape[1:])
             key = (shape, tuple(layer.kernel_size), tuple(layer.strides), layer.padding,
                    layer.filters, not counts)
             counts[key] += 1
-            matmul[key] = conv_grad.applies(layer, (config.batch_size, *shape))
-    return counts, matmul
+            if key in grads:
+                continue
+            grads[key] = _layer_filter_grad(layer)
+            x_shape = (config.batch_size, *shape)
+            graph = grads[key].get_concrete_function(
+                tf.TensorSpec(x_shape, tf.float32),
+                tf.TensorSpec(layer.compute_output_shape(x_shape), tf.float32)).graph
+            matmul[key] = any(_in_matmul_filter_grad(op) for op in graph.get_operations())
+    return counts, matmul, grads
 
 
-def _conv_ops(x, w, dy, strides, padding, with_matmul):
-    """{name: tf.function()} of one conv's kernels on these tensors."""
+def _layer_filter_grad(layer):
+    """tf.function(x, dy): the filter gradient of conv `layer` as the layer computes it.
+
+    Its forward conv and input gradient are computed by nothing the result reads: pruned.
+    """
     import tensorflow as tf
 
-    from co2_tf.nets import conv_grad
+    @tf.function
+    def filter_grad(x, dy):
+        with tf.GradientTape() as tape:
+            y = layer.convolution_op(x, layer.kernel)
+        return tape.gradient(y, layer.kernel, output_gradients=dy)
+    return filter_grad
+
+
+def _conv_ops(x, w, dy, strides, padding, matmul_grad=None):
+    """{name: tf.function()} of one conv's kernels on these tensors (`matmul_grad`: the
+    filter gradient by matmul, see _conv_shapes)."""
+    import tensorflow as tf
+
     pad, stride4 = padding.upper(), [1, *strides, 1]
     ops = {
         "forward": tf.function(lambda: tf.nn.conv2d(x, w, strides, pad)),
@@ -790,9 +821,8 @@ def _conv_ops(x, w, dy, strides, padding, with_matmul):
         "filter_grad": tf.function(lambda: tf.raw_ops.Conv2DBackpropFilter(
             input=x, filter_sizes=w.shape, out_backprop=dy, strides=stride4, padding=pad)),
     }
-    if with_matmul:
-        ops["filter_grad_matmul"] = tf.function(
-            lambda: conv_grad.filter_grad(x, dy, w.shape, strides, padding))
+    if matmul_grad is not None:
+        ops["filter_grad_matmul"] = lambda: matmul_grad(x, dy)
     return ops
 
 
@@ -818,8 +848,8 @@ def conv_kernel_rates(config, timing):
     tf_matmul, np_matmul = matmul_timer(timing.matmul_size), numpy_matmul_timer(timing.matmul_size)
     matmul_flops = 2 * timing.matmul_size ** 3
     ceiling = [max(matmul_flops / tf_matmul(2), matmul_flops / np_matmul(2))]
-    uses_matmul = conv_grad.pays_off()
-    counts, matmul_applies = _conv_shapes(config)
+    uses_matmul = conv_grad.resolve(config.conv_filter_grad) == "matmul"
+    counts, matmul_applies, matmul_grads = _conv_shapes(config)
     rng = np.random.RandomState(config.seed)
     rows, conv_seconds = [], 0.0
     for key, count in counts.items():
@@ -830,7 +860,8 @@ def conv_kernel_rates(config, timing):
         y_shape = tf.nn.conv2d(x[:1], w, strides, padding.upper()).shape[1:]
         dy = tf.constant(rng.rand(batch, *y_shape).astype("float32"))
         flops = 2 * batch * y_shape[0] * y_shape[1] * kernel[0] * kernel[1] * shape[-1] * filters
-        ops = _conv_ops(x, w, dy, strides, padding, matmul_applies[key])
+        ops = _conv_ops(x, w, dy, strides, padding,
+                        matmul_grads[key] if matmul_applies[key] else None)
         samples = {name: [] for name in ops}
         for round_ in range(timing.warmup + timing.repeats):
             for name, op in ops.items():

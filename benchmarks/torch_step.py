@@ -161,7 +161,7 @@ class Encoder(nn.Module):
 
 
 def co2_loss(q, k, queue, temperature, consistency_temperature, consistency_weight):
-    """Per-example (loss, l_ins, l_con), as co2_tf.method.losses.co2_loss."""
+    """Per-example (loss, l_ins, l_con), as co2_tf.method.objective.CO2Objective."""
     positive = (q * k).sum(-1)
     q_neg, k_neg = q @ queue.t(), k @ queue.t()
     logits = torch.cat([positive[:, None], q_neg], dim=1) / temperature

@@ -11,9 +11,9 @@ import tensorflow as tf
 
 from co2_tf import distribute, optimizers, precision
 from co2_tf.data import augment_device
-from co2_tf.method import losses
+from co2_tf.method import objective
 from co2_tf.method.model import CO2Model
-from co2_tf.nets import backbones, conv_grad, fused_batchnorm
+from co2_tf.nets import backbones, fused_batchnorm
 
 
 def in_float32(config):
@@ -21,18 +21,22 @@ def in_float32(config):
     return dataclasses.replace(config, precision="float32")
 
 
-def backbone_fn(config):
-    """The builder the model calls for its query and key backbones."""
+def backbone_fn(config, conv_filter_grad="tf"):
+    """The builder the model calls for its query and key backbones.
+
+    conv_filter_grad: the convs' filter-gradient kernel (co2_tf.nets.conv_grad). Training
+    and the benchmark pass config.conv_filter_grad; evaluation, export and the kNN
+    monitor keep TF's kernel, the default.
+    """
     bn = "sync" if config.bn == "sync" else "local"
 
     def build(model_name):
         with precision.policy_scope(config.precision):
             backbone = backbones.build_backbone(config.backbone, config.image_size, bn=bn,
-                                                model_name=model_name, seed=config.seed)
+                                                model_name=model_name, seed=config.seed,
+                                                conv_filter_grad=conv_filter_grad)
         # Same BN semantics, one fused op per BN layer (the step's main cost otherwise).
         fused_batchnorm.fuse_batch_norm(backbone)
-        if conv_grad.pays_off():  # the same gradients, faster on AVX2 CPUs
-            conv_grad.matmul_filter_grad(backbone)
         return backbone
     return build
 
@@ -58,33 +62,20 @@ def view_transform(config, strategy=None):
                                         jit_compile=bool(tf.config.list_logical_devices("GPU")))
 
 
-def consistency_weight(config):
-    """The alpha the model trains with: --consistency_weight, times (tau_con / tau)^2 with
-    --consistency_temperature_scaling (the paper's alpha, and MoCo's 0, without it)."""
-    if not config.consistency_temperature_scaling:
-        return config.consistency_weight
-    return config.consistency_weight * losses.consistency_scale(
-        config.consistency_temperature, config.temperature)
+def build_model(config, bn_groups, steps_per_epoch=1, conv_filter_grad="tf"):
+    """A CO2Model for `config`, trained on its CO2Objective; call under the strategy's scope.
 
-
-def build_model(config, bn_groups, steps_per_epoch=1):
-    """A CO2Model for `config`; call under the strategy's scope.
-
-    `steps_per_epoch` turns --consistency_warmup_epochs into steps.
+    `steps_per_epoch` turns --consistency_warmup_epochs into steps. `conv_filter_grad`:
+    see `backbone_fn` (training passes config.conv_filter_grad, a loaded run keeps TF's).
 
     The encoders compute in `config.precision` (see co2_tf.precision); the
     queue, the losses and all variables stay float32.
     """
     with precision.policy_scope(config.precision):
         return CO2Model(
-            backbone_fn(config), head=config.head, dim=config.dim,
+            backbone_fn(config, conv_filter_grad), objective.co2_objective(config, steps_per_epoch),
+            head=config.head, dim=config.dim,
             queue_size=config.queue_size, ema_momentum=config.ema_momentum,
-            temperature=config.temperature,
-            consistency_temperature=config.consistency_temperature,
-            consistency_weight=consistency_weight(config),
-            consistency_over=config.consistency_over, consistency_kl=config.consistency_kl,
-            consistency_warmup_steps=int(round(config.consistency_warmup_epochs
-                                               * steps_per_epoch)),
             bn=config.bn, bn_groups=bn_groups, seed=config.seed,
             view_transform=view_transform(config), name="co2")
 

@@ -9,6 +9,17 @@ greps co2_tf/, tools/, research/ and benchmarks/ for private APIs elsewhere).
 import types
 
 
+def replace_convolution_op(layer, function):
+    """Makes Keras conv `layer` convolve as `function(layer, inputs, kernel)`, this instance only.
+
+    Keras's BaseConv.call computes `self.convolution_op(inputs, self.kernel)`, then adds the
+    bias: rebinding that method per instance keeps the layer a built-in one (saved `.keras`
+    files need no custom objects). `function` may call `type(layer).convolution_op` for
+    Keras's own convolution.
+    """
+    layer.convolution_op = types.MethodType(function, layer)
+
+
 class SkipSymbolicBuildWhenBuilt:
     """keras.Model mixin: skips fit()'s build-from-a-batch once model and optimizer exist.
 

@@ -112,6 +112,7 @@ class TrainConfig:
     tpu: str = ""
     precision: str = "float32"
     jit_compile: bool = False
+    conv_filter_grad: str = "auto"
     steps_per_execution: int = 1
     seed: int = 0
     deterministic: bool = False

@@ -109,6 +109,30 @@ def copy_first_replica(variables):
         v.assign(x)
 
 
+# What MirroredStrategy's collective all-gather (CollectiveGatherV2) takes, on CPU and GPU.
+_GATHER_DTYPES = (tf.float16, tf.float32, tf.float64, tf.int32, tf.int64)
+
+
+def all_gather_in_own_bytes(ctx, x):
+    """ctx.all_gather(x, axis=0), moving x's own bytes whatever its dtype.
+
+    uint8 and bfloat16 tensors (key images handed as uint8 views, in the compute dtype)
+    cross as int32 words they are bitcast into (each example padded to whole words),
+    rather than being refused by the collective or widened to 4 bytes an element.
+    """
+    if x.dtype in _GATHER_DTYPES:
+        return ctx.all_gather(x, axis=0)
+    per_word = 4 // x.dtype.size
+    count = x.shape[1:].num_elements()
+    padded = -(-count // per_word) * per_word
+    flat = tf.reshape(x, [-1, count])
+    flat = tf.pad(flat, [[0, 0], [0, padded - count]])
+    words = tf.bitcast(tf.reshape(flat, [-1, padded // per_word, per_word]), tf.int32)
+    gathered = tf.bitcast(ctx.all_gather(words, axis=0), x.dtype)
+    return tf.reshape(tf.reshape(gathered, [-1, padded])[:, :count],
+                      tf.concat([[-1], x.shape[1:]], 0))
+
+
 def pad_batch(replicas):
     """(images, labels) -> (images, labels, weights): a batch padded to a multiple of `replicas`.
 

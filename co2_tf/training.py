@@ -206,7 +206,8 @@ def _knn(config, source, reporter):
 def _model(config, strategy, bn_groups, steps_per_epoch, total_steps):
     """(the compiled CO2Model, its optimizer), built under the strategy."""
     with strategy.scope():
-        model = build_model(config, bn_groups, steps_per_epoch)
+        model = build_model(config, bn_groups, steps_per_epoch,
+                            conv_filter_grad=config.conv_filter_grad)
         optimizer = build_optimizer(config, steps_per_epoch, total_steps)
         compile_model(model, optimizer, config)
     return model, optimizer

@@ -22,36 +22,38 @@ import tempfile
 import time
 
 MUTATIONS = [
-    # -- 1: shuffle-BN becomes local BN on every multi-replica run.
+    # -- 1: shuffle-BN becomes local BN on every multi-replica run. (test_model.py's
+    # BN-free 2-replica test cannot see it: it once failed only on a stale name here.)
     dict(name="shuffle_bn_identity_across_replicas", file="co2_tf/method/model.py",
          old="perm = tf.argsort(noise, stable=True)",
-         new="perm = tf.argsort(noise, stable=True) if n == 1 else tf.range(total)",
-         tests="tests/test_model.py"),
-    # -- 2: InfoNCE inside train_step given tau_con; the keys through the query head.
-    dict(name="info_nce_with_consistency_temperature", file="co2_tf/method/model.py",
-         old="terms = losses.co2_loss(q, keys, self.queue, self.temperature,",
-         new="terms = losses.co2_loss(q, keys, self.queue, self.consistency_temperature,",
+         new="perm = tf.argsort(noise, stable=True) if n == 1 else tf.range(b * n)",
+         tests="tests/test_model_reference.py"
+               "::test_shuffle_bn_across_two_replicas_matches_the_reference"),
+    # -- 2: InfoNCE in the step's objective given tau_con; the keys through the query head.
+    dict(name="info_nce_with_consistency_temperature", file="co2_tf/method/objective.py",
+         old="co2_terms(q, k, queue, self.temperature, self.consistency_temperature,",
+         new="co2_terms(q, k, queue, self.consistency_temperature, self.consistency_temperature,",
          tests="tests/test_model_reference.py"),
     dict(name="keys_through_query_head", file="co2_tf/method/model.py",
          old="z = [self.key_head(self.key_backbone(p, training=True), training=True)",
          new="z = [self.query_head(self.key_backbone(p, training=True), training=True)",
          tests="tests/test_model_reference.py"),
-    # -- 3: the config -> model wiring.
-    dict(name="build_drops_consistency_over", file="co2_tf/build.py",
-         old="consistency_over=config.consistency_over, consistency_kl=config.consistency_kl,",
-         new="consistency_kl=config.consistency_kl,",
+    # -- 3: the config -> model wiring (the objective built from the config, the model's knobs).
+    dict(name="build_drops_consistency_over", file="co2_tf/method/objective.py",
+         old="weight=weight, over=config.consistency_over, kl=config.consistency_kl,",
+         new="weight=weight, kl=config.consistency_kl,",
          tests="tests/test_build.py"),
-    dict(name="build_drops_consistency_kl", file="co2_tf/build.py",
-         old="consistency_over=config.consistency_over, consistency_kl=config.consistency_kl,",
-         new="consistency_over=config.consistency_over,",
+    dict(name="build_drops_consistency_kl", file="co2_tf/method/objective.py",
+         old="weight=weight, over=config.consistency_over, kl=config.consistency_kl,",
+         new="weight=weight, over=config.consistency_over,",
          tests="tests/test_build.py"),
     dict(name="build_drops_ema_momentum", file="co2_tf/build.py",
          old="queue_size=config.queue_size, ema_momentum=config.ema_momentum,",
          new="queue_size=config.queue_size,",
          tests="tests/test_build.py"),
-    dict(name="no_warmup_ramp", file="co2_tf/method/model.py",
-         old="alpha = alpha * losses.consistency_ramp(step, self.consistency_warmup_steps)",
-         new="alpha = alpha",
+    dict(name="no_warmup_ramp", file="co2_tf/method/objective.py",
+         old="return self.weight * consistency_ramp(step, self.warmup_steps)",
+         new="return self.weight",
          tests="tests/test_build.py"),
     # -- 4: a resume that silently restarts at step 0 (restore made a no-op, two ways).
     dict(name="resume_finds_no_checkpoint", file="co2_tf/run/checkpoints.py",
@@ -64,14 +66,14 @@ MUTATIONS = [
          new="make_checkpoint(has_step)",
          tests="tests/test_train.py::test_kill9_then_rerun_resumes_to_the_same_end "
                "tests/test_remote_paths.py::test_library_chain_on_ram_uris"),
-    # -- 6: alpha ignored (the model built with MoCo's alpha = 0; the loss without L_con).
-    dict(name="alpha_ignored_by_build", file="co2_tf/build.py",
-         old="        return config.consistency_weight\n",
-         new="        return 0.0\n",
+    # -- 6: alpha ignored (the objective built with MoCo's alpha = 0; the loss without L_con).
+    dict(name="alpha_ignored_by_build", file="co2_tf/method/objective.py",
+         old="    weight = config.consistency_weight\n",
+         new="    weight = 0.0\n",
          tests="tests/test_train.py::test_training_beats_random_init"),
-    dict(name="alpha_ignored_in_loss", file="co2_tf/method/losses.py",
-         old="total = l_ins + consistency_weight * l_con",
-         new="total = l_ins + 0.0 * l_con",
+    dict(name="alpha_ignored_in_loss", file="co2_tf/method/objective.py",
+         old='total = terms["loss_ins"] + alpha * terms["loss_con"]',
+         new='total = terms["loss_ins"] + 0.0 * terms["loss_con"]',
          tests="tests/test_train.py::test_training_beats_random_init"),
     dict(name="study_spread_is_population_std", file="research/study_runs.py",
          old="scale * statistics.stdev(values)",

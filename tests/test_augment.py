@@ -1,4 +1,4 @@
-"""Tests for co2_tf.data.augment: decision rates, crops, colour ops, blur."""
+"""Tests for co2_tf.data.augment and colour_ops: decision rates, crops, colour ops, blur."""
 import colorsys
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from co2_tf.data import augment
+from co2_tf.data import augment, colour_ops
 from co2_tf.errors import UserError
 
 N_DRAWS = 4000
@@ -201,7 +201,7 @@ IDENTITY_ORDER = tf.constant([0, 1, 2, 3])
 
 @pytest.mark.parametrize("f", [0.6, 0.9, 1.3])
 def test_brightness_is_multiplicative(float_image, f):
-    out = augment.color_jitter(float_image, tf.constant([f, 1.0, 1.0, 0.0]),
+    out = colour_ops.color_jitter(float_image, tf.constant([f, 1.0, 1.0, 0.0]),
                                IDENTITY_ORDER).numpy()
     np.testing.assert_allclose(out, np.clip(float_image * f, 0, 1),
                                atol=2e-5)
@@ -209,7 +209,7 @@ def test_brightness_is_multiplicative(float_image, f):
 
 @pytest.mark.parametrize("f", [0.6, 1.4])
 def test_contrast_blends_with_mean_gray(float_image, f):
-    out = augment.color_jitter(float_image, tf.constant([1.0, f, 1.0, 0.0]),
+    out = colour_ops.color_jitter(float_image, tf.constant([1.0, f, 1.0, 0.0]),
                                IDENTITY_ORDER).numpy()
     mean = _np_gray(float_image).mean()
     ref = np.clip(f * float_image + (1 - f) * mean, 0, 1)
@@ -218,7 +218,7 @@ def test_contrast_blends_with_mean_gray(float_image, f):
 
 @pytest.mark.parametrize("f", [0.6, 1.4])
 def test_saturation_blends_with_gray(float_image, f):
-    out = augment.color_jitter(float_image, tf.constant([1.0, 1.0, f, 0.0]),
+    out = colour_ops.color_jitter(float_image, tf.constant([1.0, 1.0, f, 0.0]),
                                IDENTITY_ORDER).numpy()
     ref = np.clip(f * float_image + (1 - f) * _np_gray(float_image), 0, 1)
     np.testing.assert_allclose(out, ref, atol=2e-5)
@@ -226,7 +226,7 @@ def test_saturation_blends_with_gray(float_image, f):
 
 @pytest.mark.parametrize("h", [-0.1, 0.05, 0.4])
 def test_hue_rotates_hue_circle(float_image, h):
-    out = augment.color_jitter(float_image, tf.constant([1.0, 1.0, 1.0, h]),
+    out = colour_ops.color_jitter(float_image, tf.constant([1.0, 1.0, 1.0, h]),
                                IDENTITY_ORDER).numpy()
     ref = np.empty_like(float_image)
     for idx in np.ndindex(float_image.shape[:2]):
@@ -237,9 +237,9 @@ def test_hue_rotates_hue_circle(float_image, h):
 
 def test_jitter_order_matters_and_is_followed(float_image):
     factors = tf.constant([1.4, 0.6, 1.0, 0.0])
-    bc = augment.color_jitter(float_image, factors,
+    bc = colour_ops.color_jitter(float_image, factors,
                               tf.constant([0, 1, 2, 3])).numpy()
-    cb = augment.color_jitter(float_image, factors,
+    cb = colour_ops.color_jitter(float_image, factors,
                               tf.constant([1, 0, 2, 3])).numpy()
     b = np.clip(float_image * 1.4, 0, 1)
     ref_bc = np.clip(0.6 * b + 0.4 * _np_gray(b).mean(), 0, 1)
@@ -252,10 +252,10 @@ def test_jitter_order_matters_and_is_followed(float_image):
 # Gaussian blur against a NumPy reference. ---------------------------------
 
 def test_blur_kernel_size():
-    assert augment.blur_kernel_size(224) == 23
-    assert augment.blur_kernel_size(96) == 9
-    assert augment.blur_kernel_size(32) == 3
-    assert augment.blur_kernel_size(8) == 3
+    assert colour_ops.blur_kernel_size(224) == 23
+    assert colour_ops.blur_kernel_size(96) == 9
+    assert colour_ops.blur_kernel_size(32) == 3
+    assert colour_ops.blur_kernel_size(8) == 3
 
 
 @pytest.mark.parametrize("sigma,size", [(0.5, 3), (1.3, 9), (2.0, 23)])
@@ -267,12 +267,12 @@ def test_gaussian_blur_matches_numpy(sigma, size):
     k = np.exp(-x ** 2 / (2 * sigma ** 2))
     k /= k.sum()
     np.testing.assert_allclose(
-        augment.gaussian_kernel_1d(sigma, size).numpy(), k, atol=1e-6)
+        colour_ops.gaussian_kernel_1d(sigma, size).numpy(), k, atol=1e-6)
     padded = np.pad(image.astype(np.float64), ((r, r), (r, r), (0, 0)),
                     mode="reflect")
     rows = sum(k[i] * padded[i:i + 30] for i in range(size))
     ref = sum(k[i] * rows[:, i:i + 26] for i in range(size))
-    out = augment.gaussian_blur(image, sigma, size).numpy()
+    out = colour_ops.gaussian_blur(image, sigma, size).numpy()
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -298,13 +298,3 @@ def test_classifier_train_view():
     assert v.shape == (20, 20, 3) and v.dtype == tf.float32
     np.testing.assert_array_equal(
         v, augment.classifier_train_view(image, tf.constant([1, 1]), 20))
-
-
-def test_view_pair_grid():
-    imgs = np.zeros((2, 4, 4, 3), np.uint8)
-    v1 = np.ones((2, 4, 4, 3), np.float32)
-    v2 = np.full((2, 4, 4, 3), 0.5, np.float32)
-    grid = augment.view_pair_grid(imgs, v1, v2, pad=1)
-    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3) and grid.dtype == np.uint8
-    assert grid[1, 1, 0] == 0 and grid[1, 6, 0] == 255
-    assert grid[1, 11, 0] == 128 and grid[0, 0, 0] == 255

@@ -189,7 +189,7 @@ def test_torch_step_first_loss_is_co2_tfs():
     import torch_step
 
     from co2_tf.config import TrainConfig
-    from co2_tf.method import losses
+    from co2_tf.method import objective
     from co2_tf.method.model import CO2Model
     from co2_tf.nets import backbones
 
@@ -197,10 +197,8 @@ def test_torch_step_first_loss_is_co2_tfs():
                          batch_size=16, queue_size=64, dim=16, bn_groups=1, head="mlp",
                          consistency_weight=1.0).check()
     ours = CO2Model(lambda name: backbones.build_backbone("tiny", 16, model_name=name, seed=3),
-                    head="mlp", dim=16, queue_size=64,
-                    temperature=config.temperature,
-                    consistency_temperature=config.consistency_temperature,
-                    consistency_weight=1.0, bn_groups=1, seed=3)
+                    objective.co2_objective(config), head="mlp", dim=16, queue_size=64,
+                    bn_groups=1, seed=3)
     theirs = torch_step.MoCoCO2(config, groups=1).train()
     # Keras weights into the PyTorch modules, layer by layer in build order.
     keras_layers = [layer for layer in ours.query_backbone.layers + ours.query_head.layers
@@ -225,9 +223,8 @@ def test_torch_step_first_loss_is_co2_tfs():
     rng = np.random.RandomState(0)
     x_q, x_k = (rng.rand(16, 16, 16, 3).astype("float32") for _ in "qk")
     keys, _ = ours.encode_keys(tf.constant(x_k), 0)
-    terms = losses.co2_loss(ours.encode_query(tf.constant(x_q)), keys, ours.queue,
-                            config.temperature, config.consistency_temperature, 1.0)
-    expected = float(tf.reduce_mean(terms["loss"]))
+    loss, _ = ours.objective(ours.encode_query(tf.constant(x_q)), keys, ours.queue, 0)
+    expected = float(tf.reduce_mean(loss))
     step = torch_step.TrainStep(theirs, config, compile=False)
     nchw = [torch.from_numpy(x.transpose(0, 3, 1, 2).copy()) for x in (x_q, x_k)]
     assert float(step(*nchw)) == pytest.approx(expected, rel=1e-5)
@@ -330,7 +327,7 @@ def test_conv_kernels_mode_adds_up_the_step_convs():
     assert out["ceiling_gflops_per_sec"] > 0 and "avx2" in out["cpu"]
     # ResNet-18 (CIFAR stem): 20 convs; the matmul filter gradient applies to layer4's
     # three stride-1 3x3 convs (4x4 maps).
-    counts, matmul = benchmark_lib._conv_shapes(
+    counts, matmul, _ = benchmark_lib._conv_shapes(
         TrainConfig(**benchmark_lib.NOT_A_RUN, backbone="resnet18_cifar", image_size=32,
                     batch_size=256))
     assert sum(counts.values()) == 20

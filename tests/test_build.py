@@ -1,9 +1,9 @@
 """co2_tf.build: the config's method options reach the model and change what trains.
 
 A run's model is built from a TrainConfig whose EMA momentum, consistency variant and
-warmup all differ from CO2Model's defaults; each is then checked in what the train steps
-did, against NumPy (tests/helpers/step_reference.py: encoders called by hand, float64
-losses), not only as an attribute.
+warmup all differ from the defaults of CO2Model and CO2Objective; each is then checked in
+what the train steps did, against NumPy (tests/helpers/step_reference.py: encoders called
+by hand, float64 losses), not only as an attribute.
 """
 import inspect
 
@@ -17,10 +17,12 @@ from helpers.step_reference import recorded_steps
 from co2_tf import build
 from co2_tf.config import TrainConfig
 from co2_tf.method.model import CO2Model
+from co2_tf.method.objective import CO2Objective
 
 BATCH, STEPS, STEPS_PER_EPOCH = 16, 3, 2
-# Every option differs from CO2Model's default (asserted below): a value dropped on the way
-# from the config to the model shows. The warmup is 2 epochs of 2 steps: alpha ramps over 4.
+# Every option differs from CO2Model's or CO2Objective's default (asserted below): a value
+# dropped on the way from the config to the model shows. The warmup is 2 epochs of 2 steps:
+# alpha ramps over 4.
 # lr 0.02 (not MODEL's 0.1): at 0.1 the consistency term falls to 0.003 by step 2 and the
 # variants become hard to tell apart.
 OPTIONS = dict(ema_momentum=0.9, consistency_over="positive_and_negatives",
@@ -50,12 +52,14 @@ def _ramp(step, warmup):
 
 def test_the_model_carries_the_config_options(trained):
     config, model, _ = trained
-    defaults = inspect.signature(CO2Model).parameters
-    for name in ("ema_momentum", "consistency_over", "consistency_kl"):
-        assert getattr(config, name) != defaults[name].default, f"{name}: no test of the wiring"
-        assert getattr(model, name) == getattr(config, name), name
-    assert model.consistency_warmup_steps == 4 != defaults["consistency_warmup_steps"].default
-    assert model.consistency_weight == config.consistency_weight
+    assert config.ema_momentum != inspect.signature(CO2Model).parameters["ema_momentum"].default
+    assert model.ema_momentum == config.ema_momentum
+    objective, default = model.objective, CO2Objective()
+    for field, name in (("over", "consistency_over"), ("kl", "consistency_kl")):
+        assert getattr(config, name) != getattr(default, field), f"{name}: no test of the wiring"
+        assert getattr(objective, field) == getattr(config, name), name
+    assert objective.warmup_steps == 4 != default.warmup_steps
+    assert objective.weight == config.consistency_weight
 
 
 def test_the_config_ema_momentum_moves_the_key_encoder(trained):

@@ -100,6 +100,28 @@ def test_tensorboard_batch_step_is_where_batch_summaries_go(tmp_path):
     assert sorted(steps) == [101, 102]
 
 
+def test_conv_layers_convolve_through_a_replaceable_convolution_op():
+    """Keras's conv call goes through `self.convolution_op` then adds the bias: replacing it on
+    one instance changes that layer only, which stays a built-in Conv2D."""
+    calls = []
+
+    def doubled(layer, inputs, kernel):
+        calls.append(layer.name)
+        return 2 * type(layer).convolution_op(layer, inputs, kernel)
+
+    layer = keras.layers.Conv2D(3, 3, padding="same", bias_initializer="ones", name="changed")
+    other = keras.layers.Conv2D(3, 3, padding="same", bias_initializer="ones", name="other")
+    x = np.random.default_rng(0).random((2, 5, 5, 2), np.float32)
+    layer.build(x.shape)
+    other.build(x.shape)
+    other.set_weights(layer.get_weights())
+    compat.replace_convolution_op(layer, doubled)
+    assert type(layer) is keras.layers.Conv2D
+    plain = other(x).numpy()
+    np.testing.assert_allclose(layer(x).numpy(), 2 * (plain - 1) + 1, rtol=1e-5, atol=1e-5)
+    assert calls == ["changed"]
+
+
 # ------------------------------------------ distribution, checkpoints, train functions
 def test_in_multi_worker_mode_exists_on_both_multi_replica_strategies(two_replicas):
     """False on one worker; the multi-worker class keeps its own (True across workers: the
@@ -193,12 +215,14 @@ def test_silenced_deprecation_keeps_tf_deprecation_warnings_out_of_the_log():
 
 
 # ------------------------------------------------------------ nowhere else
-# Private TF and Keras APIs: TF's internal modules and namespace, Keras's sources, and the
-# private names co2_tf.compat wraps. tf.compat.v1 is public (documented) and not listed.
+# Private TF and Keras APIs: TF's internal modules and namespace, Keras's sources, the
+# private names co2_tf.compat wraps, and Keras methods replaced on an instance. tf.compat.v1
+# is public (documented) and not listed.
 PRIVATE = re.compile(
     r"tensorflow\.python|keras\.src|__internal__|\b(?:tf|keras)\._[a-z]"
     r"|(?<!\w)_(?:in_multi_worker_mode|make_function|iterations|flatten_layers"
-    r"|global_train_batch|maybe_symbolic_build|pywrap\w*)\b")
+    r"|global_train_batch|maybe_symbolic_build|pywrap\w*)\b"
+    r"|\.(?:call|convolution_op)\s*=(?!=)")
 
 
 def test_no_private_tf_or_keras_api_outside_compat():
@@ -218,8 +242,10 @@ def test_the_private_api_pattern_sees_what_it_names():
     for line in ("from tensorflow.python.util import x", "import keras.src.ops",
                  "tf.__internal__.distribute", "getattr(e, '_in_multi_worker_mode')",
                  "model._make_function(f)", '"optimizer/_iterations/.A"', "tf._api.v2",
-                 "m._flatten_layers()", "cb._global_train_batch", "_pywrap_util_port"):
+                 "m._flatten_layers()", "cb._global_train_batch", "_pywrap_util_port",
+                 "layer.convolution_op = f", "layer.call=f"):
         assert PRIVATE.search(line), line
     for line in ("tf.compat.v1.train.NewCheckpointReader", "keras.__version__",
-                 "num_iterations", "self._make_functions_cache", "optimizer.iterations"):
+                 "num_iterations", "self._make_functions_cache", "optimizer.iterations",
+                 "layer.convolution_op(x, k)", "if layer.call == f"):
         assert not PRIVATE.search(line), line

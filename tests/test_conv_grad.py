@@ -1,11 +1,17 @@
-"""co2_tf.nets.conv_grad: the filter gradient by matmul equals a NumPy reference."""
+"""co2_tf.nets.conv_grad: the filter gradient by matmul equals a NumPy reference, and
+--conv_filter_grad picks it for training only."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from co2_tf.nets import conv_grad
+from co2_tf import build, compat
+from co2_tf.config import TrainConfig
+from co2_tf.errors import UserError
+from co2_tf.evaluation import common
+from co2_tf.nets import backbones, conv_grad
+from co2_tf.run import rundir
 
 
 def _numpy_filter_grad(x, g, kernel, stride, pads):
@@ -46,7 +52,7 @@ def test_filter_and_input_gradients_match_references(monkeypatch, kernel, stride
     conv_grad.matmul_filter_grad(model)
     assert type(layers[1]) is keras.layers.Conv2D
     out_size = layers[0].compute_output_shape((4, size, size, 5))[1]
-    assert conv_grad.applies(layers[1], x.shape) == (kernel > 1)  # the path tested
+    assert conv_grad._applies(layers[1], x.shape) == (kernel > 1)  # the path tested
     g = rng.randn(4, out_size, out_size, 6).astype(np.float32)
 
     @tf.function
@@ -83,13 +89,58 @@ def test_small_convs_keep_tfs_kernel():
     # the strided ones (layer4's first: 10x10 padded input -> 4x4) keep TF's kernel.
     tiny = keras.layers.Conv2D(256, 3, strides=2, padding="same")
     tiny.build((None, 4, 4, 128))
-    assert not conv_grad.applies(tiny, (2, 4, 4, 128))
+    assert not conv_grad._applies(tiny, (2, 4, 4, 128))
     layer4 = keras.layers.Conv2D(512, 3, padding="same")
     layer4.build((None, 4, 4, 512))
-    assert conv_grad.applies(layer4, (2, 4, 4, 512))
+    assert conv_grad._applies(layer4, (2, 4, 4, 512))
     layer3 = keras.layers.Conv2D(256, 3, padding="same")
     layer3.build((None, 8, 8, 256))
-    assert not conv_grad.applies(layer3, (2, 8, 8, 256))
+    assert not conv_grad._applies(layer3, (2, 8, 8, 256))
     strided = keras.layers.Conv2D(512, 3, strides=2, padding="valid")
     strided.build((None, 10, 10, 256))
-    assert not conv_grad.applies(strided, (2, 10, 10, 256))
+    assert not conv_grad._applies(strided, (2, 10, 10, 256))
+
+
+# --conv_filter_grad: a parameter of building the backbone. -------------------------------
+
+def _patched(model):
+    """Which of `model`'s convs compute their filter gradient by conv_grad's matmul."""
+    return [getattr(layer.convolution_op, "__func__", None) is conv_grad._convolution_op
+            for layer in compat.nested_layers(model) if isinstance(layer, keras.layers.Conv2D)]
+
+
+def test_conv_filter_grad_picks_the_kernel(monkeypatch):
+    tf_kernel = backbones.build_backbone("tiny", 16, conv_filter_grad="tf")
+    assert _patched(tf_kernel) == [False] * 4
+    assert all("convolution_op" not in vars(layer) for layer in compat.nested_layers(tf_kernel))
+    assert _patched(backbones.build_backbone("tiny", 16, conv_filter_grad="matmul")) == [True] * 4
+    assert _patched(backbones.build_backbone("tiny", 16)) == [False] * 4  # TF's by default
+    for pays_off in (True, False):  # auto: the host's rule
+        monkeypatch.setattr(conv_grad, "pays_off", lambda pays_off=pays_off: pays_off)
+        assert conv_grad.resolve("auto") == ("matmul" if pays_off else "tf")
+        auto = backbones.build_backbone("tiny", 16, conv_filter_grad="auto")
+        assert _patched(auto) == [pays_off] * 4
+    with pytest.raises(UserError, match="conv_filter_grad='fast'"):
+        backbones.build_backbone("tiny", 16, conv_filter_grad="fast")
+
+
+def test_evaluation_and_export_keep_tfs_kernel(tmp_path):
+    """Training built with --conv_filter_grad=matmul; every backbone rebuilt from its run dir
+    (evaluation, export, the kNN monitor's and the random-init baseline's) has TF's kernel."""
+    config = TrainConfig(model_dir=str(tmp_path), backbone="tiny", image_size=16, dim=16,
+                         queue_size=64, batch_size=8, conv_filter_grad="matmul")
+    trained = build.build_model(config, 1, conv_filter_grad=config.conv_filter_grad)
+    assert all(_patched(trained.query_backbone)) and all(_patched(trained.key_backbone))
+    rundir.write_run_config(str(tmp_path), config)
+
+    run = rundir.load_run(str(tmp_path), restore_weights=False)  # evaluation's and export's
+    assert run.config.conv_filter_grad == "matmul"
+    assert not any(_patched(run.model.query_backbone) + _patched(run.model.key_backbone))
+    exported = build.any_size_copy(run.config, run.model.query_backbone)  # export_run's
+    assert not any(_patched(exported))
+    for image_size in (0, 24):  # the run's size, and another one (a copy)
+        loaded = common.load_backbone(common.EvalConfig(model_dir=str(tmp_path),
+                                                        random_init=True, image_size=image_size))
+        assert not any(_patched(loaded.backbone))
+    # The kNN monitor's copy and the end-of-run random-init baseline: backbone_fn's default.
+    assert not any(_patched(build.backbone_fn(config)("knn_backbone")))

@@ -1,4 +1,6 @@
-"""co2_tf.method.losses against an independent float64 NumPy reference."""
+"""co2_tf.method.losses and .objective against an independent float64 NumPy reference."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ from helpers.references import (
     ref_info_nce,
 )
 
-from co2_tf.method import losses
+from co2_tf import config
+from co2_tf.method import losses, objective
+from co2_tf.method.objective import CO2Objective
 
 
 # ------------------------------------------------------------ NumPy reference
@@ -128,22 +132,36 @@ def test_low_precision_inputs_are_computed_in_float32(dtype):
     np.testing.assert_allclose(con.numpy(), ref_consistency(*rounded, 0.04), rtol=1e-4, atol=1e-6)
 
 
-def test_alpha_zero_is_exactly_moco():
+# ----------------------------------------------------------------- objective
+@pytest.mark.parametrize("moco", [
+    CO2Objective(temperature=0.2, consistency_temperature=0.04, weight=0.0),
+    # alpha = 0 stays MoCo with the temperature scaling and a warmup around it.
+    objective.co2_objective(config.TrainConfig(
+        temperature=0.2, consistency_temperature=0.04, consistency_weight=0.0,
+        consistency_temperature_scaling=True, consistency_warmup_epochs=2.0), 10)])
+def test_alpha_zero_is_exactly_moco(moco):
     q, k, queue = (tf.constant(a, tf.float32) for a in make_inputs(8, 32, 256))
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(q)
-        terms = losses.co2_loss(q, k, queue, 0.2, 0.04, 0.0)
-        moco = losses.info_nce_loss(q, k, queue, 0.2)
-        total, ref = tf.reduce_sum(terms["loss"]), tf.reduce_sum(moco)
-    np.testing.assert_array_equal(terms["loss"].numpy(), moco.numpy())
-    np.testing.assert_array_equal(tape.gradient(total, q).numpy(), tape.gradient(ref, q).numpy())
-    # Still measured for monitoring.
-    assert np.all(terms["loss_con"].numpy() > 0)
+        loss, terms = moco(q, k, queue, tf.constant(3, tf.int64))
+        ref = losses.info_nce_loss(q, k, queue, 0.2)
+        total, ref_total = tf.reduce_sum(loss), tf.reduce_sum(ref)
+        con = tf.reduce_sum(terms["loss_con"])
+    np.testing.assert_array_equal(loss.numpy(), ref.numpy())
+    np.testing.assert_array_equal(terms["loss"].numpy(), ref.numpy())
+    np.testing.assert_array_equal(tape.gradient(total, q).numpy(),
+                                  tape.gradient(ref_total, q).numpy())
+    assert float(terms["alpha"]) == 0.0
+    # Still measured for monitoring, with no gradient path.
+    assert np.all(terms["loss_con"].numpy() > 0) and tape.gradient(con, q) is None
 
 
-def test_co2_loss_combines_the_terms():
+def test_the_objective_combines_the_terms():
     q, k, queue = (tf.constant(a, tf.float32) for a in make_inputs(8, 32, 256))
-    terms = losses.co2_loss(q, k, queue, 0.2, 0.05, 2.5)
+    loss, terms = CO2Objective(temperature=0.2, consistency_temperature=0.05,
+                               weight=2.5)(q, k, queue, 0)
+    np.testing.assert_array_equal(loss.numpy(), terms["loss"].numpy())
+    assert float(terms["alpha"]) == 2.5
     np.testing.assert_allclose(terms["loss_ins"].numpy(),
                                losses.info_nce_loss(q, k, queue, 0.2).numpy(), rtol=1e-6)
     np.testing.assert_allclose(terms["loss_con"].numpy(),
@@ -180,9 +198,13 @@ def test_variants_match_reference_values_and_finite_differences(over, kl):
                         2 * eps)
     g = tape.gradient(total, tq).numpy()
     np.testing.assert_allclose(g, fd, rtol=2e-3, atol=2e-3 * np.abs(fd).max())
-    # co2_loss passes the variant through, with a tensor weight (a warmup ramp).
-    terms = losses.co2_loss(tq, tk, tqueue, 0.2, 0.1, tf.constant(0.5), over, kl)
-    np.testing.assert_allclose(terms["loss"].numpy(),
+    # The objective passes the variant through, with a tensor alpha (the warmup ramp,
+    # exactly 1 from its last step on).
+    ramped = CO2Objective(temperature=0.2, consistency_temperature=0.1, weight=0.5, over=over,
+                          kl=kl, warmup_steps=2)
+    loss, terms = ramped(tq, tk, tqueue, tf.constant(5, tf.int64))
+    assert isinstance(ramped.alpha(0), tf.Tensor) and float(terms["alpha"]) == 0.5
+    np.testing.assert_allclose(loss.numpy(),
                                ref_info_nce(q32, k32, queue32, 0.2) + 0.5 * ref, rtol=1e-4)
 
 
@@ -199,7 +221,7 @@ def test_the_positive_variant_differs_and_defaults_are_the_paper():
 
 def test_consistency_ramp_is_the_sigmoid_shaped_rampup():
     steps = np.array([0, 25, 50, 99, 100, 150])
-    ramp = np.array([float(losses.consistency_ramp(s, 100)) for s in steps])
+    ramp = np.array([float(objective.consistency_ramp(s, 100)) for s in steps])
     t = np.minimum(steps / 100, 1.0)
     np.testing.assert_allclose(ramp, np.exp(-5 * (1 - t) ** 2), rtol=1e-6)
     assert ramp[0] == pytest.approx(np.exp(-5)) and ramp[-1] == 1.0
@@ -208,28 +230,23 @@ def test_consistency_ramp_is_the_sigmoid_shaped_rampup():
 # ------------------------------------------------------- temperature-scaled alpha
 def test_temperature_scaling_weights_the_term_by_tau_con_over_tau_squared():
     """NumPy: L_ins + alpha (tau_con / tau)^2 L_con, values and gradient in q; off, the
-    model gets the paper's alpha itself, and MoCo's 0 stays 0."""
-    import dataclasses
-
-    from co2_tf import build, config
-
-    assert losses.consistency_scale(0.04, 0.1) == pytest.approx(0.16, rel=1e-12)
-    assert losses.consistency_scale(0.2, 0.1) == pytest.approx(4.0, rel=1e-12)
+    objective gets the paper's alpha itself, and MoCo's 0 stays 0."""
+    assert objective.consistency_scale(0.04, 0.1) == pytest.approx(0.16, rel=1e-12)
+    assert objective.consistency_scale(0.2, 0.1) == pytest.approx(4.0, rel=1e-12)
     base = config.TrainConfig(consistency_weight=1.0, consistency_temperature=0.04,
                               temperature=0.1)
     scaled = dataclasses.replace(base, consistency_temperature_scaling=True)
-    assert build.consistency_weight(base) is base.consistency_weight  # bit-unchanged
-    assert build.consistency_weight(scaled) == pytest.approx(0.16, rel=1e-12)
+    assert objective.co2_objective(base).weight is base.consistency_weight  # bit-unchanged
+    assert objective.co2_objective(scaled).weight == pytest.approx(0.16, rel=1e-12)
     moco = dataclasses.replace(scaled, consistency_weight=0.0)
-    assert build.consistency_weight(moco) == 0  # a Python 0: co2_loss's exact-MoCo path
+    assert objective.co2_objective(moco).weight == 0  # the objective's exact-MoCo path
 
     q, k, queue = make_inputs(8, 32, 256, seed=4)
     q32, k32, queue32 = (a.astype(np.float32).astype(np.float64) for a in (q, k, queue))
     tq, tk, tqueue = (tf.constant(a, tf.float32) for a in (q, k, queue))
-    alpha = build.consistency_weight(scaled)
     with tf.GradientTape() as tape:
         tape.watch(tq)
-        total = tf.reduce_sum(losses.co2_loss(tq, tk, tqueue, 0.1, 0.04, alpha)["loss"])
+        total = tf.reduce_sum(objective.co2_objective(scaled)(tq, tk, tqueue, 0)[0])
     weight = 1.0 * (0.04 / 0.1) ** 2
     ref = (ref_info_nce(q32, k32, queue32, 0.1)
            + weight * ref_consistency(q32, k32, queue32, 0.04)).sum()

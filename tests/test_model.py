@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from co2_tf.method import losses
 from co2_tf.method.model import CO2Model
+from co2_tf.method.objective import CO2Objective
 from co2_tf.nets.backbones import build_backbone
 from co2_tf.nets.fused_batchnorm import fuse_batch_norm
 from co2_tf.optimizers import make_optimizer
@@ -26,15 +27,15 @@ def flat_backbone(name, with_bn=False):
     return keras.Model(inputs, x, name=name)
 
 
-def make_model(strategy=None, with_bn=False, optimizer=None, **kwargs):
+def make_model(strategy=None, with_bn=False, optimizer=None, alpha=1.0, **kwargs):
     """optimizer: a factory, called under the strategy's scope."""
     strategy = strategy or tf.distribute.get_strategy()
-    args = dict(head="mlp", dim=4, queue_size=16, ema_momentum=0.9,
-                temperature=0.2, consistency_temperature=0.1, consistency_weight=1.0,
-                bn="shuffle", bn_groups=1, seed=5)
+    args = dict(head="mlp", dim=4, queue_size=16, ema_momentum=0.9, bn="shuffle", bn_groups=1,
+                seed=5)
     args.update(kwargs)
+    objective = CO2Objective(temperature=0.2, consistency_temperature=0.1, weight=alpha)
     with strategy.scope():
-        model = CO2Model(lambda name: flat_backbone(name, with_bn), **args)
+        model = CO2Model(lambda name: flat_backbone(name, with_bn), objective, **args)
         opt = optimizer() if optimizer else keras.optimizers.SGD(0.5)
         model.compile(optimizer=opt)
         opt.build(model.query_variables)
@@ -87,8 +88,8 @@ def test_consistency_gradient_reaches_the_query_encoder():
     """
     lr, alpha = 0.5, 1.0
     x_q, x_k = tf.constant(images(4, 4)), tf.constant(images(4, 5))
-    with_con = make_model(consistency_weight=alpha, optimizer=lambda: keras.optimizers.SGD(lr))
-    without = make_model(consistency_weight=0.0, optimizer=lambda: keras.optimizers.SGD(lr))
+    with_con = make_model(alpha=alpha, optimizer=lambda: keras.optimizers.SGD(lr))
+    without = make_model(alpha=0.0, optimizer=lambda: keras.optimizers.SGD(lr))
     theta0 = values(with_con.query_variables)
     for a, b in zip(theta0, values(without.query_variables)):
         np.testing.assert_array_equal(a, b)
@@ -226,7 +227,7 @@ def test_mirrored_copies_stay_bit_identical(two_replicas, bn):
                                               model_name=name, seed=3))
 
     with two_replicas.scope():
-        model = CO2Model(backbone, head="mlp", dim=4, queue_size=16,
+        model = CO2Model(backbone, CO2Objective(), head="mlp", dim=4, queue_size=16,
                          ema_momentum=0.9, bn=bn, bn_groups=1, seed=5)
         opt = make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=0.05)
         model.compile(optimizer=opt)

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from co2_tf import io
-from co2_tf.data import folder_index, image_files
+from co2_tf.data import folder_index, image_checks, image_files
 from co2_tf.data import pipelines as data
 from co2_tf.data.sources import builtin, make_source, parse_dataset_spec
 from co2_tf.errors import UserError
@@ -128,8 +128,8 @@ def test_folder_index_second_start_lists_nothing(tmp_path, monkeypatch):
     assert [os.path.basename(f) for f in first.listing("train").skipped] == ["cut.png"]
     calls.clear()
     _new_process()
-    check = image_files._check_file
-    monkeypatch.setattr(image_files, "_check_file", lambda *a, **k: pytest.fail("checked"))
+    check = image_checks.check_file
+    monkeypatch.setattr(image_checks, "check_file", lambda *a, **k: pytest.fail("checked"))
     second = make_source(f"folder:{root}")
     assert second.files("train") == files and second.labels("train").tolist() == labels
     assert second.listing("train").skipped == first.listing("train").skipped
@@ -145,7 +145,7 @@ def test_folder_index_second_start_lists_nothing(tmp_path, monkeypatch):
     assert b"nested/3.png" not in graph  # no path list in the graph
     assert calls == []
     # A file added in a nested folder changes that folder's time: the next start scans.
-    monkeypatch.setattr(image_files, "_check_file", check)
+    monkeypatch.setattr(image_checks, "check_file", check)
     Image.fromarray(np.zeros((5, 6, 3), np.uint8)).save(root / "b" / "nested" / "4.png")
     _new_process()
     assert len(make_source(f"folder:{root}").files("train")) == len(files) + 1 and calls
@@ -155,7 +155,7 @@ def test_folder_index_dir_and_no_check(tmp_path, monkeypatch):
     root = tmp_path / "data"
     _small_folder(root)
     _new_process()
-    monkeypatch.setattr(image_files, "_check_file", lambda *a, **k: pytest.fail("checked"))
+    monkeypatch.setattr(image_checks, "check_file", lambda *a, **k: pytest.fail("checked"))
     options = {"index_dir": str(tmp_path / "index"), "check_image_files": False}
     source = make_source(f"folder:{root}", options=options)
     assert len(source.files("train")) == 5  # the truncated file too: it fails at decode time

@@ -155,7 +155,7 @@ def _label(kind, site):
     if kind in ("merge_call", "broadcast_to"):
         what = "merge call" if kind == "merge_call" else "broadcast"
         return f"{what}: " + ("optimizer (Keras)" if keras else ours)
-    if kind == "all_gather" and ours == "model._all_gather_in_own_bytes":
+    if kind == "all_gather" and ours == "distribute.all_gather_in_own_bytes":
         return "key images"
     if kind == "all_gather" and ours == "model.encode_keys":
         return "keys"
@@ -319,14 +319,14 @@ def test_key_images_cross_in_their_dtype_and_the_transform_sees_global_ids(two_r
 def test_all_gather_in_own_bytes(two_replicas, dtype, shape):
     """Dtypes the collective refuses (uint8, bfloat16) cross bitcast into int32 words, examples
     padded to whole words, and come out exact; others go through as they are."""
-    from co2_tf.method.model import _all_gather_in_own_bytes  # noqa: PLC0415
+    from co2_tf.distribute import all_gather_in_own_bytes  # noqa: PLC0415
 
     dtype = tf.as_dtype(dtype)
     parts = [np.random.RandomState(i).randint(0, 200, (2, *shape)) for i in range(2)]
     values = two_replicas.experimental_distribute_values_from_function(
         lambda ctx: tf.cast(tf.constant(parts[ctx.replica_id_in_sync_group]), dtype))
     gather = tf.function(lambda v: two_replicas.run(
-        lambda x: _all_gather_in_own_bytes(tf.distribute.get_replica_context(), x), args=(v,)))
+        lambda x: all_gather_in_own_bytes(tf.distribute.get_replica_context(), x), args=(v,)))
     for result in two_replicas.experimental_local_results(gather(values)):
         assert result.dtype == dtype and result.shape == (4, *shape)
         np.testing.assert_array_equal(tf.cast(result, tf.int32).numpy(), np.concatenate(parts))

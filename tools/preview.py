@@ -17,7 +17,7 @@ from co2_tf.evaluation import drawing
 
 def preview_grid(spec, *, split="train", data_dir=None, image_size, augment,
                  num_images=8, seed=0):
-    """uint8 preview grid (see `co2_tf.data.augment.view_pair_grid`) of view pairs.
+    """uint8 preview grid (see `co2_tf.evaluation.drawing.view_pair_grid`) of view pairs.
 
     For indexed sources (builtin, folder), row j shows global example j of the
     pretraining stream with this `seed` (its source, and the very views
@@ -45,7 +45,7 @@ def preview_grid(spec, *, split="train", data_dir=None, image_size, augment,
         originals.append(_augment.eval_view(image, image_size).numpy())
         views1.append(v1.numpy())
         views2.append(v2.numpy())
-    return _augment.view_pair_grid(np.stack(originals), np.stack(views1), np.stack(views2))
+    return drawing.view_pair_grid(np.stack(originals), np.stack(views1), np.stack(views2))
 
 
 @dataclasses.dataclass
@@ -112,7 +112,7 @@ def class_grid(spec, *, split="train", data_dir=None, image_size=48, per_class=8
         y = pad + c * (image_size + pad)
         draw.text((pad, y + image_size // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
         for j, image in enumerate(rows[c]):
-            pixels = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+            pixels = drawing.as_uint8(image)
             canvas.paste(Image.fromarray(pixels), (name_width + j * (image_size + pad), y))
     return canvas
 

@@ -4,17 +4,14 @@ Every random decision comes from an explicit seed tensor (shape [2], int32 or
 int64) through `tf.random.stateless_*` ops, so a given (image, seed) always
 yields the same views: runs are reproducible and resumable mid-epoch.
 
-The semantics follow torchvision as used by facebookresearch/moco:
+The semantics follow torchvision as used by facebookresearch/moco. Here: the
+crop sampling and the recipes (which ops a view gets, with which factors);
+the colour ops and the blur themselves are co2_tf.data.colour_ops.
 
 - RandomResizedCrop: area fraction ~ U[scale], aspect ratio log-uniform in
   [3/4, 4/3], up to 10 tries, then torchvision's centre-crop fallback.
-- ColorJitter: brightness multiplies, contrast blends with the mean of the
-  grayscale image, saturation blends with the grayscale image, hue shifts by
-  U[-h, h] of the hue circle; the four applied in a random order per image,
-  each clipped to [0, 1].
-- RandomGrayscale: ITU-R 601 luma (0.299, 0.587, 0.114) copied to 3 channels.
-- Gaussian blur (v2): sigma ~ U[0.1, 2.0], separable depthwise convolution with
-  reflect padding, odd kernel of about 10% of the image side (at least 3).
+- ColorJitter: the four factors drawn, applied in a random order per image.
+- Gaussian blur (v2): sigma ~ U[0.1, 2.0].
 - Horizontal flip with p = 0.5.
 
 The pipelines (recipe order as in MoCo's main_moco.py):
@@ -32,9 +29,9 @@ same decisions with the steps after the crop on the accelerator.
 """
 import math
 
-import numpy as np
 import tensorflow as tf
 
+from co2_tf.data import colour_ops
 from co2_tf.errors import UserError
 
 RECIPES = ("mocov1", "mocov2")
@@ -52,8 +49,6 @@ _RECIPE_SETTINGS = {
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _BLUR_SIGMA = (0.1, 2.0)
 _CROP_TRIES = 10
-# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma).
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 # Number of independent sub-seeds one view uses (see sample_params).
 _NUM_SUBSEEDS = 8
@@ -64,38 +59,6 @@ def check_recipe(recipe):
     if recipe not in RECIPES:
         raise UserError(f"unknown augmentation recipe {recipe!r}: use one of "
                         f"{', '.join(RECIPES)}")
-
-
-def blur_kernel_size(image_size):
-    """Odd Gaussian kernel size of about 10% of the image side, at least 3.
-
-    224 -> 23 (as SimCLR / torchvision GaussianBlur(23)), 96 -> 9, 32 -> 3.
-    """
-    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
-
-
-def gaussian_kernel_1d(sigma, size):
-    """Normalised 1-D Gaussian weights, float32 [size], for scalar `sigma`."""
-    radius = (size - 1) // 2
-    x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    sigma = tf.cast(sigma, tf.float32)
-    k = tf.exp(-0.5 * tf.square(x / sigma))
-    return k / tf.reduce_sum(k)
-
-
-def gaussian_blur(image, sigma, size):
-    """Separable Gaussian blur of a float [h, w, c] image, reflect padding."""
-    kernel = gaussian_kernel_1d(sigma, size)
-    radius = (size - 1) // 2
-    channels = image.shape[-1] or 3
-    x = image[tf.newaxis]
-    # Reflect padding, as torchvision's GaussianBlur; keeps edges unshaded.
-    x = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]],
-               mode="REFLECT")
-    kernel = tf.tile(tf.reshape(kernel, [size, 1, 1, 1]), [1, 1, channels, 1])
-    x = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")
-    return tf.nn.depthwise_conv2d(x, tf.transpose(kernel, [1, 0, 2, 3]), [1, 1, 1, 1],
-                                  "VALID")[0]
 
 
 def subseeds(seed, num):
@@ -212,58 +175,6 @@ def sample_colour_params(seed, recipe):
     }
 
 
-def to_gray(image):
-    """torchvision rgb_to_grayscale, float [..., 3] -> [..., 1]."""
-    # Three slices: ~3x cheaper than a multiply + reduce over the last axis.
-    r, g, b = _GRAY_WEIGHTS
-    return (image[..., 0:1] * r + image[..., 1:2] * g
-            + image[..., 2:3] * b)
-
-
-def adjust_brightness(image, factor):
-    """Multiplies by `factor` >= 0 (blend with black), clipped to [0, 1]."""
-    # image >= 0 and factor >= 0: only the upper bound can be crossed.
-    return tf.minimum(image * factor, 1.0)
-
-
-def adjust_contrast(image, factor):
-    """Blends with the mean of the grayscale image, clipped to [0, 1]."""
-    # mean(gray) = gray(per-channel means): no full grayscale image needed.
-    mean = to_gray(tf.reduce_mean(image, axis=[0, 1]))[0]
-    return tf.clip_by_value(factor * image + (1.0 - factor) * mean, 0.0, 1.0)
-
-
-def adjust_saturation(image, factor):
-    """Blends with the grayscale image, clipped to [0, 1]."""
-    gray = to_gray(image)
-    return tf.clip_by_value(gray + factor * (image - gray), 0.0, 1.0)
-
-
-def adjust_hue(image, shift):
-    """Rotates hue by `shift` (fraction of the circle, in [-0.5, 0.5])."""
-    # The HSV round trip stays in [0, 1] (up to rounding, which the final
-    # clip of the view removes): no clip here.
-    return tf.image.adjust_hue(image, shift)
-
-
-def color_jitter(image, factors, order):
-    """torchvision ColorJitter with given factors, in the given order.
-
-    Args:
-      image: float32 [h, w, 3] in [0, 1].
-      factors: float32 [4]: brightness, contrast, saturation, hue shift.
-      order: int32 [4], a permutation of 0..3 (op indices as in `factors`).
-    """
-    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-    for step in range(4):
-        idx = order[step]
-        image = tf.switch_case(
-            # switch_case calls the branches now, in this iteration.
-            idx, [lambda op=op, k=k: op(image, factors[k])  # noqa: B023
-                  for k, op in enumerate(ops)])
-    return image
-
-
 def _scale_after_resize(image, source_dtype):
     # tf.image.resize returns float32 in the source's value range.
     if source_dtype == tf.uint8:
@@ -274,7 +185,7 @@ def _scale_after_resize(image, source_dtype):
 def resized_crop(image, crop, image_size):
     """Crops (top, left, h, w) and resizes to [image_size, image_size].
 
-    Bilinear without antialiasing (its cost: BUILD.md); MoCo's crops are mostly
+    Bilinear without antialiasing (its cost: docs/performance.md); MoCo's crops are mostly
     upscaled or mildly downscaled. torchvision's PIL resize is antialiased.
     """
     image = tf.convert_to_tensor(image)
@@ -295,8 +206,8 @@ def apply_params(image, params, recipe, image_size):
                    lambda: view)
     if recipe == "linear":
         return view
-    gray = lambda v: tf.tile(to_gray(v), [1, 1, 3])  # noqa: E731
-    jitter = lambda v: color_jitter(  # noqa: E731
+    gray = lambda v: tf.tile(colour_ops.to_gray(v), [1, 1, 3])  # noqa: E731
+    jitter = lambda v: colour_ops.color_jitter(  # noqa: E731
         v, params["jitter_factors"], params["jitter_order"])
     if recipe == "mocov1":
         view = tf.cond(params["gray"], lambda: gray(view), lambda: view)
@@ -304,9 +215,9 @@ def apply_params(image, params, recipe, image_size):
     else:
         view = tf.cond(params["jitter"], lambda: jitter(view), lambda: view)
         view = tf.cond(params["gray"], lambda: gray(view), lambda: view)
-        ksize = blur_kernel_size(image_size)
+        ksize = colour_ops.blur_kernel_size(image_size)
         view = tf.cond(params["blur"],
-                       lambda: gaussian_blur(view, params["sigma"], ksize),
+                       lambda: colour_ops.gaussian_blur(view, params["sigma"], ksize),
                        lambda: view)
     view = tf.clip_by_value(view, 0.0, 1.0)
     return tf.ensure_shape(view, [image_size, image_size, 3])
@@ -368,33 +279,3 @@ def eval_view(image, image_size):
     out = _scale_after_resize(tf.cast(out, tf.float32), dtype)
     return tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0),
                            [image_size, image_size, 3])
-
-
-def view_pair_grid(images, views1, views2, pad=2):
-    """A preview grid: one row per image: source, view 1, view 2.
-
-    Args:
-      images: [n, S, S, 3] sources (uint8 or float in [0, 1]), already resized
-        to the views' size (e.g. with `eval_view`).
-      views1, views2: [n, S, S, 3] float in [0, 1] (or uint8).
-      pad: white pixels between tiles.
-
-    Returns:
-      uint8 numpy array [n * (S + pad) + pad, 3 * (S + pad) + pad, 3].
-    """
-    cols = [_as_uint8(np.asarray(x)) for x in (images, views1, views2)]
-    n, s = cols[0].shape[0], cols[0].shape[1]
-    grid = np.full((n * (s + pad) + pad, 3 * (s + pad) + pad, 3), 255,
-                   np.uint8)
-    for row in range(n):
-        for col, arr in enumerate(cols):
-            y = pad + row * (s + pad)
-            x = pad + col * (s + pad)
-            grid[y:y + s, x:x + s] = arr[row]
-    return grid
-
-
-def _as_uint8(arr):
-    if arr.dtype == np.uint8:
-        return arr
-    return np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)

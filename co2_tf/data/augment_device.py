@@ -43,7 +43,7 @@ import functools
 import tensorflow as tf
 
 from co2_tf.config import CPU_PLACEMENT, resolve_placement  # noqa: F401 (one rule: config)
-from co2_tf.data import augment
+from co2_tf.data import augment, colour_ops
 
 
 def crop_view(image, view_seed, recipe, image_size):
@@ -78,13 +78,13 @@ def adjust_brightness(x, f):
 
 
 def adjust_contrast(x, f):
-    mean = augment.to_gray(tf.reduce_mean(x, axis=[1, 2], keepdims=True))
+    mean = colour_ops.to_gray(tf.reduce_mean(x, axis=[1, 2], keepdims=True))
     f = _per_example(f)
     return tf.clip_by_value(f * x + (1.0 - f) * mean, 0.0, 1.0)
 
 
 def adjust_saturation(x, f):
-    gray = augment.to_gray(x)
+    gray = colour_ops.to_gray(x)
     return tf.clip_by_value(gray + _per_example(f) * (x - gray), 0.0, 1.0)
 
 
@@ -106,7 +106,7 @@ def color_jitter(x, factors, order):
     for slot in range(4):
         op = order[:, slot]
         f = tf.gather(factors, tf.minimum(op, 2), batch_dims=1)
-        gray = augment.to_gray(x)
+        gray = colour_ops.to_gray(x)
         mean = tf.reduce_mean(gray, axis=[1, 2], keepdims=True)
         target = tf.where(_per_example(op == 1), mean, _per_example(tf.cast(op == 2, x.dtype))
                           * gray)
@@ -151,7 +151,7 @@ def apply_colour_params(x, params, recipe):
         x = tf.cast(x, tf.float32) * (1.0 / 255.0)
     x = tf.cast(x, tf.float32)
     x = _where(params["flip"], tf.reverse(x, axis=[2]), x)
-    gray = lambda v: tf.tile(augment.to_gray(v), [1, 1, 1, 3])  # noqa: E731
+    gray = lambda v: tf.tile(colour_ops.to_gray(v), [1, 1, 1, 3])  # noqa: E731
     jitter = lambda v: color_jitter(  # noqa: E731
         v, params["jitter_factors"], params["jitter_order"])
     if recipe == "mocov1":
@@ -160,7 +160,7 @@ def apply_colour_params(x, params, recipe):
     else:
         x = _where(params["jitter"], jitter(x), x)
         x = _where(params["gray"], gray(x), x)
-        size = augment.blur_kernel_size(x.shape[1])
+        size = colour_ops.blur_kernel_size(x.shape[1])
         x = _where(params["blur"], gaussian_blur(x, params["sigma"], size), x)
     return tf.clip_by_value(x, 0.0, 1.0)
 
@@ -190,7 +190,7 @@ class ViewTransform:
     jit_compile: run it as one XLA cluster even when the step is not compiled
     (for GPUs: its dozens of element-wise ops over the batch fuse into a few
     kernels instead of streaming the batch through memory each; on a CPU XLA
-    made it 4x slower, BUILD.md). TPUs compile the whole step anyway.
+    made it slower; measured: docs/performance.md). TPUs compile the whole step anyway.
     """
 
     def __init__(self, recipe, seed, view=0, jit_compile=False):

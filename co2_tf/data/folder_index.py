@@ -15,7 +15,7 @@ skipped files, the stamps below), then one line per usable image,
 ``LABEL<TAB>PATH`` with PATH relative to the folder (the folder may move).
 Pipelines read the paths from this file with graph ops (a lookup table
 initialized from its lines, `path_table`): no Python, and no path list as a
-graph constant (1.28M paths were ~100 MB in every pipeline's graph).
+graph constant (ImageNet's 1.28M paths would put ~100 MB in every pipeline's graph).
 
 Invalidation, what is cheap to detect: the modification time of every
 folder that was listed (one stat each: ~1,000 for ImageNet) changes when a

@@ -1,4 +1,4 @@
-"""Image files: folder scanning, integrity checks, decoding, decode-failure handling.
+"""Image files: folder listing, decoding, and damaged files at run time.
 
 Files are recognised by extension (case-insensitive): .jpg .jpeg .jpe .jfif
 .png .gif .bmp; anything else (.txt, .svg, audio, ...) is not listed.
@@ -7,35 +7,20 @@ palette, 16-bit), GIF (first frame) and BMP decode to RGB uint8. Transparent
 pixels are composited onto WHITE (255): what viewers and browsers show, and
 what most images with transparency (icons, product shots) were made for.
 
-Folders may be local or URIs (gs://, file://, ram://): listing, checks and
-decoding go through tf.io.gfile (the checks of local files through Python's
-built-in file objects, 4x cheaper per file). Subfolders are followed once each:
-a local symlink back to a folder already visited is skipped (real paths are
-tracked), so a symlink loop cannot make the listing endless.
+Folders may be local or URIs (gs://, file://, ram://): listing and decoding
+go through tf.io.gfile. Subfolders are followed once each: a local symlink
+back to a folder already visited is skipped (real paths are tracked), so a
+symlink loop cannot make the listing endless.
 
-Corrupt files, the design: listing checks each file cheaply, without
-decoding: the magic number must match a supported format and the file must
-hold that format's end marker (JPEG: an EOI marker FFD9 after the SOI; PNG:
-the IEND chunk; GIF: the 0x3B trailer in its last 16 bytes; BMP: at least
-the size its header declares). The end marker is looked for from the end
-backwards: the last KiB first (one small read: the common case), then
-further back, so bytes appended after it (metadata, a phone's motion-photo
-video) are accepted; a truncated file has no end marker and is skipped. (A
-truncated JPEG whose embedded EXIF thumbnail has its own EOI passes; it
-fails at decode time, handled as below.) This costs two small reads per
-file, done by a thread pool, once per folder and process (measured here:
-1.4 s for 20k page-cached files, so ~1.5 min for ImageNet's 1.28M; more on
-a cold or network file system). It catches what usually happens to image
-collections: empty and truncated files (interrupted copies or downloads)
-and non-images with an image extension. Files that fail are skipped,
-counted and reported ONCE per folder and process (one logging warning: the
-count and up to 3 example paths).
+Listing checks each file cheaply, without decoding (co2_tf.data.image_checks:
+empty, truncated and non-image files), by a thread pool, once per folder and
+process. Files that fail are skipped, counted and reported ONCE per folder
+and process (one logging warning: the count and up to 3 example paths).
 
 Huge images (over `max_pixels`, --max_image_pixels, default 40 MP): a JPEG
 is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's cheap DCT scaling), the
-smallest reduction that fits, or 1/8 if none does; PNG, GIF and BMP cannot
-be decoded smaller, so those over the limit are skipped at listing (their
-size is in the header the check reads), counted in a warning of their own.
+smallest reduction that fits, or 1/8 if none does; PNG, GIF and BMP over the
+limit are skipped at listing, counted in a warning of their own.
 A file that passes the check but still fails to decode (a damaged body) is
 handled at run time without a crash: in pretraining it is replaced by a
 plain mid-gray image (augmented as usual), so the index contract below still
@@ -49,6 +34,8 @@ UserError naming the folder and the first failing files instead of looking
 for a good image forever. In `labelled_dataset` a failing file is
 dropped (`ignore_errors`). A full decode of every file up front would catch
 everything but costs a whole epoch of decoding on ImageNet-size folders.
+
+Measured costs (the check, the listing, the decode-failure handling): docs/performance.md.
 """
 import concurrent.futures
 import dataclasses
@@ -61,6 +48,7 @@ import tensorflow as tf
 
 from co2_tf import io
 from co2_tf import progress as progress_lib
+from co2_tf.data import image_checks
 from co2_tf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -70,84 +58,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp")
 # Composited under transparent pixels (see the module docstring).
 ALPHA_BACKGROUND = 255
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_END = b"\xff\xd9"
-_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and its (constant) CRC
 DEFAULT_MAX_PIXELS = 40_000_000
 # See the module docstring: consecutive decode failures that mean "nothing decodes".
 MAX_CONSECUTIVE_FAILURES = 1000
-# Listing verdicts.
-_OK, _CORRUPT, _TOO_LARGE = "ok", "corrupt", "too large"
-
-
-def _has_marker_from_end(f, size, marker, start):
-    """Whether `marker` occurs in the file after offset `start`, searched from the end.
-
-    Reads the last KiB, then 64 KiB, 4 MiB, ... further back: one small read
-    for a file that ends with its marker.
-    """
-    end, chunk = size, 1024
-    while end > start:
-        begin = max(start, end - chunk)
-        f.seek(begin)
-        # Overlap by len(marker) - 1 so a marker across two reads is found.
-        if marker in f.read(min(size, end + len(marker) - 1) - begin):
-            return True
-        end, chunk = begin, chunk * 64
-    return False
-
-
-def _pixels(head):
-    """width * height from the header of a PNG, GIF or BMP (first 32 bytes); None if unknown."""
-    if head.startswith(_PNG_MAGIC) and head[12:16] == b"IHDR":
-        return int.from_bytes(head[16:20], "big") * int.from_bytes(head[20:24], "big")
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return int.from_bytes(head[6:8], "little") * int.from_bytes(head[8:10], "little")
-    if head[:2] == b"BM" and len(head) >= 26:
-        if int.from_bytes(head[14:18], "little") == 12:  # OS/2 BITMAPCOREHEADER
-            return int.from_bytes(head[18:20], "little") * int.from_bytes(head[20:22], "little")
-        width = int.from_bytes(head[18:22], "little", signed=True)
-        height = int.from_bytes(head[22:26], "little", signed=True)  # < 0: top-down
-        return abs(width * height)
-    return None
-
-
-def _open(path):
-    """A binary file object: gfile's, or for local files Python's own.
-
-    Local files only: Python's file objects cost ~40 us per file for the check's reads, gfile.GFile
-    ~160 us (measured here, one thread): 1.5 min less for ImageNet's listing.
-    """
-    local = io.local_path(path)
-    return open(local, "rb") if local is not None else gfile.GFile(path, "rb")  # local-only: above
-
-
-def _check_file(path, max_pixels=0):
-    """_OK, _CORRUPT or _TOO_LARGE (see module docstring). Never raises."""
-    try:
-        with _open(path) as f:
-            head = f.read(32)
-            size = f.size() if isinstance(f, gfile.GFile) else os.fstat(f.fileno()).st_size
-            if head.startswith(_JPEG_MAGIC):
-                complete = _has_marker_from_end(f, size, _JPEG_END, 2)
-            elif head.startswith(_PNG_MAGIC):
-                complete = _has_marker_from_end(f, size, _PNG_END, len(_PNG_MAGIC))
-            elif head[:6] in (b"GIF87a", b"GIF89a"):
-                f.seek(max(0, size - 16))
-                complete = b"\x3b" in f.read()
-            elif head[:2] == b"BM" and len(head) >= 6:
-                complete = size >= int.from_bytes(head[2:6], "little") and size > 26
-            else:
-                complete = False
-    except (tf.errors.OpError, OSError):
-        return _CORRUPT
-    if not complete:
-        return _CORRUPT
-    pixels = _pixels(head)  # None for JPEG: decoded at reduced size instead
-    if max_pixels and pixels is not None and pixels > max_pixels:
-        return _TOO_LARGE
-    return _OK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +88,7 @@ def list_folder(root, max_pixels=DEFAULT_MAX_PIXELS, progress=None, check=True):
     checks go through tf.io.gfile. Non-JPEG images over `max_pixels` (0 = no
     limit) are skipped. Raises UserError if the folder is missing, has no
     class folders, or a class folder has no image files. `progress`: a
-    co2_tf.progress.Reporter for lines during the scan (~1.5 min on ImageNet;
+    co2_tf.progress.Reporter for lines during the scan (minutes on ImageNet;
     part of the cache key: equal settings share the listing, as in a tool).
     check=False: no file is opened (every image name is taken as good; a damaged
     file is handled at decode time), for object stores where the check costs
@@ -262,25 +175,25 @@ def _list_folder_cached(root, max_pixels, progress=progress_lib.OFF, check=True)
         labels.extend([label] * len(found))
     listing.done(len(files))
     checking = progress.task(f"checking {root}", len(files), unit="files")
-    verdicts = [] if check else [_OK] * len(files)
+    verdicts = [] if check else [image_checks.OK] * len(files)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        for verdict in pool.map(functools.partial(_check_file, max_pixels=max_pixels),
+        for verdict in pool.map(functools.partial(image_checks.check_file, max_pixels=max_pixels),
                                 files if check else [], chunksize=256):
             verdicts.append(verdict)
             checking.update(len(verdicts))
     checking.done(len(files))
-    skipped = tuple(f for f, v in zip(files, verdicts) if v == _CORRUPT)
+    skipped = tuple(f for f, v in zip(files, verdicts) if v == image_checks.CORRUPT)
     if skipped:
         log.warning(
             "%s: skipping %d corrupt or truncated image file(s), e.g. %s",
             root, len(skipped), ", ".join(skipped[:3]))
-    too_large = tuple(f for f, v in zip(files, verdicts) if v == _TOO_LARGE)
+    too_large = tuple(f for f, v in zip(files, verdicts) if v == image_checks.TOO_LARGE)
     if too_large:
         log.warning(
             "%s: skipping %d PNG/GIF/BMP image(s) over the pixel limit (%d pixels, "
             "--max_image_pixels; JPEGs are decoded at reduced size instead), e.g. %s",
             root, len(too_large), max_pixels, ", ".join(too_large[:3]))
-    kept = [(f, lab) for f, lab, v in zip(files, labels, verdicts) if v == _OK]
+    kept = [(f, lab) for f, lab, v in zip(files, labels, verdicts) if v == image_checks.OK]
     present = {lab for _, lab in kept}
     for label, name in enumerate(classes):
         if label not in present:
@@ -298,7 +211,7 @@ def no_autograph(fn):
     """Skips AutoGraph for a tf.data function.
 
     The pipeline functions use explicit tf.cond / tf.switch_case, so
-    conversion only costs time: it made building a pipeline ~3x slower.
+    conversion only costs time (measured: docs/performance.md).
     """
     return tf.autograph.experimental.do_not_convert(fn)
 
@@ -386,9 +299,9 @@ def decoded_stream(paths, source_of, par, *, folder="", max_pixels=0, count=None
     is followed by `ignore_errors` (a failed element disappears) and a scan
     finds the gaps, refilled with a plain mid-gray (128) image of the same
     size. A constant stand-in keeps every element a function of its index
-    alone, so the index contract holds exactly. The scan + unbatch cost is
-    lost in the noise; a nested one-element dataset per image (the other
-    way to catch errors) measured ~1 CPU-ms/image more (~14% at 224 px).
+    alone, so the index contract holds exactly. The scan + unbatch cost
+    less than a nested one-element dataset per image, the other way to
+    catch errors (measured: docs/performance.md).
 
     If nothing decodes, ignore_errors alone would look for a survivor
     forever: after every `limit` files the stream carries a marker element

@@ -36,12 +36,11 @@ are decoded after it. With ``augment_on="device"`` there, the crops are
 seeded by the stream's counter and the rest by the global index:
 independent draws of the same distributions.
 
-Performance (2 cores, MoCo v2 two views): tf.data autotune is OFF (measured
-on a 2-core machine: ~270 source images/s with it off, ~190 with it on), so
+Performance: tf.data autotune is OFF (it was slower on a 2-core machine), so
 parallelism is explicit (the usable cores, or the source's
 ``input_threads``) and prefetch is 2 batches. Maps are ordered
 (deterministic=True), which the index contract needs; deterministic=False
-measured no faster here.
+was no faster. Measured: docs/performance.md.
 """
 import logging
 import os
@@ -105,7 +104,7 @@ def pretraining_data_warnings(source, split, queue_size):
 
 
 def pipeline_options():
-    """tf.data options: autotune OFF (measured: ~270 vs ~190 img/s here).
+    """tf.data options: autotune OFF (slower with it; measured: docs/performance.md).
 
     With autotune off, parallelism and prefetch sizes must be explicit.
     """

@@ -1,4 +1,5 @@
-"""Pictures as PNG files: fonts, writing PNGs, and line charts of a run's TensorBoard scalars.
+"""Pictures as PNG files: fonts, writing PNGs, the augmentation preview grid, and line
+charts of a run's TensorBoard scalars.
 
 `write_curve(CurveConfig(model_dir=...))` is tools/plot_curve.py: a line chart
 of one scalar of a run's TensorBoard logs (by default `epoch_knn_top1`, the
@@ -47,6 +48,37 @@ def write_png(path, image, flag="--out"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot write {path} ({first}): pass a writable {flag}") from None
     return path
+
+
+def view_pair_grid(images, views1, views2, pad=2):
+    """A preview grid: one row per image: source, view 1, view 2.
+
+    Args:
+      images: [n, S, S, 3] sources (uint8 or float in [0, 1]), already resized
+        to the views' size (e.g. with co2_tf.data.augment.eval_view).
+      views1, views2: [n, S, S, 3] float in [0, 1] (or uint8).
+      pad: white pixels between tiles.
+
+    Returns:
+      uint8 numpy array [n * (S + pad) + pad, 3 * (S + pad) + pad, 3].
+    """
+    cols = [as_uint8(np.asarray(x)) for x in (images, views1, views2)]
+    n, s = cols[0].shape[0], cols[0].shape[1]
+    grid = np.full((n * (s + pad) + pad, 3 * (s + pad) + pad, 3), 255,
+                   np.uint8)
+    for row in range(n):
+        for col, arr in enumerate(cols):
+            y = pad + row * (s + pad)
+            x = pad + col * (s + pad)
+            grid[y:y + s, x:x + s] = arr[row]
+    return grid
+
+
+def as_uint8(arr):
+    """A picture as uint8: floats in [0, 1] scaled to 0..255 and rounded, uint8 as is."""
+    if arr.dtype == np.uint8:
+        return arr
+    return np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
 
 
 def nice_ticks(low, high, count=5):

@@ -1,33 +1,25 @@
-"""CO2Model: MoCo's query encoder, EMA key encoder and queue, trained with CO2's loss.
+"""CO2Model: MoCo's query encoder, EMA key encoder, queue and shuffle-BN, trained on an objective.
 
-One Keras model holds everything that MoCo's `builder.py` holds: the query
-encoder (backbone + projection head), the key encoder (same architecture,
-updated by an exponential moving average of the query encoder), and the queue
-of keys with its pointer, as tracked Keras weights so that `.weights.h5`,
-`tf.train.Checkpoint` and tf.distribute all see them.
+One Keras model holds what MoCo's `builder.py` holds: the query encoder
+(backbone + projection head), the key encoder (same architecture, an
+exponential moving average of the query encoder) and the queue of keys with
+its pointer, as tracked Keras weights so that `.weights.h5`,
+`tf.train.Checkpoint` and tf.distribute all see them. The loss is the
+objective's (co2_tf.method.objective): train_step calls it once per step.
 
-Distribution semantics (MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrategy):
-- the loss of each replica is its sum of per-example losses divided by the
-  *global* batch; Keras's optimizer sums the gradients over replicas;
-- the keys of all replicas are all-gathered and the whole global batch is
-  enqueued, in global order, so every replica computes the identical queue,
-  pointer and step counter by itself: they have aggregation "none", so an
-  assign in a replica writes only that replica's copy, with no merge call
-  and no broadcast ("only_first_replica" would send the whole queue from
-  replica 0 to every replica every step, tensorflow/python/distribute/
-  values.py); tests/test_model.py checks the copies stay bit-identical and
-  tests/test_traffic.py that nothing else crosses replicas;
-- key images cross replicas in the dtype they arrive in (uint8 views cost
-  a quarter of float32; dtypes MirroredStrategy's all-gather refuses cross
-  bitcast into int32 words, `_all_gather_in_own_bytes`);
-- the EMA runs in a merge call through `strategy.extended.update`, as
-  Keras's own optimizer applies its updates;
-- every copy of every variable is bit-identical on all replicas after each
-  step: the updates (optimizer, EMA) compute the same thing from the same
-  inputs on every replica (see co2_tf.optimizers on why that needs care),
-  and the BN moving statistics, which each replica averages from its own
-  batch, are set to replica 0's at the end of the step (replica 0's are what
-  a checkpoint saves; with PyTorch DDP, rank 0's are broadcast likewise).
+Under tf.distribute (docs/accelerators.md has the traffic this costs):
+- each replica's loss is its sum of per-example losses over the *global*
+  batch; Keras's optimizer sums the gradients over replicas;
+- the keys of all replicas are all-gathered and enqueued in global order, so
+  each replica computes the identical queue, pointer and step counter itself:
+  aggregation "none", no merge call, no broadcast of the queue;
+- key images cross replicas in the dtype they arrive in (distribute.all_gather_in_own_bytes);
+- the EMA runs in a merge call through `strategy.extended.update`, as Keras's
+  optimizer applies its updates;
+- every copy of every variable stays bit-identical on all replicas: the
+  updates compute the same thing from the same inputs everywhere (see
+  co2_tf.optimizers), and the BN moving statistics are set to replica 0's
+  at the end of the step (what a checkpoint saves, as DDP broadcasts rank 0's).
 """
 
 import keras
@@ -36,7 +28,6 @@ import tensorflow as tf
 from co2_tf import compat as compat
 from co2_tf import distribute, precision
 from co2_tf.config import BN_MODES, HEADS
-from co2_tf.method import losses
 
 
 def projection_head(head_type, in_dim, dim, name, seed=0):
@@ -58,18 +49,12 @@ def projection_head(head_type, in_dim, dim, name, seed=0):
     return keras.Model(inputs, x, name=name)
 
 
-class _UnitRows(keras.initializers.Initializer):
-    """Random unit vectors: MoCo's initial queue (randn, normalised per key)."""
-
-    def __init__(self, seed):
-        self.seed = seed
-
-    def __call__(self, shape, dtype=None):
-        rows = tf.random.stateless_normal(shape, seed=[self.seed, 0x51EE], dtype=tf.float32)
+def _unit_rows(seed):
+    """MoCo's initial queue: random unit vectors (randn, normalised per key)."""
+    def init(shape, dtype=None):
+        rows = tf.random.stateless_normal(shape, seed=[seed, 0x51EE], dtype=tf.float32)
         return tf.cast(tf.math.l2_normalize(rows, axis=-1), dtype or tf.float32)
-
-    def get_config(self):
-        return {"seed": self.seed}
+    return init
 
 
 def _keras_reduces_logs_along_axis_0(strategy):
@@ -82,48 +67,19 @@ def _keras_reduces_logs_along_axis_0(strategy):
             and compat.in_multi_worker_mode(strategy))
 
 
-# What MirroredStrategy's collective all-gather (CollectiveGatherV2) takes, on CPU and GPU.
-_GATHER_DTYPES = (tf.float16, tf.float32, tf.float64, tf.int32, tf.int64)
-
-
-def _all_gather_in_own_bytes(ctx, x):
-    """ctx.all_gather(x, axis=0), moving x's own bytes whatever its dtype.
-
-    uint8 and bfloat16 tensors (key images handed as uint8 views, in the compute dtype)
-    cross as int32 words they are bitcast into (each example padded to whole words),
-    rather than being refused by the collective or widened to 4 bytes an element.
-    """
-    if x.dtype in _GATHER_DTYPES:
-        return ctx.all_gather(x, axis=0)
-    per_word = 4 // x.dtype.size
-    count = x.shape[1:].num_elements()
-    padded = -(-count // per_word) * per_word
-    flat = tf.reshape(x, [-1, count])
-    flat = tf.pad(flat, [[0, 0], [0, padded - count]])
-    words = tf.bitcast(tf.reshape(flat, [-1, padded // per_word, per_word]), tf.int32)
-    gathered = tf.bitcast(ctx.all_gather(words, axis=0), x.dtype)
-    return tf.reshape(tf.reshape(gathered, [-1, padded])[:, :count],
-                      tf.concat([[-1], x.shape[1:]], 0))
-
-
 class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
-    """MoCo + CO2.
+    """MoCo's model, trained on `objective`.
 
     Args:
       backbone_fn: callable(model_name) -> keras.Model mapping images to pooled
         features [B, F]. Called twice (query and key encoder); it must build
         the same architecture each time.
+      objective: callable (q, k, queue, step) -> (per-example loss [B], logs),
+        e.g. co2_tf.method.objective.CO2Objective (InfoNCE + alpha L_con).
       head: "linear" (MoCo v1) or "mlp" (MoCo v2).
       dim: projection dimension D.
       queue_size: K, a multiple of the global batch size.
       ema_momentum: m in theta_k <- m theta_k + (1 - m) theta_q.
-      temperature: tau of InfoNCE.
-      consistency_temperature: tau_con of the consistency term.
-      consistency_weight: alpha; 0 is exactly MoCo.
-      consistency_over, consistency_kl: the consistency term's variant
-        (co2_tf.method.losses.consistency_loss).
-      consistency_warmup_steps: alpha ramps up over these steps
-        (co2_tf.method.losses.consistency_ramp); 0 = the full alpha from step 0.
       bn: how the key encoder's batch statistics are formed: "shuffle"
         (MoCo's shuffle-BN), "sync" (the backbone has synchronized BN) or
         "local" (plain per-replica BN).
@@ -137,25 +93,18 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         the key shard, each with the examples' global indices.
     """
 
-    def __init__(self, backbone_fn, *, head="mlp", dim=128, queue_size=65536,
-                 ema_momentum=0.999, temperature=0.2, consistency_temperature=0.04,
-                 consistency_weight=1.0, consistency_over="negatives",
-                 consistency_kl="symmetric", consistency_warmup_steps=0, bn="shuffle",
-                 bn_groups=1, seed=0, view_transform=None, **kwargs):
+    def __init__(self, backbone_fn, objective, *, head="mlp", dim=128, queue_size=65536,
+                 ema_momentum=0.999, bn="shuffle", bn_groups=1, seed=0, view_transform=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if bn not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.objective = objective
         self.dim = dim
         self.queue_size = queue_size
         self.ema_momentum = ema_momentum
-        self.temperature = temperature
-        self.consistency_temperature = consistency_temperature
-        self.consistency_weight = consistency_weight
-        self.consistency_over = consistency_over
-        self.consistency_kl = consistency_kl
-        self.consistency_warmup_steps = consistency_warmup_steps
         self.bn = bn
         self.bn_groups = bn_groups
         self.seed = seed
@@ -166,28 +115,24 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         feat = self.query_backbone.output_shape[-1]
         self.query_head = projection_head(head, feat, dim, "query_head", seed)
         self.key_head = projection_head(head, feat, dim, "key_head", seed)
-        # Tracked weights (not raw tf.Variables) so .weights.h5 saves them too.
-        # Aggregation "none": every replica writes its own copy with the value
-        # it computed, identical by construction (all-gathered keys, global
-        # order); no broadcast per step.
+        # Tracked weights (not raw tf.Variables) so .weights.h5 saves them too;
+        # aggregation "none": each replica writes its own, identical, copy.
         self.queue = self.add_weight(
             name="queue", shape=(queue_size, dim), dtype="float32",
-            initializer=_UnitRows(seed), trainable=False, aggregation="none")
+            initializer=_unit_rows(seed), trainable=False, aggregation="none")
         self.queue_ptr = self.add_weight(
             name="queue_ptr", shape=(), dtype="int64", initializer="zeros",
             trainable=False, aggregation="none")
-        # Every step taken, skipped or not: with mixed_float16 the loss scaling
-        # skips steps and optimizer.iterations does not count them, yet the
-        # data position, checkpoint numbers and --train_steps must. Kept out
-        # of the model's weights (object.__setattr__: not tracked), so model
-        # checkpoints and .weights.h5 files keep their layout; the trainer's
-        # checkpoint holds it at its root (co2_tf.run.checkpoints).
+        # Every step taken, skipped or not (mixed_float16's loss scaling skips
+        # steps optimizer.iterations does not count; the data position must).
+        # Untracked (object.__setattr__) so the model's checkpoint layout stays;
+        # the trainer's checkpoint holds it at its root (co2_tf.run.checkpoints).
         object.__setattr__(self, "step_counter", tf.Variable(
             0, dtype=tf.int64, trainable=False, name="step",
             aggregation=tf.VariableAggregation.NONE))  # +1 on every replica: no merge call
-        # The key encoder must stay trainable=True: Keras 3 BN with
-        # trainable=False runs in inference mode, and MoCo's keys use batch
-        # statistics. It is excluded from gradients by construction instead.
+        # The key encoder stays trainable=True: Keras 3 BN with trainable=False
+        # runs in inference mode, and MoCo's keys use batch statistics. It is
+        # excluded from gradients by construction instead.
         self._copy_query_to_key()
         self.built = True
 
@@ -225,26 +170,23 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         z = self.query_head(self.query_backbone(images, training=training), training=training)
         return tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
 
-    def _encode_key_groups(self, images, groups):
+    def encode_key_groups(self, images, groups=1):
+        """Unit keys of `images` in order, each of `groups` consecutive parts with its own
+        BN statistics: the key encoder alone (no shuffle, no gather, no gradient stop)."""
         parts = tf.split(images, groups, axis=0) if groups > 1 else [images]
         z = [self.key_head(self.key_backbone(p, training=True), training=True) for p in parts]
         z = tf.concat(z, axis=0) if groups > 1 else z[0]
         return tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
 
     def encode_keys(self, images, step, transform=None):
-        """Keys of this replica's images and of the global batch, without gradient.
+        """(this replica's keys [b, D], the global batch's keys [B, D]), without gradient.
 
-        Returns (local_keys [b, D], global_keys [B, D]); global_keys is in
-        global batch order (replica 0's examples first) whatever the shuffle.
-        Must run in a replica context (the default one is fine).
-
-        The images cross replicas (shuffle-BN) in the dtype they arrive in.
-        `transform`, if given, is called as `transform(shard, example_ids,
-        step)` on the images this replica encodes, after the gather and the
-        shuffle and before the key encoder; `example_ids` (int64 [b]) are the
-        shard's global example indices, `step * B + position in the global
-        batch` (B the global batch), in the shard's order. It returns the
-        images the key encoder takes (e.g. uint8 views turned into floats).
+        The global keys are in global batch order (replica 0's examples first)
+        whatever the shuffle. Runs in a replica context (the default one is fine).
+        `transform`, if given, is called as `transform(shard, example_ids, step)`
+        on the images this replica encodes, after the gather and the shuffle:
+        example_ids (int64 [b]) are their global indices, step * B + position
+        in the global batch; it returns the key encoder's input.
         """
         ctx = tf.distribute.get_replica_context()
         n = ctx.num_replicas_in_sync
@@ -257,7 +199,7 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
             if transform is not None:
                 offset = tf.cast(ctx.replica_id_in_sync_group * b, tf.int64)
                 images = transform(images, first + offset + tf.range(tf.cast(b, tf.int64)), step)
-            local = self._encode_key_groups(images, 1)
+            local = self.encode_key_groups(images)
             everyone = ctx.all_gather(local, axis=0) if n > 1 else local
             everyone.set_shape([None if images.shape[0] is None else n * images.shape[0],
                                 self.dim])
@@ -267,7 +209,7 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         # every replica draws identically (stateless, seeded by the step),
         # encode this replica's shard in `bn_groups` BN groups, gather the
         # keys and undo the permutation.
-        all_images = _all_gather_in_own_bytes(ctx, images) if n > 1 else images
+        all_images = distribute.all_gather_in_own_bytes(ctx, images) if n > 1 else images
         noise = tf.random.stateless_uniform(
             [b * n], seed=tf.stack([tf.cast(self.seed, tf.int64), tf.cast(step, tf.int64)]))
         perm = tf.argsort(noise, stable=True)
@@ -278,7 +220,7 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
             mine, shard = perm, tf.gather(all_images, perm)
         if transform is not None:
             shard = transform(shard, first + tf.cast(mine, tf.int64), step)
-        keys = self._encode_key_groups(shard, self.bn_groups)
+        keys = self.encode_key_groups(shard, self.bn_groups)
         all_keys = ctx.all_gather(keys, axis=0) if n > 1 else keys
         all_keys.set_shape([None if images.shape[0] is None else n * images.shape[0], self.dim])
         all_keys = tf.gather(all_keys, tf.math.invert_permutation(perm))
@@ -309,16 +251,11 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
             key_transform = self.view_transform.for_view(1)
         keys, all_keys = self.encode_keys(x_k, step, transform=key_transform)
         qvars = self.query_variables
-        alpha = self.consistency_weight
-        if alpha and self.consistency_warmup_steps:
-            alpha = alpha * losses.consistency_ramp(step, self.consistency_warmup_steps)
         with tf.GradientTape() as tape:
             q = self.encode_query(x_q, training=True)
-            terms = losses.co2_loss(q, keys, self.queue, self.temperature,
-                                    self.consistency_temperature, alpha,
-                                    self.consistency_over, self.consistency_kl)
+            loss, terms = self.objective(q, keys, self.queue, step)
             # Per-replica share of the global mean: the optimizer sums over replicas.
-            loss = tf.reduce_sum(terms["loss"]) / global_b
+            loss = tf.reduce_sum(loss) / global_b
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, qvars)
         if n > 1 and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
@@ -329,13 +266,13 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
         distribute.copy_first_replica(self.replica_local_variables)
         self.step_counter.assign_add(1)
 
-        # Logs are this step's global means (not running averages), identical
-        # on every replica, so TensorBoard shows true per-step values.
-        # One all-reduce for all of them (one collective launch, not one per log).
-        sums = ctx.all_reduce("sum", [tf.reduce_sum(v) for v in terms.values()])
-        logs = {name: total / global_b for name, total in zip(terms, sums, strict=True)}
+        # Per-example terms are logged as this step's global means (not running
+        # averages), identical on every replica, in one all-reduce; scalars as they are.
+        means = {name: v for name, v in terms.items() if v.shape.rank}
+        sums = ctx.all_reduce("sum", [tf.reduce_sum(v) for v in means.values()])
+        logs = {name: total / global_b for name, total in zip(means, sums, strict=True)}
         logs["lr"] = tf.cast(lr, tf.float32)
-        logs["alpha"] = tf.cast(alpha, tf.float32)  # the weight this step (warmup ramp)
+        logs.update({name: v for name, v in terms.items() if not v.shape.rank})
         if _keras_reduces_logs_along_axis_0(tf.distribute.get_strategy()):
             logs = {name: v[None] for name, v in logs.items()}
         return logs

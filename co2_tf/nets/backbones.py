@@ -27,6 +27,7 @@ import numbers
 import keras
 
 from co2_tf.errors import UserError
+from co2_tf.nets import conv_grad
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet18_cifar", "tiny")
 # How a backbone's BatchNormalization layers get their statistics (not the
@@ -209,7 +210,7 @@ def _tiny(b, x):
 
 
 def build_backbone(name, image_size, *, bn="local", model_name=None,
-                   seed=None, zero_init_residual=False):
+                   seed=None, zero_init_residual=False, conv_filter_grad="tf"):
     """Builds backbone `name` as a functional `keras.Model`.
 
     Args:
@@ -227,6 +228,10 @@ def build_backbone(name, image_size, *, bn="local", model_name=None,
             the same seed have identical weights. None draws fresh weights.
         zero_init_residual: zero-init the gamma of the last BN in each
             residual block (Goyal et al.); off by default, as in MoCo.
+        conv_filter_grad: the convs' filter-gradient kernel, "tf", "matmul"
+            or "auto" (co2_tf.nets.conv_grad): what training sets from
+            --conv_filter_grad; TF's own by default, as evaluation and
+            export keep it.
 
     Returns:
         keras.Model mapping float32 images [B, S, S, 3] in [0, 1] to pooled
@@ -257,4 +262,5 @@ def build_backbone(name, image_size, *, bn="local", model_name=None,
     else:
         x = _resnet(b, x, name, zero_init_residual)
     features = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
-    return keras.Model(inputs, features, name=model_name or name)
+    return conv_grad.use(keras.Model(inputs, features, name=model_name or name),
+                         conv_filter_grad)

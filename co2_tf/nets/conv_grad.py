@@ -1,40 +1,40 @@
-"""Conv2D layers whose filter gradient is a matmul over image patches (CPU without AVX-512).
+"""The convs' filter-gradient kernel: TF's, or a matmul over image patches (AVX2 CPUs).
 
 On an AVX2 + FMA CPU (no AVX-512), oneDNN's backward-weights kernel for 3x3
-convolutions (`jit:avx2`, oneDNN 3.7 in TF 2.21) is the slowest part of the
-CIFAR ResNet-18 train step: ~45% of all oneDNN time, 2.5-3x slower per FLOP
-than the forward kernel, and slowest on the small maps of the last stages
-(ONEDNN_VERBOSE, BUILD.md). The filter gradient is one matmul,
-patches(x)^T @ dy, which TF's oneDNN matmul runs 1.6-1.9x as fast on 4x4
-maps; on larger maps, and for strided convs, copying the patches costs more
-than it saves (`benchmarks/benchmark.py --conv_kernels`, BUILD.md). So
-`matmul_filter_grad(model)` makes the model's stride-1 Conv2D layers with
-output maps of at most 16 pixels and at least 4M multiply-adds per image
-compute their filter gradient that way (the forward conv and the input
-gradient stay TF's oneDNN ops; smaller convs ran slower by matmul); the result equals
-Conv2DBackpropFilter up to float32 rounding (another summation order). Only
-float32 channels-last convs with a kernel larger than 1x1, no dilation and
-no groups are changed. The layers stay `keras.layers.Conv2D` (only the bound
-`convolution_op` of each instance changes), so saved `.keras` files hold
-built-in layers only.
-"""
+convolutions (`jit:avx2`) is the slowest part of the CIFAR ResNet-18 train
+step, slowest on the small maps of the last stages. The filter gradient is one
+matmul, patches(x)^T @ dy, which TF's oneDNN matmul runs faster on 4x4 maps;
+on larger maps, and for strided convs, copying the patches costs more than it
+saves (`benchmarks/benchmark.py --conv_kernels`; measured: docs/performance.md).
 
-import types
+`build_backbone(..., conv_filter_grad=...)` (--conv_filter_grad) picks the
+kernel: "tf", "matmul", or "auto" = "matmul" where `pays_off()` (a CPU-only
+host without AVX-512). Training and the benchmark pass the flag; evaluation
+and export keep TF's kernel (the default). With "matmul", the model's stride-1
+Conv2D layers with output maps of at most 16 pixels and at least 4M
+multiply-adds per image compute their filter gradient that way (the forward
+conv and the input gradient stay TF's oneDNN ops; smaller convs ran slower by
+matmul); the result equals Conv2DBackpropFilter up to float32 rounding
+(another summation order). Only float32 channels-last convs with a kernel
+larger than 1x1, no dilation and no groups are changed. The layers stay
+`keras.layers.Conv2D` (only each instance's convolution op changes, through
+co2_tf.compat), so saved `.keras` files hold built-in layers only.
+"""
 
 import keras
 import tensorflow as tf
 
 from co2_tf import compat
+from co2_tf.errors import UserError
 
-# The ops of the filter gradient are named under this scope (benchmarks/benchmark_lib.py
-# counts their FLOPs as the filter gradient's).
+# The ops of the matmul filter gradient are named under this scope (profilers, e.g.
+# benchmarks/benchmark_lib.py, count their FLOPs as the filter gradient's).
 SCOPE = "matmul_filter_grad"
-# Measured per conv, AVX2, idle (ResNet-18 CIFAR, batch 256; 3 runs): 1.6-1.9x on 4x4 maps,
-# 0.85-0.88x on 8x8, slower on 16x16 and up; strided: ~0.5x (8x8 output), 0.86-1x (4x4).
+# Where the matmul gained, timed per conv (measured: docs/performance.md): stride 1, 4x4 maps.
 _MAX_OUTPUT_PIXELS = 16
 _STRIDED = False
 # Small convs keep TF's kernel: the tiny convnet's (1.2M multiply-adds per image each) made
-# the whole demo step 15-40% slower; ResNet-18's layer4 convs, which gain, have 38M.
+# the demo step slower; ResNet-18's layer4 convs, which gain, have 38M.
 _MIN_MACS_PER_IMAGE = 4_000_000
 # Above this, the patch matrix is built one kernel row at a time: the whole
 # matrix of a 32x32 layer of 64 channels at batch 256 would be 600 MB.
@@ -79,7 +79,7 @@ def _filter_grad(x, dy, kernel_shape, strides, padding):
     return tf.reshape(grad, [kh, kw, cin, cout])
 
 
-def applies(layer, input_shape, dtype=tf.float32):
+def _applies(layer, input_shape, dtype=tf.float32):
     """Whether `matmul_filter_grad` changes Conv2D `layer` on inputs of this shape and dtype."""
     if not (dtype == tf.float32 and layer.data_format == "channels_last"
             and len(input_shape) == 4 and None not in input_shape[1:]
@@ -92,14 +92,8 @@ def applies(layer, input_shape, dtype=tf.float32):
     return out_h * out_w <= _MAX_OUTPUT_PIXELS and macs >= _MIN_MACS_PER_IMAGE
 
 
-def filter_grad(x, dy, kernel_shape, strides, padding):
-    """The filter gradient as the changed layers compute it (for benchmarks)."""
-    with tf.name_scope(SCOPE):
-        return _filter_grad(x, dy, kernel_shape, strides, padding)
-
-
 def _convolution_op(self, inputs, kernel):
-    if not applies(self, tuple(inputs.shape), inputs.dtype):
+    if not _applies(self, tuple(inputs.shape), inputs.dtype):
         return keras.layers.Conv2D.convolution_op(self, inputs, kernel)
     strides = tuple(self.strides)
     padding = self.padding.upper()
@@ -112,7 +106,9 @@ def _convolution_op(self, inputs, kernel):
             dx = tf.raw_ops.Conv2DBackpropInput(
                 input_sizes=tf.shape(x), filter=k, out_backprop=dy,
                 strides=[1, *strides, 1], padding=padding)
-            return dx, filter_grad(x, dy, k.shape, strides, self.padding)
+            with tf.name_scope(SCOPE):
+                dk = _filter_grad(x, dy, k.shape, strides, self.padding)
+            return dx, dk
         return y, grad
 
     return conv(inputs, tf.convert_to_tensor(kernel))
@@ -122,15 +118,33 @@ def matmul_filter_grad(model):
     """Makes `model`'s Conv2D layers compute their filter gradient by matmul; returns it."""
     for layer in compat.nested_layers(model):
         if type(layer) is keras.layers.Conv2D:
-            layer.convolution_op = types.MethodType(_convolution_op, layer)
+            compat.replace_convolution_op(layer, _convolution_op)
+    return model
+
+
+def resolve(conv_filter_grad):
+    """"tf" or "matmul": the kernel --conv_filter_grad=auto|tf|matmul means on this host."""
+    if conv_filter_grad == "auto":
+        return "matmul" if pays_off() else "tf"
+    if conv_filter_grad not in ("tf", "matmul"):
+        raise UserError(f"unknown --conv_filter_grad={conv_filter_grad!r}: use one of auto, tf, "
+                        "matmul")
+    return conv_filter_grad
+
+
+def use(model, conv_filter_grad):
+    """Gives `model`'s convs the filter-gradient kernel --conv_filter_grad names; returns it."""
+    if resolve(conv_filter_grad) == "matmul":
+        matmul_filter_grad(model)
     return model
 
 
 def pays_off(cpuinfo="/proc/cpuinfo"):
-    """Whether to use it here: a CPU-only host whose CPU lacks AVX-512.
+    """Whether the matmul pays off here (--conv_filter_grad=auto): an AVX2 + FMA CPU-only
+    host without AVX-512.
 
-    Measured faster on AVX2 + FMA only (BUILD.md); GPUs (cuDNN) and TPUs have
-    fast filter-gradient kernels, and AVX-512 CPUs a faster oneDNN kernel.
+    Measured faster on AVX2 + FMA only (docs/performance.md); GPUs (cuDNN) and TPUs
+    have fast filter-gradient kernels, and AVX-512 CPUs a faster oneDNN kernel.
     """
     if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
         return False

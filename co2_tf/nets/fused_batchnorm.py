@@ -3,8 +3,9 @@
 Keras 3's BatchNormalization computes batch statistics and the normalisation
 as separate element-wise ops (mean, squared difference, mean, rsqrt, multiply,
 add; in mixed precision also an upcast of the whole activation to float32),
-and autodiff adds as many again in the backward pass. On a 2-core CPU these
-memory-bound passes cost more than a third of a CIFAR ResNet-18 train step.
+and autodiff adds as many again in the backward pass. On a CPU these
+memory-bound passes are a large part of a CIFAR ResNet-18 train step
+(measured: docs/performance.md).
 FusedBatchNormV3 (oneDNN on CPU, cuDNN on GPU, a native XLA op on TPU) does
 each direction in one op, float32 statistics included, for float32, bfloat16
 and float16 activations.

@@ -217,7 +217,7 @@ def _colour_pair(s_lum, s_chroma, s_swap, n):
 # The source.
 
 # Largest side at which builtin images are generated; larger image sizes
-# upscale them (keeps memory ~0.4 GB and generation ~10 s at 224 px).
+# upscale them (keeps memory and generation time small at 224 px).
 MAX_SOURCE_SIZE = 128
 
 
