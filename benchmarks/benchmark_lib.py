@@ -88,7 +88,7 @@ NOT_A_RUN = {"model_dir": "(benchmark)", "train_steps": 10**6}
 UNUSED_TRAIN_FIELDS = (
     "model_dir", "dataset", "data_dir", "split", "eval_split", "epochs", "train_steps",
     "warmup_epochs", "deterministic", "checkpoint_every", "keep_checkpoints", "log_every",
-    "knn_every", "knn_k", "knn_temperature", "log_every_secs")
+    "knn_every", "end_of_run_knn", "knn_k", "knn_temperature", "log_every_secs")
 
 HELP = {
     "warmup": "untimed executions before timing",
@@ -163,8 +163,8 @@ def execution():
     if set (before TF is imported), else TF's own default (on only for CPUs
     with AVX-512 VNNI/BF16 or AMX).
     """
-    from tensorflow.python.util import _pywrap_util_port
-    return {"onednn_opts": bool(_pywrap_util_port.IsMklEnabled()),
+    from co2_tf import compat
+    return {"onednn_opts": compat.onednn_enabled(),
             "onednn_opts_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
 
 
@@ -284,14 +284,13 @@ def count_flops(fn, *specs):
     import collections
 
     import tensorflow as tf
-    from tensorflow.python.framework import ops as tf_ops
-    from tensorflow.python.util import deprecation
 
+    from co2_tf import compat
     graph = fn.get_concrete_function(*specs).graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     breakdown = collections.Counter()
-    with deprecation.silence():  # the profiler's v1 shape helpers warn on every use
+    with compat.silenced_deprecation():  # the profiler's v1 shape helpers warn on every use
         profiler_total = int(tf.compat.v1.profiler.profile(graph=graph,
                                                            options=options).total_float_ops)
         live = _live_ops(graph)
@@ -301,10 +300,7 @@ def count_flops(fn, *specs):
             if op.type in ("Conv2DBackpropInput", "Conv2DBackpropFilter"):
                 breakdown[op.type] += _exact_conv_backprop_flops(op)
                 continue
-            try:
-                flops = tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value
-            except (ValueError, TypeError):  # no statistics registered, or unknown shapes
-                flops = None
+            flops = compat.registered_flops(graph, op.node_def)
             if flops:
                 by_matmul = op.type == "MatMul" and _in_matmul_filter_grad(op)
                 breakdown["Conv2DBackpropFilter" if by_matmul else op.type] += int(flops)
@@ -408,10 +404,8 @@ def _executor(model, step_fn=None):
     if step_fn is None:
         model.make_train_function()
         return model.train_function
-    make = getattr(model, "_make_function", None)
-    if make is None:
-        raise UserError("this Keras version has no Trainer._make_function: run without --ablate")
-    return make(step_fn)
+    from co2_tf import compat
+    return compat.keras_train_function(model, step_fn)
 
 
 def _timer(function, iterator):

@@ -1,7 +1,9 @@
-"""Every private Keras API co2_tf relies on, in one place (checked with Keras 3.15).
+"""Every private TensorFlow and Keras API co2_tf relies on, in one place (checked with
+TF 2.21 and Keras 3.15).
 
-Each use has a test in tests/test_compat.py that fails by name when a
-Keras upgrade removes or changes it; fix it here, nowhere else.
+Each use has a test in tests/test_compat.py that fails by name when a TF or
+Keras upgrade removes or changes it; fix it here, nowhere else (a test there
+greps co2_tf/, tools/, research/ and benchmarks/ for private APIs elsewhere).
 """
 
 import types
@@ -53,3 +55,53 @@ def set_tensorboard_batch_step(callback, step):
     """Moves keras.callbacks.TensorBoard's batch summary counter (e.g. to the global step)."""
     callback._global_train_batch = int(step)
 
+
+# ------------------------------------------ distribution, checkpoints, train functions
+def in_multi_worker_mode(strategy):
+    """Whether a MultiWorkerMirroredStrategy spans several workers (Keras then reduces a
+    step's logs with strategy.reduce("MEAN", v, axis=0))."""
+    return bool(strategy.extended._in_multi_worker_mode())
+
+
+def maybe_merge_call(fn, strategy, *args):
+    """fn(strategy, *args) in cross-replica context: through the replica context's
+    merge_call under MirroredStrategy, called directly where TF needs no merge."""
+    import tensorflow as tf  # noqa: PLC0415 (this module is imported before TF is needed)
+
+    return tf.__internal__.distribute.interim.maybe_merge_call(fn, strategy, *args)
+
+
+# Where a Keras optimizer's step (its `_iterations` variable) is in a tf.train.Checkpoint
+# holding it as `optimizer`.
+OPTIMIZER_ITERATIONS_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def keras_train_function(model, step_fn):
+    """Keras's train-function harness (fit's: strategy.run per step, steps_per_execution steps
+    per call, the logs reduced) around step_fn(data) -> logs; called with an iterator."""
+    return model._make_function(step_fn)
+
+
+# ------------------------------------------------------- the benchmark's measurements
+def onednn_enabled():
+    """Whether TF runs oneDNN's custom ops (decided when TF was imported)."""
+    from tensorflow.python.util import _pywrap_util_port  # noqa: PLC0415
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def registered_flops(graph, node_def):
+    """TF's registered FLOP statistic of a graph op, or None (none registered, unknown shapes)."""
+    from tensorflow.python.framework import ops  # noqa: PLC0415
+
+    try:
+        return ops.get_stats_for_node_def(graph, node_def, "flops").value
+    except (ValueError, TypeError):
+        return None
+
+
+def silenced_deprecation():
+    """A context manager in which TF logs no deprecation warnings."""
+    from tensorflow.python.util import deprecation  # noqa: PLC0415
+
+    return deprecation.silence()

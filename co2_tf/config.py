@@ -122,6 +122,7 @@ class TrainConfig:
     log_every: int = 10  # steps between TensorBoard scalars
     log_every_secs: float = 60.0  # progress lines off a terminal (co2_tf.progress); 0 = off
     knn_every: int = 6  # epochs between kNN evaluations; 0 = off
+    end_of_run_knn: bool = True
     knn_k: int = 200
     knn_temperature: float = 0.1
 
@@ -268,6 +269,8 @@ HELP = {
     "log_every": "steps between TensorBoard scalars",
     "log_every_secs": progress.HELP,
     "knn_every": "epochs between kNN evaluations (0 = off)",
+    "end_of_run_knn": "at the end, kNN top-1 of the trained and of a random-init backbone in "
+                      "summary.json (on in-memory data, or with --knn_every > 0)",
     "knn_k": "k of the weighted kNN monitor",
     "knn_temperature": "temperature of the weighted kNN monitor",
 }

@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # Under pytest-xdist (CI: three workers on 2 cores) one intra-op thread per process, the
 # tools' subprocesses included (they inherit it): TF's thread pools in three processes
-# spinning against each other cost CPU (docs/performance.md). Inter-op
+# spinning against each other cost CPU (BUILD.md, "CI"). Inter-op
 # threads stay: collectives across the logical devices need one per device.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
@@ -31,7 +31,7 @@ tf.config.set_logical_device_configuration(
 
 import pytest  # noqa: E402
 from helpers.image_folder import make_image_folder  # noqa: E402
-from helpers.references import SMALL, no_end_of_run_knn, split_arrays  # noqa: E402
+from helpers.references import SMALL, split_arrays  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -56,37 +56,27 @@ def run_dir(tmp_path_factory):
     """A small trained run (3 steps on the built-in data), shared by evaluation and export tests.
 
     Trained once per session; tests may add files to it but must not change what is there.
+    With the end-of-run kNN: tests/test_knn.py compares the kNN tool with its summary.
     """
     from co2_tf import training  # noqa: PLC0415
     from co2_tf.config import TrainConfig  # noqa: PLC0415
 
     model_dir = str(tmp_path_factory.mktemp("trained") / "run")
-    training.train(TrainConfig(model_dir=model_dir, **SMALL), verbose=0)
+    training.train(TrainConfig(model_dir=model_dir, **dict(SMALL, end_of_run_knn=True)), verbose=0)
     return model_dir
 
 
 @pytest.fixture(scope="session")
 def reference(run_dir):
     """The run's backbone and NumPy features of both builtin splits."""
-    from co2_tf.run import rundir  # noqa: PLC0415
+    from co2_tf.run import trained  # noqa: PLC0415
 
-    backbone = rundir.load_run(run_dir).model.query_backbone
+    backbone = trained.load_run(run_dir).model.query_backbone
     out = {}
     for split in ("train", "test"):
         images, labels = split_arrays(split)
         out[split] = (images, labels, backbone.predict(images, batch_size=500, verbose=0))
     return backbone, out
-
-
-@pytest.fixture(autouse=True)
-def _no_end_of_run_knn(request, monkeypatch):
-    """training.train ends with two kNN evaluations on in-memory data (trained and random-init
-    backbones; their cost: docs/performance.md), which the summary reports. Most
-    tests never read them: off, unless the test is marked `end_of_run_knn`. Fixtures of a
-    wider scope (the session's `run_dir`, module runs) are built before this one and keep
-    them."""
-    if request.node.get_closest_marker("end_of_run_knn") is None:
-        no_end_of_run_knn(monkeypatch)
 
 
 # The modules that take longest, first: longest-first packs the pytest-xdist workers of

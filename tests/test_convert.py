@@ -24,7 +24,7 @@ from helpers import torch_resnets as tr  # noqa: E402
 from co2_tf.errors import UserError  # noqa: E402
 from co2_tf.interop import convert, export  # noqa: E402
 from co2_tf.nets import backbones  # noqa: E402
-from co2_tf.run import rundir  # noqa: E402
+from co2_tf.run import trained  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT_TOOL = os.path.join(ROOT, "tools", "convert.py")
@@ -173,7 +173,7 @@ def moco_v2_resnet50(tmp_path_factory):
     info = convert.import_checkpoint(convert.ConvertConfig(torch_checkpoint=path,
                                                            model_dir=run_dir))
     os.remove(path)  # 250 MB
-    return state, info, rundir.load_run(run_dir)
+    return state, info, trained.load_run(run_dir)
 
 
 def test_moco_v2_resnet50_converts_to_mocos_real_outputs(moco_v2_resnet50):
@@ -360,7 +360,7 @@ def test_moco_checkpoint_becomes_a_run_dir(moco_v1):
     assert config["queue_size"] % config["batch_size"] == 0
     assert info["moco_version"] == 1 and info["epoch"] == 17 and info["step"] == 0
 
-    run = rundir.load_run(run_dir)
+    run = trained.load_run(run_dir)
     assert run.step == 0 and run.checkpoint.endswith("ckpt-0")
     query, key = tr.networks_of(saved, "resnet18_cifar", head="linear")
     x = images(32, n=3, seed=2)
@@ -440,7 +440,7 @@ def test_torchvision_state_dict_becomes_a_run_with_fresh_head_and_queue(tmp_path
         torch_checkpoint=path, model_dir=run_dir, dim=8, queue_size=32, image_size=64,
         dataset="builtin"))
     assert info["format"] == "torchvision" and info["dropped"] == ["fc.weight", "fc.bias"]
-    run = rundir.load_run(run_dir)
+    run = trained.load_run(run_dir)
     assert (run.config.backbone, run.config.head, run.config.dim) == ("resnet18", "mlp", 8)
     x = images(64, seed=9)
     want = tr.pooled_features(net, x)
@@ -508,7 +508,7 @@ def test_converted_moco_v2_checkpoint_continues_training_with_its_queue(tmp_path
                   "--image_size=16", f"--dataset=folder:{folder}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MoCo v2 checkpoint" in result.stdout and "train.cfg" in result.stdout
-    before = rundir.load_run(run_dir)
+    before = trained.load_run(run_dir)
     queue_before = before.model.queue.numpy()
     query_before = before.model.query_backbone.get_layer("conv1").kernel.numpy()
 
@@ -517,7 +517,7 @@ def test_converted_moco_v2_checkpoint_continues_training_with_its_queue(tmp_path
                   f"--train_steps={steps}", f"--batch_size={batch}")
     assert result.returncode == 0, result.stderr[-3000:]
 
-    after = rundir.load_run(run_dir)
+    after = trained.load_run(run_dir)
     assert after.step == steps
     queue_after = after.model.queue.numpy()
     written = steps * batch  # from the converted pointer, 0

@@ -19,7 +19,7 @@ from helpers.references import split_arrays
 
 from co2_tf.errors import UserError
 from co2_tf.evaluation import classifier, common, knn, linear_probe, semi_supervised
-from co2_tf.run.callbacks import Preempted
+from co2_tf.run.preemption import Preempted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = os.path.join(ROOT, "tests", "helpers")

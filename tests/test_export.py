@@ -17,7 +17,7 @@ from co2_tf import build
 from co2_tf.errors import UserError
 from co2_tf.interop import export
 from co2_tf.nets import backbones
-from co2_tf.run import rundir
+from co2_tf.run import rundir, trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPORT_TOOL = os.path.join(ROOT, "tools", "export.py")
@@ -39,7 +39,7 @@ def exported(run_dir, tmp_path_factory):
     """An export, plus the in-memory model's outputs on test images."""
     out = str(tmp_path_factory.mktemp("exported") / "out")
     info = export.export(export.ExportConfig(model_dir=run_dir, export_dir=out))
-    run = rundir.load_run(run_dir)
+    run = trained.load_run(run_dir)
     rng = np.random.default_rng(1)
     images = {"16": rng.random((6, 16, 16, 3), np.float32),
               "24": rng.random((3, 24, 24, 3), np.float32)}  # any input size works

@@ -19,7 +19,6 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers.references import no_end_of_run_knn
 from test_train import (
     SMALL,
     TRAIN,
@@ -32,6 +31,7 @@ from test_train import (
 from co2_tf import training
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
+from co2_tf.run.preemption import PreemptionWatcher
 
 
 def small_config(model_dir, **overrides):
@@ -64,9 +64,7 @@ class CountSteps(tf.keras.callbacks.Callback):
 def twelve_steps(tmp_path_factory):
     """A finished run of 12 steps, checkpoints 4, 8, 12, and ckpt-12's values."""
     model_dir = tmp_path_factory.mktemp("twelve") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        no_end_of_run_knn(patch)  # the tests here check checkpoints, not the summary
-        training.train(small_config(model_dir, train_steps=12, checkpoint_every=4), verbose=0)
+    training.train(small_config(model_dir, train_steps=12, checkpoint_every=4), verbose=0)
     assert _numbers(str(model_dir)) == [4, 8, 12]
     return str(model_dir), _values(os.path.join(model_dir, "checkpoints", "ckpt-12"))
 
@@ -264,7 +262,7 @@ def test_ctrl_c_writes_a_checkpoint_at_the_current_step_and_exits_130(tmp_path):
 
 
 def test_after_one_ctrl_c_the_next_one_aborts_at_once():
-    with training.PreemptionWatcher() as watcher:
+    with PreemptionWatcher() as watcher:
         assert signal.getsignal(signal.SIGINT) == watcher._handle
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)  # Python runs the handler at the next bytecode

@@ -23,12 +23,13 @@ from helpers.references import SMALL
 from co2_tf import distribute, progress, training
 from co2_tf.config import TrainConfig
 from co2_tf.evaluation import classifier, common, knn, retrieval
-from co2_tf.run import callbacks, rundir
+from co2_tf.run import callbacks, rundir, worker_checkpoints
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers",
                       "replicas_worker.py")
-# The shared small run, with the kNN monitor at every epoch end (3 steps: one epoch end).
-MONITORED = dict(SMALL, knn_every=1)
+# The shared small run, with the kNN monitor at every epoch end (3 steps: one epoch end) and
+# the end-of-run kNN (the summary's knn_top1).
+MONITORED = dict(SMALL, knn_every=1, end_of_run_knn=True)
 # Ops that cannot run in a TPU's device graph (host callbacks, strings).
 HOST_OPS = ("PyFunc", "EagerPyFunc", "PyFuncStateless", "DecodeJpeg", "DecodePng",
             "DecodeImage", "ReadFile", "StringFormat", "AsString", "RegexReplace")
@@ -61,10 +62,8 @@ def four_replicas(tmp_path_factory):
 def two_replica_run(tmp_path_factory, two_replicas, four_replicas):
     """The monitored run trained on the session's 2 replicas (the 4-replica one started)."""
     model_dir = str(tmp_path_factory.mktemp("two") / "run")
-    with pytest.MonkeyPatch.context() as patch:  # the real kNN evaluator (conftest turns it off)
-        patch.setattr(training, "knn_evaluator", callbacks.knn_evaluator)
-        summary = training.train(TrainConfig(model_dir=model_dir, **MONITORED),
-                                 strategy=two_replicas, verbose=0)
+    summary = training.train(TrainConfig(model_dir=model_dir, **MONITORED),
+                             strategy=two_replicas, verbose=0)
     return model_dir, summary
 
 
@@ -299,12 +298,12 @@ def test_worker_scratch_checkpoints_go_to_local_disk(tmp_path):
     chief_path = tf.train.CheckpointManager(checkpoint, str(chief), 1).save(7)
     scratch_root = tmp_path / "local"
     scratch_root.mkdir()
-    manager = callbacks.WorkerCheckpointManager(checkpoint, f"file://{chief}",
-                                                scratch_root=str(scratch_root))
+    manager = worker_checkpoints.WorkerCheckpointManager(checkpoint, f"file://{chief}",
+                                                         scratch_root=str(scratch_root))
     path = manager.save(checkpoint_number=8)
     assert path.startswith(str(scratch_root)) and not os.listdir(scratch_root)  # deleted
     assert sorted(os.listdir(tmp_path / "model_dir")) == ["checkpoints"]
     assert manager.latest_checkpoint.endswith(os.path.basename(chief_path))
     # Default: the system's temp dir (local disk), whatever --model_dir is.
-    path = callbacks.WorkerCheckpointManager(checkpoint, str(chief)).save(9)
+    path = worker_checkpoints.WorkerCheckpointManager(checkpoint, str(chief)).save(9)
     assert path.startswith(tempfile.gettempdir()) and not os.path.exists(os.path.dirname(path))

@@ -10,7 +10,7 @@ from helpers.references import split_arrays, topk
 from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError
 from co2_tf.evaluation import classifier, common, semi_supervised
-from co2_tf.run import rundir
+from co2_tf.run import trained
 
 
 def test_balanced_subset_and_split_files(tmp_path):
@@ -104,7 +104,7 @@ def test_fine_tune_on_a_tenth_of_the_labels(run_dir, tmp_path):
     logits = model.predict(images, batch_size=500, verbose=0)
     assert results["top1"] == pytest.approx(topk(logits, labels, 1), abs=1e-3)
     assert results["top5"] == pytest.approx(topk(logits, labels, 5), abs=1e-3)
-    start = rundir.load_run(run_dir).model.query_backbone.trainable_weights
+    start = trained.load_run(run_dir).model.query_backbone.trainable_weights
     tuned = model.get_layer("query_backbone").trainable_weights
     assert all(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(start, tuned))
 

@@ -200,7 +200,6 @@ def test_labelled_dataset_in_file_order_with_labels(shards):
     np.testing.assert_array_equal(labels, source.labels("validation"))
 
 
-@pytest.mark.end_of_run_knn  # the monitor: knn_evaluator left on
 def test_training_with_the_knn_monitor_on_tfrecords(shards, tmp_path):
     """Acceptance, in process: pretraining on tfrecord:DIR/train-* with the kNN monitor on
     the validation shards (the same run resumes and evaluates from the CLI: the report)."""

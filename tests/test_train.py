@@ -13,21 +13,22 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers.references import no_end_of_run_knn, numpy_knn, split_arrays, topk
+from helpers.references import numpy_knn, split_arrays, topk
 from helpers.tool_main import run_main
 from helpers.tools_in_one_process import run_tools
 
 from co2_tf import build, training
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError
-from co2_tf.run import rundir
+from co2_tf.run import rundir, trained
 from co2_tf.run.callbacks import GlobalStepTensorBoard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "tools", "train.py")
-# A run small enough for tests: tiny convnet, 16 px, a 64-key queue.
+# A run small enough for tests: tiny convnet, 16 px, a 64-key queue; no end-of-run kNN (its
+# two evaluations cost seconds: on only where a test reads the summary's kNN).
 SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, epochs=1, knn_every=0,
-             log_every=1, seed=3)
+             log_every=1, seed=3, end_of_run_knn=False)
 
 
 def small_flags(**overrides):
@@ -111,10 +112,11 @@ def _listing(path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A short finished run: 12 steps, a checkpoint every 4."""
+    """A short finished run: 12 steps, a checkpoint every 4, the kNN monitor and the end-of-run
+    kNN."""
     model_dir = str(tmp_path_factory.mktemp("finished") / "run")
     config = TrainConfig(model_dir=model_dir, **dict(SMALL, train_steps=12, checkpoint_every=4,
-                                                     knn_every=1))
+                                                     knn_every=1, end_of_run_knn=True))
     summary = training.train(config, verbose=0)
     return config, summary
 
@@ -146,7 +148,7 @@ def test_summary_and_tensorboard(finished_run):
     train_x, train_y = split_arrays("train", config.image_size)
     test_x, test_y = split_arrays("test", config.image_size)
     fresh = build.backbone_fn(config)("fresh_backbone")
-    saved = rundir.load_run(config.model_dir).model.query_backbone
+    saved = trained.load_run(config.model_dir).model.query_backbone
     expected = {}
     for key, backbone in (("knn_top1", saved), ("knn_top1_random_init", fresh)):
         bank, query = (backbone.predict(x, batch_size=500, verbose=0) for x in (train_x, test_x))
@@ -193,7 +195,6 @@ def test_epoch_scalars_are_written_at_every_epoch_end(tmp_path):
     np.testing.assert_allclose([v for _, v in logged], history.history["loss"], rtol=1e-6)
 
 
-@pytest.mark.end_of_run_knn
 def test_training_beats_random_init(tmp_path):
     """124 steps (2 epochs) of the demo's settings lift kNN top-1 well above random init, and
     the loss trained is InfoNCE + alpha * L_con with the configured alpha.
@@ -212,6 +213,7 @@ def test_training_beats_random_init(tmp_path):
     """
     config = TrainConfig(model_dir=str(tmp_path / "run"), train_steps=124, knn_every=0,
                          seed=0)
+    assert config.end_of_run_knn  # the demo's default: the summary's two kNN values
     summary = training.train(config, verbose=0)
     assert summary["steps"] == 124
     assert summary["knn_top1"] > summary["knn_top1_random_init"] + 0.12, summary
@@ -284,11 +286,8 @@ def uninterrupted(tmp_path_factory):
     """RESUME's run in-process (the same training.train the binary calls; a subprocess
     would cost a TF import)."""
     model_dir = str(tmp_path_factory.mktemp("straight") / "run")
-    with pytest.MonkeyPatch.context() as patch:  # its end-of-run kNN: compared with nothing
-        no_end_of_run_knn(patch)
-        training.train(TrainConfig(model_dir=model_dir, **dict(
-            SMALL, train_steps=30, checkpoint_every=3, deterministic=True, knn_every=0)),
-            verbose=0)
+    training.train(TrainConfig(model_dir=model_dir, **dict(
+        SMALL, train_steps=30, checkpoint_every=3, deterministic=True, knn_every=0)), verbose=0)
     return model_dir
 
 

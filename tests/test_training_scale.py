@@ -23,7 +23,7 @@ from co2_tf import training
 from co2_tf.config import TrainConfig
 from co2_tf.data import pipelines as data
 from co2_tf.data.sources import make_source
-from co2_tf.run import rundir
+from co2_tf.run import trained
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "train_worker.py")
 
@@ -190,7 +190,7 @@ def test_two_workers_stop_together_on_sigterm_resume_from_the_chief_and_match_on
     images, labels = (np.concatenate(parts) for parts in zip(*[
         (x.numpy(), y.numpy()) for x, y in data.labelled_dataset(
             source, split="train", image_size=MODEL["image_size"], batch_size=48)]))
-    features = rundir.load_run(str(model_dir)).model.query_backbone.predict(images, verbose=0)
+    features = trained.load_run(str(model_dir)).model.query_backbone.predict(images, verbose=0)
     scores = numpy_knn(features, labels, features, 2, 5, 0.1)
     # Measured 0.646 both ways; abs 0.021: one image of 48 may flip on a near-tie
     # (features computed under another strategy and batch size).

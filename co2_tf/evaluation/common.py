@@ -2,7 +2,7 @@
 
 `EvalConfig` holds the common flags: where the representation comes from (a
 run dir's latest checkpoint, a named checkpoint, or an exported
-backbone.keras, see co2_tf.run.rundir and co2_tf.interop.export) and which labelled data
+backbone.keras, see co2_tf.run.trained and co2_tf.interop.export) and which labelled data
 to evaluate it on, and where it runs (--strategy / --tpu, through the
 strategy selection training uses, co2_tf.distribute). `prepare` turns it into
 a strategy, a backbone built under its scope and a checked dataset
@@ -21,7 +21,7 @@ from co2_tf.config import STRATEGIES
 from co2_tf.data import pipelines as data
 from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError
-from co2_tf.run import rundir
+from co2_tf.run import rundir, trained
 
 LOG_SUBDIR = "logs"  # TensorBoard, in a tool's output dir
 
@@ -198,8 +198,8 @@ def load_backbone(config: EvalConfig):
             backbone=model, architecture=info.get("backbone", model.name),
             image_size=int(image_size), source=io.absolute(config.keras_model),
             step=info.get("step"), random_init=config.random_init, export_info=info)
-    run = rundir.load_run(config.model_dir, config.checkpoint,
-                          restore_weights=not config.random_init)
+    run = trained.load_run(config.model_dir, config.checkpoint,
+                           restore_weights=not config.random_init)
     backbone = run.model.query_backbone
     if config.random_init:
         # What training's summary calls knn_top1_random_init: the same builder.

@@ -22,7 +22,8 @@ import tensorflow as tf
 from co2_tf import io
 from co2_tf.errors import UserError
 from co2_tf.run import checkpoints
-from co2_tf.run.callbacks import CheckpointCallback, Preempted, PreemptionWatcher
+from co2_tf.run.callbacks import CheckpointCallback
+from co2_tf.run.preemption import Preempted, PreemptionWatcher
 
 CHECKPOINT_SUBDIR = "checkpoints"
 KEY_FILE = "evaluation.json"

@@ -52,7 +52,7 @@ from co2_tf.interop.torch_weights import (  # noqa: F401 (re-exported: the tool 
     to_torch,
     write_torch_file,
 )
-from co2_tf.run import rundir
+from co2_tf.run import rundir, trained
 
 LAYOUTS = ("torchvision", "moco")
 # What convert writes beside config.json.
@@ -365,7 +365,7 @@ def export_checkpoint(config: ConvertConfig):
     """A run's checkpoint out to --torch_out; returns what was written (a summary dict)."""
     config.check()
     import_torch()  # before the model is loaded: fail fast without torch
-    run = rundir.load_run(config.model_dir, config.checkpoint)
+    run = trained.load_run(config.model_dir, config.checkpoint)
     name = run.config.backbone
     if name not in CONVERTIBLE:
         raise UserError(f"{run.run_dir} is a {name} run, which has no PyTorch counterpart: "

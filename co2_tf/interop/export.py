@@ -49,7 +49,7 @@ import co2_tf
 from co2_tf import build, io
 from co2_tf.errors import UserError
 from co2_tf.nets import backbones
-from co2_tf.run import rundir
+from co2_tf.run import rundir, trained
 
 KERAS_FILE = "backbone.keras"
 FEATURE_MAPS_FILE = "feature_maps.keras"
@@ -263,7 +263,7 @@ def _publish(tmp, export_dir):
 
 
 def export_run(run, export_dir, *, overwrite=False):
-    """Writes the export of a loaded `rundir.Run` to export_dir; returns export.json's dict."""
+    """Writes the export of a loaded `trained.Run` to export_dir; returns export.json's dict."""
     export_dir = io.absolute(export_dir)
     check_target(export_dir, overwrite)
     tmp = io.temporary_name(export_dir)
@@ -296,6 +296,6 @@ def export(config: ExportConfig):
     """tools/export.py: checks, loads the run's checkpoint, writes the export."""
     config.check()
     check_target(io.absolute(config.export_dir), config.overwrite)  # before loading
-    run = rundir.load_run(config.model_dir, config.checkpoint,
-                          restore_weights=not config.random_init)
+    run = trained.load_run(config.model_dir, config.checkpoint,
+                           restore_weights=not config.random_init)
     return export_run(run, config.export_dir, overwrite=config.overwrite)

@@ -63,9 +63,8 @@ def _keras_reduces_logs_along_axis_0(strategy):
     Keras does so for MultiWorkerMirroredStrategy across several workers,
     which fails on scalars; logs of shape [1] come out of it as scalars.
     """
-    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
     return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and in_multi_worker_mode is not None and in_multi_worker_mode())
+            and compat.in_multi_worker_mode(strategy))
 
 
 class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
@@ -291,8 +290,7 @@ class CO2Model(compat.SkipSymbolicBuildWhenBuilt, keras.Model):
             for key_var, query_var in pairs:
                 strategy.extended.update(key_var, ema, args=(query_var,), group=False)
 
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            merge_fn, tf.distribute.get_strategy(), pairs)
+        compat.maybe_merge_call(merge_fn, tf.distribute.get_strategy(), pairs)
 
     def _enqueue(self, all_keys):
         """Write the global batch of keys at the pointer (K % B == 0: never wraps).

@@ -27,7 +27,7 @@ import re
 
 import tensorflow as tf
 
-from co2_tf import io
+from co2_tf import compat, io
 from co2_tf.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "checkpoint"
 # The trainer's step counter (CO2Model.step_counter) at the checkpoint's root.
 STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
-_ITERATIONS_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 _NAME = re.compile(r"ckpt-(\d+)$")
 
 
@@ -90,7 +89,7 @@ def _reader(path):
 def step_of(path):
     """The training step a checkpoint was written at (its step counter, else its optimizer's)."""
     reader = _reader(path)
-    for key in (STEP_KEY, _ITERATIONS_KEY):
+    for key in (STEP_KEY, compat.OPTIMIZER_ITERATIONS_KEY):
         if reader.has_tensor(key):
             return int(reader.get_tensor(key))
     return _number(path) if _number(path) >= 0 else None

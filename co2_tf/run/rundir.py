@@ -1,4 +1,4 @@
-"""The run dir: every file name in it, and loading what pretraining left there.
+"""The run dir: every file name in it, and reading and writing its files.
 
 A run dir (`--model_dir`) holds:
 
@@ -13,17 +13,15 @@ A run dir (`--model_dir`) holds:
 
 An export dir (tools/export.py) holds ``export.json`` beside ``backbone.keras``.
 Every path goes through co2_tf.io (tf.io.gfile): run dirs may be gs:// URIs.
+Rebuilding a run's model from these files is co2_tf.run.trained's.
 """
 
-import dataclasses
-import gc
 import os
 import uuid
 
-import keras
 import tensorflow as tf
 
-from co2_tf import build, io
+from co2_tf import io
 from co2_tf.config import TrainConfig
 from co2_tf.errors import UserError, first_line
 from co2_tf.run import checkpoints
@@ -177,74 +175,6 @@ def resolve_checkpoint(model_dir="", checkpoint=""):
 def checkpoint_step(path):
     """The training step a checkpoint was written at (its step counter)."""
     return checkpoints.step_of(path)
-
-
-def restore(model, path):
-    """Restores a CO2Model from a training checkpoint, optimizer state ignored.
-
-    Returns None, or what does not fit (one line) if the checkpoint is not of
-    this model.
-    """
-    try:
-        status = tf.train.Checkpoint(model=model).restore(path)
-        status.expect_partial()  # the optimizer's state is not wanted here
-        status.assert_existing_objects_matched()
-        return None
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        return first_line(e)
-
-
-def _collect_quietly():
-    """Garbage-collects with TF's warnings off.
-
-    A model that failed to restore holds pending checkpoint values that log
-    a warning each when collected: at exit, after the one-line error,
-    unless collected here.
-    """
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel("ERROR")
-    try:
-        gc.collect()
-    finally:
-        logger.setLevel(level)
-
-
-@dataclasses.dataclass
-class Run:
-    """A pretraining run, rebuilt: its config, its CO2Model and where the weights came from."""
-    config: object  # TrainConfig
-    model: keras.Model  # CO2Model
-    run_dir: str
-    checkpoint: str | None
-    step: int | None
-
-
-def load_run(model_dir="", checkpoint="", *, restore_weights=True):
-    """Rebuilds a run's CO2Model from its config.json and restores a checkpoint.
-
-    Builds under the current tf.distribute strategy scope (if any), in
-    float32 whatever the run's --precision (the variables are float32
-    anyway): evaluation and export compute exactly. With
-    restore_weights=False the model keeps its fresh initial weights and no
-    checkpoint is needed (model_dir is).
-    """
-    if restore_weights:
-        model_dir, checkpoint = resolve_checkpoint(model_dir, checkpoint)
-    model_dir = run_dir_of(model_dir, checkpoint)
-    config = run_config(model_dir)
-    # bn_groups only shapes the key encoder's forward pass, not any variable.
-    model = build.build_model(build.in_float32(config), bn_groups=1)
-    if not restore_weights:
-        return Run(config, model, model_dir, None, None)
-    problem = restore(model, checkpoint)
-    if problem:
-        del model
-        _collect_quietly()
-        raise UserError(f"checkpoint {checkpoint} does not fit the model described by "
-                        f"{io.join(model_dir, CONFIG_FILE)} ({problem}): pass a "
-                        "checkpoint of this run")
-    return Run(config, model, model_dir, checkpoint, checkpoint_step(checkpoint))
 
 
 def read_export_info(keras_path):

@@ -4,16 +4,10 @@ import numpy as np
 from co2_tf.data import pipelines as data
 
 # The small run the evaluation and export tests share (tests/conftest.py trains it once).
+# end_of_run_knn off: its two kNN evaluations cost seconds, and only the runs whose summary
+# a test reads turn it on.
 SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, train_steps=3, knn_every=0,
-             seed=7)
-
-
-def no_end_of_run_knn(patch):
-    """Turns off training.train's end-of-run kNN (two kNN evaluations of in-memory data,
-    6-9 CPU-s under load) for `patch`'s lifetime: for runs whose summary kNN no test reads."""
-    from co2_tf import training  # noqa: PLC0415
-
-    patch.setattr(training, "knn_evaluator", lambda *args, **kwargs: None)
+             seed=7, end_of_run_knn=False)
 
 
 def split_arrays(split, image_size=16):
