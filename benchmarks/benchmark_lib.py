@@ -42,28 +42,40 @@ import time
 
 import numpy as np
 
+from co2_tf.config import flag
 from co2_tf.errors import UserError
 
 
 @dataclasses.dataclass
 class BenchmarkConfig:
     """How to time: the step itself is described by a TrainConfig."""
-    warmup: int = 2  # untimed executions (tracing, oneDNN kernel selection)
-    repeats: int = 7  # timed executions (rounds)
-    matmul_size: int = 4096
-    ablate: bool = False
-    conv_kernels: bool = False
-    intra_op_threads: int = 0  # 0 = TF's default (all cores)
-    inter_op_threads: int = 0
-    cpu_devices: int = 0  # 0 = leave the CPU as one device
+    warmup: int = flag(2, "untimed executions before timing")
+    repeats: int = flag(7, "timed executions (the median is reported)")
+    matmul_size: int = flag(4096, "N of the float32 N x N matmuls (TF and NumPy) that measure the "
+                                  "ceiling")
+    ablate: bool = flag(False, "also time a bare step (encoders only) to price CO2 term + EMA + "
+                               "queue, and the backbones' convs alone (no BN) for the ceiling of "
+                               "the step")
+    conv_kernels: bool = flag(False, "time each conv of the backbone alone instead of the step: "
+                                     "forward, input gradient and filter gradient, against the "
+                                     "matmul ceiling")
+    intra_op_threads: int = flag(0, "TF threads per op (0 = TF's default: all cores); the TF matmul"
+                                    " then runs cores / intra_op_threads matmuls at once")
+    inter_op_threads: int = flag(0, "TF ops run at once (0 = TF's default)")
+    cpu_devices: int = flag(0, "split the CPU into this many logical devices (e.g. 2 for "
+                               "--strategy=mirrored without GPUs); 0 = leave as is")
     # input pipeline mode
-    input_only: bool = False
-    num_jpegs: int = 512
-    input_batch_size: int = 64
-    input_window: int = 4  # batches per timed window
-    jpeg_dir: str = ""  # "" = generate in a temp dir
-    input_rounds: int = 2  # alternations of the pipelines compared
-    torch_peer: bool = True  # also time PyTorch's DataLoader (benchmarks/torch_input.py)
+    input_only: bool = flag(False, "benchmark the input pipeline instead of the train step")
+    num_jpegs: int = flag(512, "--input_only: photograph-like JPEGs generated (400-500 x 300-375 "
+                               "px, ~110 KB)")
+    input_batch_size: int = flag(64, "--input_only: batch size of the pipeline")
+    input_window: int = flag(4, "--input_only: batches per timed window")
+    jpeg_dir: str = flag("", "--input_only: use this folder:PATH image folder instead of generated "
+                             "JPEGs")
+    input_rounds: int = flag(2, "--input_only: rounds of the back-to-back comparison (medians "
+                                "reported)")
+    torch_peer: bool = flag(True, "--input_only: also time PyTorch's DataLoader with MoCo v2's "
+                                  "transforms on the same files (needs requirements-torch.txt)")
 
     def check(self):
         def need(ok, message):
@@ -89,30 +101,6 @@ UNUSED_TRAIN_FIELDS = (
     "model_dir", "dataset", "data_dir", "split", "eval_split", "epochs", "train_steps",
     "warmup_epochs", "deterministic", "checkpoint_every", "keep_checkpoints", "log_every",
     "knn_every", "knn_k", "knn_temperature", "log_every_secs")
-
-HELP = {
-    "warmup": "untimed executions before timing",
-    "repeats": "timed executions (the median is reported)",
-    "matmul_size": "N of the float32 N x N matmuls (TF and NumPy) that measure the ceiling",
-    "ablate": "also time a bare step (encoders only) to price CO2 term + EMA + queue, "
-              "and the backbones' convs alone (no BN) for the ceiling of the step",
-    "intra_op_threads": "TF threads per op (0 = TF's default: all cores); the TF matmul "
-                        "then runs cores / intra_op_threads matmuls at once",
-    "inter_op_threads": "TF ops run at once (0 = TF's default)",
-    "cpu_devices": "split the CPU into this many logical devices "
-                   "(e.g. 2 for --strategy=mirrored without GPUs); 0 = leave as is",
-    "conv_kernels": "time each conv of the backbone alone instead of the step: forward, "
-                    "input gradient and filter gradient, against the matmul ceiling",
-    "input_only": "benchmark the input pipeline instead of the train step",
-    "num_jpegs": "--input_only: photograph-like JPEGs generated (400-500 x 300-375 px, "
-                 "~110 KB)",
-    "input_rounds": "--input_only: rounds of the back-to-back comparison (medians reported)",
-    "torch_peer": "--input_only: also time PyTorch's DataLoader with MoCo v2's transforms "
-                  "on the same files (needs requirements-torch.txt)",
-    "input_batch_size": "--input_only: batch size of the pipeline",
-    "input_window": "--input_only: batches per timed window",
-    "jpeg_dir": "--input_only: use this folder:PATH image folder instead of generated JPEGs",
-}
 
 
 # ------------------------------------------------------------------- helpers

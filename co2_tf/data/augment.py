@@ -35,9 +35,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from co2_tf.data import AUGMENTS as RECIPES
 from co2_tf.errors import UserError
-
-RECIPES = ("mocov1", "mocov2")
 
 # (brightness, contrast, saturation, hue) strengths and probabilities.
 _RECIPE_SETTINGS = {
