@@ -1,5 +1,7 @@
-"""README.md against the tools: every flag its commands and its flag table name exists, and
-the commands beside its pictures run (on a tiny run) and write PNGs.
+"""README.md and docs/flags.md against the tools: every flag the README's commands name
+exists, docs/flags.md is what tools/flags_doc.py generates and lists every flag of
+tools/train.py, the commands beside the README's pictures run (on a tiny run) and write PNGs,
+and pyproject.toml's commands and packages name what the checkout holds.
 
 One subprocess (tests/helpers/tool_runner.py) loads every tool the README names and runs the
 picture commands: one TF import for all of them.
@@ -8,6 +10,7 @@ picture commands: one TF import for all of them.
 import json
 import os
 import re
+import tomllib
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ from co2_tf.run import rundir
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(ROOT, "README.md")) as _f:
     README = _f.read()
+FLAGS_DOC = os.path.join(ROOT, "docs", "flags.md")
 # absl's own flags, which every tool has.
 ABSL = {"flagfile", "help", "helpfull", "helpshort", "helpxml"}
 # Appended to the picture commands: tiny sizes (absl keeps a flag's last value).
@@ -157,10 +161,10 @@ def test_readme_flags_exist_and_picture_commands_draw(run_dir, reference, tmp_pa
     for tool, args in commands:
         unknown = flag_names(args) - set(report["flags"][tool]) - ABSL
         assert not unknown, f"README: tools/{tool}.py has no --{', --'.join(sorted(unknown))}"
-    # ... and so is every flag of the train.py flag table.
-    table = README.split("## Flags of `tools/train.py`")[1].split("\n## ")[0]
-    named = set(re.findall(r"`--(\w+)`", table))
-    assert len(named) > 30 and not named - set(report["flags"]["train"]) - ABSL
+    # docs/flags.md's train section names exactly the flags tools/train.py has.
+    with open(FLAGS_DOC) as f:
+        section = f.read().split("(`python tools/train.py`)")[1].split("\n## ")[0]
+    assert set(re.findall(r"^\| `--(\w+)`", section, re.M)) == set(report["flags"]["train"])
 
     assert report["exit"] == [0] * len(runs), result.stderr[-3000:]
     for picture in pictures:
@@ -193,3 +197,32 @@ def check_curve(path, blue=(31, 100, 180), orange=(220, 110, 20)):
     y_base = np.argmax(is_orange[:, first[0]:last[-1]].sum(1))  # the dashed line's row
     assert y_base > y_first > y_last, (y_base, y_first, y_last)
     assert (y_base - y_first) / (y_first - y_last) == pytest.approx(0.25, abs=0.06)
+
+
+def test_flags_doc_is_current():
+    """docs/flags.md is what `python tools/flags_doc.py > docs/flags.md` writes now."""
+    import flags_doc  # noqa: PLC0415
+
+    with open(FLAGS_DOC) as f:
+        assert f.read() == flags_doc.markdown(), (
+            "docs/flags.md is stale: run python tools/flags_doc.py > docs/flags.md")
+
+
+def test_pyproject_commands_and_packages_are_the_checkouts():
+    """[project.scripts] names tool files (co2-knn-eval -> tools/knn_eval.py, as
+    tools/__init__.py runs them), all through its launcher; the package list is every folder
+    of co2_tf with Python files, and tools/ as co2_tf_tools (no top-level tools or common)."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    scripts = project["project"]["scripts"]
+    assert {"co2-train", "co2-export", "co2-knn-eval", "co2-linear-eval"} <= set(scripts)
+    for command, target in scripts.items():
+        assert target == "co2_tf_tools:main", command
+        tool = command.removeprefix("co2-").replace("-", "_")
+        assert os.path.isfile(os.path.join(ROOT, "tools", f"{tool}.py")), command
+    setuptools = project["tool"]["setuptools"]
+    folders = {os.path.relpath(d, ROOT).replace(os.sep, ".")
+               for d, _, files in os.walk(os.path.join(ROOT, "co2_tf"))
+               if any(f.endswith(".py") for f in files)}
+    assert set(setuptools["packages"]) == folders | {"co2_tf_tools"}
+    assert setuptools["package-dir"] == {"co2_tf_tools": "tools"}

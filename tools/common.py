@@ -52,7 +52,7 @@ def _section(group):
     """absl's --helpfull lists flags by module name, sorted: one "module" per field group."""
     from co2_tf.config import GROUPS  # noqa: PLC0415
     number = GROUPS.index(group) + 1 if group in GROUPS else len(GROUPS) + 1
-    return f"{sys.argv[0]} flags, {number}. {group}"
+    return f"{number}. {group}"  # digits first: before absl's own modules
 
 
 def define_flags(config_cls, skip=()):
