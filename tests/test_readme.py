@@ -1,5 +1,5 @@
 """README.md and docs/flags.md against the tools: every flag the README's commands name
-exists, docs/flags.md is what tools/flags_doc.py generates and lists every flag of
+exists, docs/flags.md is what docs/flags_doc.py generates and lists every flag of
 tools/train.py, the commands beside the README's pictures run (on a tiny run) and write PNGs,
 and pyproject.toml's commands and packages name what the checkout holds.
 
@@ -10,6 +10,7 @@ picture commands: one TF import for all of them.
 import json
 import os
 import re
+import runpy
 import tomllib
 
 import numpy as np
@@ -200,12 +201,12 @@ def check_curve(path, blue=(31, 100, 180), orange=(220, 110, 20)):
 
 
 def test_flags_doc_is_current():
-    """docs/flags.md is what `python tools/flags_doc.py > docs/flags.md` writes now."""
-    import flags_doc  # noqa: PLC0415
-
+    """docs/flags.md is what `python docs/flags_doc.py > docs/flags.md` writes now."""
+    markdown = runpy.run_path(os.path.join(ROOT, "docs", "flags_doc.py"),
+                              run_name="flags_doc")["markdown"]
     with open(FLAGS_DOC) as f:
-        assert f.read() == flags_doc.markdown(), (
-            "docs/flags.md is stale: run python tools/flags_doc.py > docs/flags.md")
+        assert f.read() == markdown(), (
+            "docs/flags.md is stale: run python docs/flags_doc.py > docs/flags.md")
 
 
 def test_pyproject_commands_and_packages_are_the_checkouts():

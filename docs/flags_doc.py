@@ -1,6 +1,6 @@
 """Writes docs/flags.md: the flags of every user tool, from their config fields.
 
-  python tools/flags_doc.py > docs/flags.md
+  python docs/flags_doc.py > docs/flags.md
 
 The tools are pyproject.toml's [project.scripts]; each tool file is loaded (its flags
 defined, as common.tool defines them from the fields' help, choices and groups) and its
@@ -14,11 +14,13 @@ import runpy
 import sys
 import tomllib
 
-import common  # noqa: F401  (first: it sets TF's environment before TF is imported)
-from absl import flags
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
+# tools/common.py, the runner every binary shares, also puts the checkout on sys.path.
+sys.path.insert(0, TOOLS)
+import common  # noqa: E402, F401  (first: it sets TF's environment before TF is imported)
+from absl import flags  # noqa: E402
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TOOLS)
 PREFIX = "co2-"  # as tools/__init__.py: co2-knn-eval runs knn_eval.py
 
 
@@ -64,7 +66,7 @@ def _cell(text):
 def markdown():
     lines = ["# Flags of the co2_tf tools", "",
              "Generated from the config fields' help, choices and groups by "
-             "`python tools/flags_doc.py > docs/flags.md` (tests/test_readme.py fails when it is "
+             "`python docs/flags_doc.py > docs/flags.md` (tests/test_readme.py fails when it is "
              "stale). Every tool also takes absl's `--flagfile=FILE`, `--help` and `--helpfull`; "
              "after `pip install .` the commands run the same tools.", ""]
     for command, tool in commands():
@@ -85,5 +87,5 @@ def markdown():
 
 if __name__ == "__main__":
     if len(sys.argv) > 1:
-        sys.exit("usage: python tools/flags_doc.py > docs/flags.md")
+        sys.exit("usage: python docs/flags_doc.py > docs/flags.md")
     print(markdown(), end="")
