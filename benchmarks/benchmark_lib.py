@@ -100,7 +100,7 @@ NOT_A_RUN = {"model_dir": "(benchmark)", "train_steps": 10**6}
 UNUSED_TRAIN_FIELDS = (
     "model_dir", "dataset", "data_dir", "split", "eval_split", "epochs", "train_steps",
     "warmup_epochs", "deterministic", "checkpoint_every", "keep_checkpoints", "log_every",
-    "knn_every", "knn_k", "knn_temperature", "log_every_secs")
+    "knn_every", "knn_k", "knn_temperature", "log_every_secs", "end_of_run_knn")
 
 
 # ------------------------------------------------------------------- helpers

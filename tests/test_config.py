@@ -32,6 +32,21 @@ def test_defaults_pass_and_every_field_has_help_and_a_group():
         assert field.metadata["help"] and field.metadata["group"] in config.GROUPS, field.name
 
 
+def test_every_tool_config_field_has_help():
+    # What --help and docs/flags.md print; a field without help would be no flag at all.
+    from co2_tf.evaluation import drawing, knn, linear_probe, retrieval, semi_supervised
+    from co2_tf.interop import convert, export
+
+    for cls in (knn.KnnConfig, linear_probe.LinearEvalConfig, retrieval.RetrievalConfig,
+                semi_supervised.SemiSupervisedConfig, drawing.CurveConfig, export.ExportConfig,
+                convert.ConvertConfig):
+        for field in dataclasses.fields(cls):
+            assert field.metadata.get("help"), (cls.__name__, field.name)
+    assert linear_probe.LinearEvalConfig(model_dir="x", protocol="fast").check()
+    with pytest.raises(UserError, match="^unknown --strategy='warp'"):
+        knn.KnnConfig(model_dir="x", strategy="warp").check()
+
+
 def test_new_fields_load_from_old_run_dirs():
     # A config.json written before end_of_run_knn and conv_filter_grad existed: their defaults.
     old = json.loads(config.TrainConfig(model_dir="/tmp/x").to_json())
