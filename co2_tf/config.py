@@ -10,17 +10,11 @@ import json
 import math
 
 from co2_tf import progress
+from co2_tf.choices import OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES
 from co2_tf.data import AUGMENT_PLACEMENTS, AUGMENTS
 from co2_tf.errors import UserError
 from co2_tf.method import BN_MODES, CONSISTENCY_KL, CONSISTENCY_OVER, HEADS
 from co2_tf.nets import BACKBONES, CONV_FILTER_GRADS
-
-# The choices of the top-level modules (co2_tf.optimizers, precision, distribute), which import
-# TF: defined here, TF-free, and imported there. The packages' own are in their __init__.py.
-SCHEDULES = ("step", "cosine", "constant")
-OPTIMIZERS = ("sgd", "lars")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 
 # What a checkpoint's shapes and layers depend on: a run dir written with
 # other values cannot be resumed with these.

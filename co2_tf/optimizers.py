@@ -30,7 +30,7 @@ import re
 import keras
 import tensorflow as tf
 
-from co2_tf.config import OPTIMIZERS, SCHEDULES
+from co2_tf.choices import OPTIMIZERS, SCHEDULES
 from co2_tf.errors import UserError
 
 # Variables LARS leaves alone (no weight decay, trust ratio 1): biases and

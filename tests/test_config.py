@@ -14,11 +14,14 @@ from co2_tf.nets import backbones
 
 def test_each_list_of_choices_is_defined_once():
     # The library checks against the very tuples the flags offer (no copy to drift): the
-    # packages' TF-free __init__.py define them, the TF modules import them.
-    from co2_tf import data, method, nets  # noqa: PLC0415
+    # packages' TF-free __init__.py and co2_tf/choices.py define them, the TF modules import
+    # them.
+    from co2_tf import choices, data, distribute, method, nets, precision  # noqa: PLC0415
 
     assert backbones.BACKBONES is nets.BACKBONES
-    assert optimizers.SCHEDULES is config.SCHEDULES and optimizers.OPTIMIZERS is config.OPTIMIZERS
+    assert optimizers.SCHEDULES is choices.SCHEDULES and optimizers.OPTIMIZERS is choices.OPTIMIZERS
+    assert precision.PRECISIONS is choices.PRECISIONS
+    assert distribute.STRATEGIES is choices.STRATEGIES
     assert augment.RECIPES is data.AUGMENTS
     choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(config.TrainConfig)}
     assert choices["backbone"] == nets.BACKBONES and choices["bn"] == method.BN_MODES

@@ -16,7 +16,8 @@ import keras
 import tensorflow as tf
 
 from co2_tf import build, distribute, io, progress
-from co2_tf.config import STRATEGIES, TrainConfig, check_choices, flag, help_of
+from co2_tf.choices import STRATEGIES
+from co2_tf.config import TrainConfig, check_choices, flag, help_of
 from co2_tf.data import pipelines as data
 from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError
