@@ -6,6 +6,7 @@ data, a few minutes on a 2-core CPU); flags/*.cfg hold the real recipes.
 """
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -48,24 +49,12 @@ def check_choices(config):
             raise UserError(f"unknown --{field.name}={value!r}: use one of {', '.join(choices)}")
 
 
-def _data(default, help, **kw):
-    return flag(default, help, group="data", **kw)
-
-
-def _model(default, help, **kw):
-    return flag(default, help, group="model", **kw)
-
-
-def _co2(default, help, **kw):
-    return flag(default, help, group="CO2", **kw)
-
-
-def _optim(default, help, **kw):
-    return flag(default, help, group="optimisation", **kw)
-
-
-def _run(default, help, **kw):
-    return flag(default, help, group="run", **kw)
+# TrainConfig's fields, by group.
+_data = functools.partial(flag, group="data")
+_model = functools.partial(flag, group="model")
+_co2 = functools.partial(flag, group="CO2")
+_optim = functools.partial(flag, group="optimisation")
+_run = functools.partial(flag, group="run")
 
 
 @dataclasses.dataclass
