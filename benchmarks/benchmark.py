@@ -42,32 +42,20 @@ import common  # noqa: E402  (first: it sets TF's environment before TF is impor
 
 # isort: split
 import benchmark_lib
-from absl import app
 
-from co2_tf.config import HELP, TrainConfig
-
-common.define_flags(TrainConfig, HELP, skip=benchmark_lib.UNUSED_TRAIN_FIELDS)
-common.define_flags(benchmark_lib.BenchmarkConfig, benchmark_lib.HELP)
+from co2_tf.config import TrainConfig
 
 
-def configs():
-    """(TrainConfig, BenchmarkConfig) from the flags; UserError on a bad one."""
-    timing = common.config_from_flags(benchmark_lib.BenchmarkConfig).check()
-    config = common.config_from_flags(TrainConfig, **benchmark_lib.NOT_A_RUN).check()
-    return config, timing
-
-
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config, timing = common.run_guarded(configs)
+def benchmark(config, timing):
     from co2_tf import distribute  # before anything else touches devices
-    common.run_guarded(distribute.split_cpu, timing.cpu_devices)
+    distribute.split_cpu(timing.cpu_devices)
     benchmark_lib.set_threads(timing.intra_op_threads, timing.inter_op_threads)
-    result = common.run_guarded(benchmark_lib.run, config, timing)
-    print(json.dumps(result), flush=True)
+    print(json.dumps(benchmark_lib.run(config, timing)), flush=True)
 
+
+# The step is a TrainConfig's (without the fields of a run), the timing a BenchmarkConfig's.
+main = common.tool(benchmark, TrainConfig, benchmark_lib.BenchmarkConfig,
+                   skip=benchmark_lib.UNUSED_TRAIN_FIELDS, overrides=benchmark_lib.NOT_A_RUN)
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_tool(main)

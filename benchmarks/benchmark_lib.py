@@ -42,28 +42,40 @@ import time
 
 import numpy as np
 
+from co2_tf.config import flag
 from co2_tf.errors import UserError
 
 
 @dataclasses.dataclass
 class BenchmarkConfig:
     """How to time: the step itself is described by a TrainConfig."""
-    warmup: int = 2  # untimed executions (tracing, oneDNN kernel selection)
-    repeats: int = 7  # timed executions (rounds)
-    matmul_size: int = 4096
-    ablate: bool = False
-    conv_kernels: bool = False
-    intra_op_threads: int = 0  # 0 = TF's default (all cores)
-    inter_op_threads: int = 0
-    cpu_devices: int = 0  # 0 = leave the CPU as one device
+    warmup: int = flag(2, "untimed executions before timing")
+    repeats: int = flag(7, "timed executions (the median is reported)")
+    matmul_size: int = flag(4096, "N of the float32 N x N matmuls (TF and NumPy) that measure the "
+                                  "ceiling")
+    ablate: bool = flag(False, "also time a bare step (encoders only) to price CO2 term + EMA + "
+                               "queue, and the backbones' convs alone (no BN) for the ceiling of "
+                               "the step")
+    conv_kernels: bool = flag(False, "time each conv of the backbone alone instead of the step: "
+                                     "forward, input gradient and filter gradient, against the "
+                                     "matmul ceiling")
+    intra_op_threads: int = flag(0, "TF threads per op (0 = TF's default: all cores); the TF matmul"
+                                    " then runs cores / intra_op_threads matmuls at once")
+    inter_op_threads: int = flag(0, "TF ops run at once (0 = TF's default)")
+    cpu_devices: int = flag(0, "split the CPU into this many logical devices (e.g. 2 for "
+                               "--strategy=mirrored without GPUs); 0 = leave as is")
     # input pipeline mode
-    input_only: bool = False
-    num_jpegs: int = 512
-    input_batch_size: int = 64
-    input_window: int = 4  # batches per timed window
-    jpeg_dir: str = ""  # "" = generate in a temp dir
-    input_rounds: int = 2  # alternations of the pipelines compared
-    torch_peer: bool = True  # also time PyTorch's DataLoader (benchmarks/torch_input.py)
+    input_only: bool = flag(False, "benchmark the input pipeline instead of the train step")
+    num_jpegs: int = flag(512, "--input_only: photograph-like JPEGs generated (400-500 x 300-375 "
+                               "px, ~110 KB)")
+    input_batch_size: int = flag(64, "--input_only: batch size of the pipeline")
+    input_window: int = flag(4, "--input_only: batches per timed window")
+    jpeg_dir: str = flag("", "--input_only: use this folder:PATH image folder instead of generated "
+                             "JPEGs")
+    input_rounds: int = flag(2, "--input_only: rounds of the back-to-back comparison (medians "
+                                "reported)")
+    torch_peer: bool = flag(True, "--input_only: also time PyTorch's DataLoader with MoCo v2's "
+                                  "transforms on the same files (needs requirements-torch.txt)")
 
     def check(self):
         def need(ok, message):
@@ -88,31 +100,7 @@ NOT_A_RUN = {"model_dir": "(benchmark)", "train_steps": 10**6}
 UNUSED_TRAIN_FIELDS = (
     "model_dir", "dataset", "data_dir", "split", "eval_split", "epochs", "train_steps",
     "warmup_epochs", "deterministic", "checkpoint_every", "keep_checkpoints", "log_every",
-    "knn_every", "end_of_run_knn", "knn_k", "knn_temperature", "log_every_secs")
-
-HELP = {
-    "warmup": "untimed executions before timing",
-    "repeats": "timed executions (the median is reported)",
-    "matmul_size": "N of the float32 N x N matmuls (TF and NumPy) that measure the ceiling",
-    "ablate": "also time a bare step (encoders only) to price CO2 term + EMA + queue, "
-              "and the backbones' convs alone (no BN) for the ceiling of the step",
-    "intra_op_threads": "TF threads per op (0 = TF's default: all cores); the TF matmul "
-                        "then runs cores / intra_op_threads matmuls at once",
-    "inter_op_threads": "TF ops run at once (0 = TF's default)",
-    "cpu_devices": "split the CPU into this many logical devices "
-                   "(e.g. 2 for --strategy=mirrored without GPUs); 0 = leave as is",
-    "conv_kernels": "time each conv of the backbone alone instead of the step: forward, "
-                    "input gradient and filter gradient, against the matmul ceiling",
-    "input_only": "benchmark the input pipeline instead of the train step",
-    "num_jpegs": "--input_only: photograph-like JPEGs generated (400-500 x 300-375 px, "
-                 "~110 KB)",
-    "input_rounds": "--input_only: rounds of the back-to-back comparison (medians reported)",
-    "torch_peer": "--input_only: also time PyTorch's DataLoader with MoCo v2's transforms "
-                  "on the same files (needs requirements-torch.txt)",
-    "input_batch_size": "--input_only: batch size of the pipeline",
-    "input_window": "--input_only: batches per timed window",
-    "jpeg_dir": "--input_only: use this folder:PATH image folder instead of generated JPEGs",
-}
+    "knn_every", "knn_k", "knn_temperature", "log_every_secs", "end_of_run_knn")
 
 
 # ------------------------------------------------------------------- helpers
@@ -163,8 +151,8 @@ def execution():
     if set (before TF is imported), else TF's own default (on only for CPUs
     with AVX-512 VNNI/BF16 or AMX).
     """
-    from co2_tf import compat
-    return {"onednn_opts": compat.onednn_enabled(),
+    from tensorflow.python.util import _pywrap_util_port
+    return {"onednn_opts": bool(_pywrap_util_port.IsMklEnabled()),
             "onednn_opts_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
 
 
@@ -284,13 +272,15 @@ def count_flops(fn, *specs):
     import collections
 
     import tensorflow as tf
+    from tensorflow.python.framework import ops as tf_ops
+    from tensorflow.python.util import deprecation
 
-    from co2_tf import compat
+    from co2_tf.nets import conv_grad
     graph = fn.get_concrete_function(*specs).graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     breakdown = collections.Counter()
-    with compat.silenced_deprecation():  # the profiler's v1 shape helpers warn on every use
+    with deprecation.silence():  # the profiler's v1 shape helpers warn on every use
         profiler_total = int(tf.compat.v1.profiler.profile(graph=graph,
                                                            options=options).total_float_ops)
         live = _live_ops(graph)
@@ -300,18 +290,16 @@ def count_flops(fn, *specs):
             if op.type in ("Conv2DBackpropInput", "Conv2DBackpropFilter"):
                 breakdown[op.type] += _exact_conv_backprop_flops(op)
                 continue
-            flops = compat.registered_flops(graph, op.node_def)
+            try:
+                flops = tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value
+            except (ValueError, TypeError):  # no statistics registered, or unknown shapes
+                flops = None
             if flops:
-                by_matmul = op.type == "MatMul" and _in_matmul_filter_grad(op)
+                # Scope names are made unique: matmul_filter_grad, matmul_filter_grad_1, ...
+                by_matmul = op.type == "MatMul" and re.search(
+                    rf"(^|/){conv_grad.SCOPE}(_\d+)?/", op.name)
                 breakdown["Conv2DBackpropFilter" if by_matmul else op.type] += int(flops)
     return sum(breakdown.values()), dict(breakdown), profiler_total
-
-
-def _in_matmul_filter_grad(op):
-    """Whether graph op `op` is part of a filter gradient by co2_tf.nets.conv_grad's matmul."""
-    from co2_tf.nets import conv_grad
-    # Scope names are made unique: matmul_filter_grad, matmul_filter_grad_1, ...
-    return re.search(rf"(^|/){conv_grad.SCOPE}(_\d+)?/", op.name) is not None
 
 
 # ------------------------------------------------------------ the train step
@@ -354,7 +342,7 @@ def bare_step_fn(model, shuffle_bn):
         if shuffle_bn:
             keys, _ = model.encode_keys(x_k, model.optimizer.iterations)
         else:
-            keys = tf.stop_gradient(model.encode_key_groups(x_k))
+            keys = tf.stop_gradient(model._encode_key_groups(x_k, 1))
         qvars = model.query_variables
         with tf.GradientTape() as tape:
             q = model.encode_query(x_q, training=True)
@@ -380,7 +368,7 @@ def convs_only_step(config):
 
     from co2_tf.nets import backbones
     query = backbones.build_backbone(config.backbone, config.image_size, bn="none",
-                                     seed=config.seed, conv_filter_grad=config.conv_filter_grad)
+                                     seed=config.seed)
     key = backbones.build_backbone(config.backbone, config.image_size, bn="none",
                                    seed=config.seed + 1)
 
@@ -404,8 +392,10 @@ def _executor(model, step_fn=None):
     if step_fn is None:
         model.make_train_function()
         return model.train_function
-    from co2_tf import compat
-    return compat.keras_train_function(model, step_fn)
+    make = getattr(model, "_make_function", None)
+    if make is None:
+        raise UserError("this Keras version has no Trainer._make_function: run without --ablate")
+    return make(step_fn)
 
 
 def _timer(function, iterator):
@@ -435,8 +425,6 @@ def benchmark_train_step(config, timing, strategy=None):
     `config` (TrainConfig) is the step, `timing` (BenchmarkConfig) how it is timed.
     """
     import tensorflow as tf
-
-    from co2_tf.nets import conv_grad
     trainer = _trainer()
 
     config.check()
@@ -446,7 +434,7 @@ def benchmark_train_step(config, timing, strategy=None):
     replicas = strategy.num_replicas_in_sync
     groups = config.check_replicas(replicas)
     with strategy.scope():
-        model = trainer.build_model(config, groups, conv_filter_grad=config.conv_filter_grad)
+        model = trainer.build_model(config, groups)
         optimizer = trainer.build_optimizer(config, steps_per_epoch=1000, total_steps=10**6)
         trainer.compile_model(model, optimizer, config)
 
@@ -522,7 +510,6 @@ def benchmark_train_step(config, timing, strategy=None):
         "backbone": config.backbone, "image_size": config.image_size,
         "batch_size": config.batch_size, "queue_size": config.queue_size,
         "precision": config.precision, "jit_compile": bool(model.jit_compile),
-        "conv_filter_grad": conv_grad.resolve(config.conv_filter_grad),
         "augment_on": "device" if on_device else "host",
         "jit_compile_requested": config.jit_compile,
         "strategy": type(strategy).__name__, "replicas": replicas, "bn": config.bn,
@@ -762,57 +749,33 @@ def _conv_shapes(config):
     """{(input HWC, kernel, strides, padding, filters, first): count} of the backbone's convs.
 
     `first`: the first conv (the layers are in graph order) reads the images, so the step
-    computes no input gradient for it. Also returns {key: whether conv_grad's matmul
-    filter gradient applies to that conv} and {key: tf.function(x, dy) of that conv's
-    filter gradient as --conv_filter_grad=matmul computes it}.
+    computes no input gradient for it.
+    Also returns {key: whether conv_grad's matmul filter gradient applies to that conv}.
     """
     import collections
 
     import keras
-    import tensorflow as tf
 
     from co2_tf import compat as compat
-    from co2_tf.nets import backbones
+    from co2_tf.nets import backbones, conv_grad
     net = backbones.build_backbone(config.backbone, config.image_size, bn="none",
-                                   seed=config.seed, conv_filter_grad="matmul")
-    counts, matmul, grads = collections.Counter(), {}, {}
+                                   seed=config.seed)
+    counts, matmul = collections.Counter(), {}
     for layer in compat.nested_layers(net):
         if isinstance(layer, keras.layers.Conv2D):
             shape = tuple(layer.input.shape[1:])
             key = (shape, tuple(layer.kernel_size), tuple(layer.strides), layer.padding,
                    layer.filters, not counts)
             counts[key] += 1
-            if key in grads:
-                continue
-            grads[key] = _layer_filter_grad(layer)
-            x_shape = (config.batch_size, *shape)
-            graph = grads[key].get_concrete_function(
-                tf.TensorSpec(x_shape, tf.float32),
-                tf.TensorSpec(layer.compute_output_shape(x_shape), tf.float32)).graph
-            matmul[key] = any(_in_matmul_filter_grad(op) for op in graph.get_operations())
-    return counts, matmul, grads
+            matmul[key] = conv_grad.applies(layer, (config.batch_size, *shape))
+    return counts, matmul
 
 
-def _layer_filter_grad(layer):
-    """tf.function(x, dy): the filter gradient of conv `layer` as the layer computes it.
-
-    Its forward conv and input gradient are computed by nothing the result reads: pruned.
-    """
+def _conv_ops(x, w, dy, strides, padding, with_matmul):
+    """{name: tf.function()} of one conv's kernels on these tensors."""
     import tensorflow as tf
 
-    @tf.function
-    def filter_grad(x, dy):
-        with tf.GradientTape() as tape:
-            y = layer.convolution_op(x, layer.kernel)
-        return tape.gradient(y, layer.kernel, output_gradients=dy)
-    return filter_grad
-
-
-def _conv_ops(x, w, dy, strides, padding, matmul_grad=None):
-    """{name: tf.function()} of one conv's kernels on these tensors (`matmul_grad`: the
-    filter gradient by matmul, see _conv_shapes)."""
-    import tensorflow as tf
-
+    from co2_tf.nets import conv_grad
     pad, stride4 = padding.upper(), [1, *strides, 1]
     ops = {
         "forward": tf.function(lambda: tf.nn.conv2d(x, w, strides, pad)),
@@ -821,8 +784,9 @@ def _conv_ops(x, w, dy, strides, padding, matmul_grad=None):
         "filter_grad": tf.function(lambda: tf.raw_ops.Conv2DBackpropFilter(
             input=x, filter_sizes=w.shape, out_backprop=dy, strides=stride4, padding=pad)),
     }
-    if matmul_grad is not None:
-        ops["filter_grad_matmul"] = lambda: matmul_grad(x, dy)
+    if with_matmul:
+        ops["filter_grad_matmul"] = tf.function(
+            lambda: conv_grad.filter_grad(x, dy, w.shape, strides, padding))
     return ops
 
 
@@ -848,8 +812,8 @@ def conv_kernel_rates(config, timing):
     tf_matmul, np_matmul = matmul_timer(timing.matmul_size), numpy_matmul_timer(timing.matmul_size)
     matmul_flops = 2 * timing.matmul_size ** 3
     ceiling = [max(matmul_flops / tf_matmul(2), matmul_flops / np_matmul(2))]
-    uses_matmul = conv_grad.resolve(config.conv_filter_grad) == "matmul"
-    counts, matmul_applies, matmul_grads = _conv_shapes(config)
+    uses_matmul = conv_grad.pays_off()
+    counts, matmul_applies = _conv_shapes(config)
     rng = np.random.RandomState(config.seed)
     rows, conv_seconds = [], 0.0
     for key, count in counts.items():
@@ -860,8 +824,7 @@ def conv_kernel_rates(config, timing):
         y_shape = tf.nn.conv2d(x[:1], w, strides, padding.upper()).shape[1:]
         dy = tf.constant(rng.rand(batch, *y_shape).astype("float32"))
         flops = 2 * batch * y_shape[0] * y_shape[1] * kernel[0] * kernel[1] * shape[-1] * filters
-        ops = _conv_ops(x, w, dy, strides, padding,
-                        matmul_grads[key] if matmul_applies[key] else None)
+        ops = _conv_ops(x, w, dy, strides, padding, matmul_applies[key])
         samples = {name: [] for name in ops}
         for round_ in range(timing.warmup + timing.repeats):
             for name, op in ops.items():

@@ -27,9 +27,8 @@ import common  # noqa: E402  (first: it sets TF's environment before TF is impor
 
 # isort: split
 import benchmark_lib
-from absl import app
 
-from co2_tf.config import HELP, TrainConfig
+from co2_tf.config import TrainConfig, flag
 from co2_tf.errors import UserError
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
@@ -37,12 +36,15 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 
 @dataclasses.dataclass
 class CompareConfig:
-    alternations: int = 3
-    warmup: int = 2
-    repeats: int = 5
-    torch_compile: bool = True
-    matmul_size: int = 4096  # of the ceiling benchmark.py reports beside the TF step
-    output: str = ""  # "" = stdout only
+    alternations: int = flag(3, "TF run + PyTorch run pairs, back to back (the median ratio is "
+                                "reported)")
+    warmup: int = flag(2, "untimed steps of each run")
+    repeats: int = flag(5, "timed steps of each run (each run reports their median)")
+    torch_compile: bool = flag(True, "torch.compile the PyTorch step (off: eager, only to check the"
+                                     " tool)")
+    matmul_size: int = flag(4096, "N of the N x N matmuls of the TF run's ceiling (benchmark.py "
+                                  "--matmul_size); the ratio does not use it")
+    output: str = flag("", "also write the JSON here (local path or URI)")
 
     def check(self):
         if self.alternations <= 0 or self.repeats <= 0 or self.warmup < 0:
@@ -50,17 +52,6 @@ class CompareConfig:
         if self.matmul_size <= 0:
             raise UserError("--matmul_size must be > 0")
         return self
-
-
-COMPARE_HELP = {
-    "alternations": "TF run + PyTorch run pairs, back to back (the median ratio is reported)",
-    "warmup": "untimed steps of each run",
-    "repeats": "timed steps of each run (each run reports their median)",
-    "torch_compile": "torch.compile the PyTorch step (off: eager, only to check the tool)",
-    "matmul_size": "N of the N x N matmuls of the TF run's ceiling (benchmark.py --matmul_size); "
-                   "the ratio does not use it",
-    "output": "also write the JSON here (local path or URI)",
-}
 
 
 def step_flags(config):
@@ -119,12 +110,8 @@ def compare(config, compare_config):
         "runs": runs}
 
 
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    config = common.config_from_flags(TrainConfig, **benchmark_lib.NOT_A_RUN)
-    compare_config = common.config_from_flags(CompareConfig)
-    result = common.run_guarded(compare, config, compare_config)
+def compare_and_print(config, compare_config):
+    result = compare(config, compare_config)
     print(f"co2_tf {result['tf_images_per_sec']:.2f} img/s, PyTorch "
           f"{result['torch_images_per_sec']:.2f} img/s, ratio (median of "
           f"{compare_config.alternations}) {result['ratio_median']:.3f}",
@@ -136,11 +123,12 @@ def main(argv):
     print(line, flush=True)
 
 
-def define_flags():
-    common.define_flags(TrainConfig, HELP, skip=benchmark_lib.UNUSED_TRAIN_FIELDS)
-    common.define_flags(CompareConfig, COMPARE_HELP)
+def make_main():
+    """Defines the flags (not at import: tests import this module beside torch_step)."""
+    return common.tool(compare_and_print, TrainConfig, CompareConfig,
+                       skip=benchmark_lib.UNUSED_TRAIN_FIELDS, overrides=benchmark_lib.NOT_A_RUN,
+                       check=False)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    common.run_tool(make_main())

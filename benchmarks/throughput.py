@@ -14,6 +14,7 @@ views) and the host CPU-ms per image (BUILD.md's measured figure for that placem
 docs/accelerators.md states the assumptions and holds the table of the ImageNet presets.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,26 +23,22 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 import common  # noqa: E402  (first: it sets TF's environment before TF is imported)
 import throughput_model as throughput
-from absl import app, flags
 
-from co2_tf import config as config_lib
+from co2_tf.config import TrainConfig, flag
 
-common.define_flags(config_lib.TrainConfig, config_lib.HELP, choices=config_lib.CHOICES)
-_OWNER = {"module_name": sys.argv[0]}  # as common.define_flags: listed by --help
-flags.DEFINE_list("target", ["8xa100"],
-                  f"targets, comma-separated: {', '.join(throughput.TARGETS)}", **_OWNER)
-flags.DEFINE_enum("format", "table", ["table", "json"], "output format", **_OWNER)
-flags.DEFINE_enum("image_dtype", None, list(throughput.DTYPE_BYTES),
-                  "dtype the pipeline hands the device; default: the --augment_on placement's "
-                  f"({throughput.IMAGE_DTYPES})", **_OWNER)
-flags.DEFINE_float("mfu", throughput.DEFAULT_MFU,
-                   "assumed model FLOPs utilisation of the accelerators' peak", **_OWNER)
-flags.DEFINE_float("cpu_ms_per_image", None,
-                   "host CPU milliseconds per source image (two views); default: BUILD.md's "
-                   f"figure for the --augment_on placement ({throughput.CPU_MS_PER_IMAGE})",
-                   **_OWNER)
 
-FLAGS = flags.FLAGS
+@dataclasses.dataclass
+class TargetsConfig:
+    target: tuple = flag(("8xa100",), f"targets, comma-separated: {', '.join(throughput.TARGETS)}")
+    format: str = flag("table", "output format", choices=("table", "json"))
+    image_dtype: str = flag("", f"dtype the pipeline hands the device: "
+                            f"{', '.join(throughput.DTYPE_BYTES)}; '' = the --augment_on "
+                            f"placement's ({throughput.IMAGE_DTYPES})")
+    mfu: float = flag(throughput.DEFAULT_MFU, "assumed model FLOPs utilisation of the "
+                      "accelerators' peak")
+    cpu_ms_per_image: float = flag(0.0, "host CPU milliseconds per source image (two views); "
+                                   "0 = BUILD.md's figure for the --augment_on placement "
+                                   f"({throughput.CPU_MS_PER_IMAGE})")
 
 
 def _si(value, unit=""):
@@ -92,20 +89,17 @@ def table(results):
     return "\n".join(lines)
 
 
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    config = common.config_from_flags(config_lib.TrainConfig, model_dir="unused")
-    common.run_guarded(config.check)
-    results = [common.run_guarded(throughput.model, config, target,
-                                  image_dtype=FLAGS.image_dtype, mfu=FLAGS.mfu,
-                                  cpu_ms_per_image=FLAGS.cpu_ms_per_image)
-               for target in FLAGS.target]
-    if FLAGS.format == "json":
+def print_model(config, targets):
+    results = [throughput.model(config, target, image_dtype=targets.image_dtype or None,
+                                mfu=targets.mfu, cpu_ms_per_image=targets.cpu_ms_per_image or None)
+               for target in targets.target]
+    if targets.format == "json":
         print(json.dumps(results, indent=2))
     else:
         print(table(results))
 
 
+main = common.tool(print_model, TrainConfig, TargetsConfig, overrides={"model_dir": "unused"})
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

@@ -16,7 +16,7 @@ next to them); a layer's backward pass costs twice its forward (input and weight
 
 import dataclasses
 
-from co2_tf import config as config_lib
+from co2_tf.data import resolve_placement
 from co2_tf.errors import UserError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
@@ -205,7 +205,7 @@ CPU_MS_PER_IMAGE = {"device": 1.91, "host": 5.65}
 
 def placement(augment_on):
     """Where the augmentation after the crop runs on an accelerator (every target is one)."""
-    return config_lib.resolve_placement(augment_on, accelerated=True)
+    return resolve_placement(augment_on, accelerated=True)
 
 
 def model(config, target_name, *, image_dtype=None, mfu=DEFAULT_MFU, cpu_ms_per_image=None):

@@ -31,9 +31,8 @@ import common  # noqa: E402  (first: it sets TF's environment before TF is impor
 # isort: split
 import benchmark_lib
 import numpy as np
-from absl import app
 
-from co2_tf.config import HELP, TrainConfig
+from co2_tf.config import TrainConfig, flag
 from co2_tf.errors import UserError
 
 MISSING_TORCH = ("PyTorch is not installed: pip install -r requirements-torch.txt "
@@ -52,25 +51,16 @@ BACKBONES = ("resnet18_cifar", "tiny")  # the backbones written here
 
 @dataclasses.dataclass
 class TorchConfig:
-    warmup: int = 2  # untimed steps (torch.compile compiles in the first)
-    repeats: int = 7
-    torch_compile: bool = True
-    channels_last: bool = True
-    torch_threads: int = 0  # 0 = PyTorch's default (one per core)
+    warmup: int = flag(2, "untimed steps before timing (the first compiles)")
+    repeats: int = flag(7, "timed steps (the median is reported)")
+    torch_compile: bool = flag(True, "torch.compile the key forward and the query forward + loss")
+    channels_last: bool = flag(True, "NHWC memory layout (faster for convs on CPU)")
+    torch_threads: int = flag(0, "torch.set_num_threads (0 = PyTorch's default)")
 
     def check(self):
         if self.warmup < 0 or self.repeats <= 0 or self.torch_threads < 0:
             raise UserError("--warmup and --torch_threads must be >= 0, --repeats > 0")
         return self
-
-
-TORCH_HELP = {
-    "warmup": "untimed steps before timing (the first compiles)",
-    "repeats": "timed steps (the median is reported)",
-    "torch_compile": "torch.compile the key forward and the query forward + loss",
-    "channels_last": "NHWC memory layout (faster for convs on CPU)",
-    "torch_threads": "torch.set_num_threads (0 = PyTorch's default)",
-}
 
 
 def check_supported(config):
@@ -287,19 +277,16 @@ def benchmark(config, torch_config):
         "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
-def define_flags():
-    common.define_flags(TrainConfig, HELP, skip=benchmark_lib.UNUSED_TRAIN_FIELDS)
-    common.define_flags(TorchConfig, TORCH_HELP)
+def benchmark_and_print(config, torch_config):
+    print(json.dumps(benchmark(config, torch_config)), flush=True)
 
 
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    config = common.config_from_flags(TrainConfig, **benchmark_lib.NOT_A_RUN)
-    torch_config = common.config_from_flags(TorchConfig)
-    print(json.dumps(common.run_guarded(benchmark, config, torch_config)), flush=True)
+def make_main():
+    """Defines the flags (not at import: tests import this module beside compare_torch)."""
+    return common.tool(benchmark_and_print, TrainConfig, TorchConfig,
+                       skip=benchmark_lib.UNUSED_TRAIN_FIELDS, overrides=benchmark_lib.NOT_A_RUN,
+                       check=False)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    common.run_tool(make_main())

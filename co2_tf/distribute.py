@@ -11,7 +11,7 @@ import os
 
 import tensorflow as tf
 
-from co2_tf.config import STRATEGIES
+from co2_tf.choices import STRATEGIES
 from co2_tf.errors import UserError
 
 

@@ -30,10 +30,8 @@ import re
 import keras
 import tensorflow as tf
 
+from co2_tf.choices import OPTIMIZERS, SCHEDULES
 from co2_tf.errors import UserError
-
-SCHEDULES = ("step", "cosine", "constant")
-OPTIMIZERS = ("sgd", "lars")
 
 # Variables LARS leaves alone (no weight decay, trust ratio 1): biases and
 # normalisation parameters, matched with re.search against variable paths

@@ -29,7 +29,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
-from co2_tf.config import PRECISIONS
+from co2_tf.choices import PRECISIONS
 from co2_tf.errors import UserError
 
 

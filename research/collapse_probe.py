@@ -22,15 +22,18 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 import common  # noqa: E402  (first: it sets TF's environment before TF is imported)
 import study_runs as study
-from absl import app, flags
 
 from co2_tf import config as config_lib
+from co2_tf.config import flag
+from co2_tf.errors import UserError
 
-flags.DEFINE_integer("steps", 150, "training steps per run")
-flags.DEFINE_integer("every", 10, "steps between measurements")
-flags.DEFINE_string("runs", "consistency_weight=1", "';'-separated runs of 'field=value ...'")
-flags.DEFINE_string("dataset", "builtin", "dataset of every run")
-FLAGS = flags.FLAGS
+
+@dataclasses.dataclass
+class ProbeConfig:
+    steps: int = flag(150, "training steps per run")
+    every: int = flag(10, "steps between measurements")
+    runs: str = flag("consistency_weight=1", "';'-separated runs of 'field=value ...'")
+    dataset: str = flag("builtin", "dataset of every run")
 
 
 def parse_overrides(text):
@@ -40,8 +43,8 @@ def parse_overrides(text):
     for item in text.split():
         name, _, value = item.partition("=")
         if not hasattr(defaults, name):
-            common.fail(f"unknown TrainConfig field {name!r} in --runs")
-        out[name] = common.run_guarded(study.typed, name, value)
+            raise UserError(f"unknown TrainConfig field {name!r} in --runs")
+        out[name] = study.typed(name, value)
     return out
 
 
@@ -95,16 +98,17 @@ def probe(config, steps, every):
     return time.time() - start
 
 
-def main(argv):
-    common.quiet_logs()
-    for text in FLAGS.runs.split(";"):
+def run_probes(probe_config):
+    for text in probe_config.runs.split(";"):
         overrides = parse_overrides(text)
-        config = config_lib.TrainConfig(model_dir="unused", dataset=FLAGS.dataset,
+        config = config_lib.TrainConfig(model_dir="unused", dataset=probe_config.dataset,
                                         **overrides).check()
         print(json.dumps({"run": overrides}), flush=True)
-        seconds = probe(config, FLAGS.steps, FLAGS.every)
+        seconds = probe(config, probe_config.steps, probe_config.every)
         print(json.dumps({"run_done": overrides, "seconds": round(seconds, 1)}), flush=True)
 
 
+main = common.tool(run_probes, ProbeConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

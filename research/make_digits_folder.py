@@ -12,6 +12,7 @@ and PATH/test/<digit>/<index>.png (index = row of load_digits). Grey levels
 0..16 become 0..255, written as RGB PNGs through tf.io.gfile (gs:// works).
 """
 
+import dataclasses
 import os
 import sys
 
@@ -19,12 +20,23 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 
 import common  # noqa: E402  (first: it sets TF's environment before TF is imported)
-from absl import app, flags  # noqa: E402
 
-flags.DEFINE_string("output_dir", "", "where train/ and test/ go (local or gs://)")
-flags.DEFINE_float("test_fraction", 0.2, "held-out fraction (stratified)")
-flags.DEFINE_integer("split_seed", 0, "seed of the stratified split")
-FLAGS = flags.FLAGS
+from co2_tf.config import flag  # noqa: E402
+from co2_tf.errors import UserError  # noqa: E402
+
+
+@dataclasses.dataclass
+class DigitsConfig:
+    output_dir: str = flag("", "where train/ and test/ go (local or gs://)")
+    test_fraction: float = flag(0.2, "held-out fraction (stratified)")
+    split_seed: int = flag(0, "seed of the stratified split")
+
+    def check(self):
+        if not self.output_dir:
+            raise UserError("--output_dir is required: where the train/ and test/ folders go")
+        if not 0 < self.test_fraction < 1:
+            raise UserError(f"--test_fraction={self.test_fraction} must be in (0, 1)")
+        return self
 
 
 def digits_split(test_fraction=0.2, seed=0):
@@ -33,7 +45,7 @@ def digits_split(test_fraction=0.2, seed=0):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        common.fail("scikit-learn is not installed: pip install scikit-learn")
+        raise UserError("scikit-learn is not installed: pip install scikit-learn") from None
     import numpy as np
 
     digits = load_digits()
@@ -45,26 +57,22 @@ def digits_split(test_fraction=0.2, seed=0):
             for name, idx in (("train", np.sort(train)), ("test", np.sort(test)))}
 
 
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    if not FLAGS.output_dir:
-        common.fail("--output_dir is required: where the train/ and test/ folders go")
-    if not 0 < FLAGS.test_fraction < 1:
-        common.fail(f"--test_fraction={FLAGS.test_fraction} must be in (0, 1)")
+def write_digits(config):
     import tensorflow as tf
 
     from co2_tf import io
 
-    for split, (images, labels, rows) in digits_split(FLAGS.test_fraction,
-                                                      FLAGS.split_seed).items():
+    for split, (images, labels, rows) in digits_split(config.test_fraction,
+                                                      config.split_seed).items():
         for image, label, row in zip(images, labels, rows, strict=True):
             rgb = tf.repeat(tf.constant(image)[:, :, None], 3, axis=-1)
-            path = io.join(FLAGS.output_dir, split, str(label), f"{row:04d}.png")
-            io.makedirs(io.join(FLAGS.output_dir, split, str(label)))
+            path = io.join(config.output_dir, split, str(label), f"{row:04d}.png")
+            io.makedirs(io.join(config.output_dir, split, str(label)))
             io.write_bytes_atomic(path, tf.io.encode_png(rgb).numpy())
-        print(f"{split}: {len(labels)} images in {io.join(FLAGS.output_dir, split)}")
+        print(f"{split}: {len(labels)} images in {io.join(config.output_dir, split)}")
 
+
+main = common.tool(write_digits, DigitsConfig)
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

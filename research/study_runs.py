@@ -30,7 +30,7 @@ import time
 import keras
 
 from co2_tf import io, training
-from co2_tf.config import TrainConfig
+from co2_tf.config import TrainConfig, flag
 from co2_tf.errors import UserError
 from co2_tf.evaluation import knn, linear_probe
 
@@ -45,10 +45,16 @@ LAST_STEPS = 20  # the similarities reported: the mean over the run's last steps
 
 @dataclasses.dataclass
 class StudyConfig:
-    study_dir: str = ""
-    cells: tuple = ("consistency_weight=0", "consistency_weight=0.1")
-    seeds: tuple = (0, 1, 2)
-    linear_epochs: int = 100  # the fast linear probe (cached centre-crop features)
+    study_dir: str = flag("", "one run dir per cell and seed goes below it")
+    # Flag --cell, repeated: one setting per flagfile line.
+    cells: tuple = dataclasses.field(
+        default=("consistency_weight=0", "consistency_weight=0.1"),
+        metadata={"help": "a setting (or a product of settings): 'flag=value[,value...] ...'",
+                  "flag": "cell", "multi": True})
+    seeds: tuple = flag((0, 1, 2), "seeds each setting runs with")
+    linear_epochs: int = flag(100, "epochs of the fast linear probe (cached centre-crop "
+                              "features)")
+    # The training flags every cell shares (the binary's other flags): no flag of its own.
     base: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def check(self):

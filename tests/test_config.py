@@ -1,6 +1,7 @@
-"""TrainConfig: its checks, and its choices against the library's own lists."""
+"""TrainConfig: its checks, its fields' help and choices, and the one list of each choice."""
 
 import dataclasses
+import json
 import re
 
 import pytest
@@ -11,18 +12,54 @@ from co2_tf.errors import UserError
 from co2_tf.nets import backbones
 
 
-def test_flag_choices_match_the_library():
-    # config.py keeps its own copies so that tools/train.py rejects a bad flag
-    # before importing TF; they must not drift from what the library builds.
-    assert config.BACKBONES == backbones.BACKBONES
-    assert config.SCHEDULES == optimizers.SCHEDULES
-    assert config.OPTIMIZERS == optimizers.OPTIMIZERS
-    assert set(config.AUGMENTS) <= set(augment.RECIPES)
+def test_each_list_of_choices_is_defined_once():
+    # The library checks against the very tuples the flags offer (no copy to drift): the
+    # packages' TF-free __init__.py and co2_tf/choices.py define them, the TF modules import
+    # them.
+    from co2_tf import choices, data, distribute, method, nets, precision  # noqa: PLC0415
+
+    assert backbones.BACKBONES is nets.BACKBONES
+    assert optimizers.SCHEDULES is choices.SCHEDULES and optimizers.OPTIMIZERS is choices.OPTIMIZERS
+    assert precision.PRECISIONS is choices.PRECISIONS
+    assert distribute.STRATEGIES is choices.STRATEGIES
+    assert augment.RECIPES is data.AUGMENTS
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(config.TrainConfig)}
+    assert choices["backbone"] == nets.BACKBONES and choices["bn"] == method.BN_MODES
+    assert choices["head"] == method.HEADS and choices["augment"] == data.AUGMENTS
+    assert choices["conv_filter_grad"] == ("auto", "tf", "matmul")
 
 
-def test_defaults_pass_and_every_field_has_help():
+def test_defaults_pass_and_every_field_has_help_and_a_group():
     config.TrainConfig(model_dir="/tmp/x").check()
-    assert {f.name for f in dataclasses.fields(config.TrainConfig)} == set(config.HELP)
+    for field in dataclasses.fields(config.TrainConfig):
+        assert field.metadata["help"] and field.metadata["group"] in config.GROUPS, field.name
+
+
+def test_every_tool_config_field_has_help():
+    # What --help and docs/flags.md print; a field without help would be no flag at all.
+    from co2_tf.evaluation import drawing, knn, linear_probe, retrieval, semi_supervised
+    from co2_tf.interop import convert, export
+
+    for cls in (knn.KnnConfig, linear_probe.LinearEvalConfig, retrieval.RetrievalConfig,
+                semi_supervised.SemiSupervisedConfig, drawing.CurveConfig, export.ExportConfig,
+                convert.ConvertConfig):
+        for field in dataclasses.fields(cls):
+            assert field.metadata.get("help"), (cls.__name__, field.name)
+    assert linear_probe.LinearEvalConfig(model_dir="x", protocol="fast").check()
+    with pytest.raises(UserError, match="^unknown --strategy='warp'"):
+        knn.KnnConfig(model_dir="x", strategy="warp").check()
+
+
+def test_new_fields_load_from_old_run_dirs():
+    # A config.json written before end_of_run_knn and conv_filter_grad existed: their defaults.
+    old = json.loads(config.TrainConfig(model_dir="/tmp/x").to_json())
+    del old["end_of_run_knn"], old["conv_filter_grad"]
+    loaded = config.TrainConfig.from_dict(old)
+    assert loaded.end_of_run_knn is True and loaded.conv_filter_grad == "auto"
+    # ... and neither decides a checkpoint's shapes: a run dir resumes with other values.
+    assert not {"end_of_run_knn", "conv_filter_grad"} & set(config.ARCHITECTURE_FIELDS)
+    config.check_compatible(loaded, dataclasses.replace(loaded, end_of_run_knn=False,
+                                                        conv_filter_grad="tf"))
 
 
 # Each bad value, and the start of the message only the check of that field gives:
@@ -59,6 +96,7 @@ BAD_VALUES = [
     (dict(consistency_over="all"), "unknown --consistency_over='all'"),
     (dict(consistency_kl="reverse"), "unknown --consistency_kl='reverse'"),
     (dict(consistency_warmup_epochs=-1.0), "--consistency_warmup_epochs=-1.0 must be >= 0"),
+    (dict(conv_filter_grad="fast"), "unknown --conv_filter_grad='fast'"),
 ]
 
 

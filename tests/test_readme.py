@@ -1,6 +1,8 @@
-"""README.md against the tools: every flag its commands name exists (and every flag
-docs/flags.md lists), the commands beside its pictures run (on a tiny run) and write PNGs,
-docs/make_pictures.sh runs those same commands, and the README stays short (<= 250 lines).
+"""README.md and docs/flags.md against the tools: every flag the README's commands name
+exists, docs/flags.md is what docs/flags_doc.py generates and lists every flag of
+tools/train.py, the commands beside the README's pictures run (on a tiny run) and write PNGs,
+docs/make_pictures.sh runs those same commands, the README stays short (<= 250 lines), and
+pyproject.toml's commands and packages name what the checkout holds.
 
 One subprocess (tests/helpers/tool_runner.py) loads every tool the README names and runs the
 picture commands: one TF import for all of them.
@@ -9,6 +11,8 @@ picture commands: one TF import for all of them.
 import json
 import os
 import re
+import runpy
+import tomllib
 
 import numpy as np
 import pytest
@@ -161,12 +165,12 @@ def test_readme_flags_exist_and_picture_commands_draw(run_dir, reference, tmp_pa
     for tool, args in commands:
         unknown = flag_names(args) - set(report["flags"][tool]) - ABSL
         assert not unknown, f"README: tools/{tool}.py has no --{', --'.join(sorted(unknown))}"
-    # ... and so is every flag docs/flags.md names for tools/train.py (the README links to it).
+    # docs/flags.md's train section names exactly the flags tools/train.py has (the README
+    # links to it).
     assert "docs/flags.md" in README and "python tools/train.py --helpfull" in README
-    if os.path.exists(FLAGS_DOC):
-        with open(FLAGS_DOC) as f:
-            named = set(re.findall(r"`--(\w+)`", f.read()))
-        assert len(named) > 30 and not named - set(report["flags"]["train"]) - ABSL
+    with open(FLAGS_DOC) as f:
+        section = f.read().split("(`python tools/train.py`)")[1].split("\n## ")[0]
+    assert set(re.findall(r"^\| `--(\w+)`", section, re.M)) == set(report["flags"]["train"])
 
     assert report["exit"] == [0] * len(runs), result.stderr[-3000:]
     for picture in pictures:
@@ -236,11 +240,36 @@ def test_make_pictures_runs_the_readme_picture_commands_after_a_fresh_demo():
 
 
 def test_the_readme_names_the_installed_commands():
-    import tomllib
-
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        scripts = tomllib.load(f)["project"].get("scripts", {})
-    if not scripts:
-        pytest.skip("pyproject.toml declares no [project.scripts] yet")
+        scripts = tomllib.load(f)["project"]["scripts"]
     named = set(re.findall(r"`(co2-[\w-]+)`", README))
     assert named == set(scripts), (sorted(named), sorted(scripts))
+
+
+def test_flags_doc_is_current():
+    """docs/flags.md is what `python docs/flags_doc.py > docs/flags.md` writes now."""
+    markdown = runpy.run_path(os.path.join(ROOT, "docs", "flags_doc.py"),
+                              run_name="flags_doc")["markdown"]
+    with open(FLAGS_DOC) as f:
+        assert f.read() == markdown(), (
+            "docs/flags.md is stale: run python docs/flags_doc.py > docs/flags.md")
+
+
+def test_pyproject_commands_and_packages_are_the_checkouts():
+    """[project.scripts] names tool files (co2-knn-eval -> tools/knn_eval.py, as
+    tools/__init__.py runs them), all through its launcher; the package list is every folder
+    of co2_tf with Python files, and tools/ as co2_tf_tools (no top-level tools or common)."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    scripts = project["project"]["scripts"]
+    assert {"co2-train", "co2-export", "co2-knn-eval", "co2-linear-eval"} <= set(scripts)
+    for command, target in scripts.items():
+        assert target == "co2_tf_tools:main", command
+        tool = command.removeprefix("co2-").replace("-", "_")
+        assert os.path.isfile(os.path.join(ROOT, "tools", f"{tool}.py")), command
+    setuptools = project["tool"]["setuptools"]
+    folders = {os.path.relpath(d, ROOT).replace(os.sep, ".")
+               for d, _, files in os.walk(os.path.join(ROOT, "co2_tf"))
+               if any(f.endswith(".py") for f in files)}
+    assert set(setuptools["packages"]) == folders | {"co2_tf_tools"}
+    assert setuptools["package-dir"] == {"co2_tf_tools": "tools"}

@@ -13,8 +13,7 @@ import pytest
 import throughput_model as throughput
 from helpers.presets import preset_config
 
-from co2_tf.config import AUGMENT_PLACEMENTS
-from co2_tf.data import augment_device
+from co2_tf.data import AUGMENT_PLACEMENTS, augment_device
 from co2_tf.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,11 +1,15 @@
-"""What every co2_tf binary shares: flags from a config dataclass, one-line errors.
+"""What every co2_tf binary shares: flags from config dataclasses, one runner, one-line errors.
 
-Binaries (not the library) read absl FLAGS: they turn them into a typed
-config here and pass it to library functions.
+Binaries (not the library) read absl FLAGS: `tool` turns a config dataclass's fields into
+flags (their help, choices and group are on the fields, co2_tf.config.flag) and the parsed
+flags back into the config; `run_tool` runs the binary with the exit codes of README.md,
+"Resume and preemption": 0 done, 1 bad input, 3 non-finite loss, 4 save failed, 130/143
+interrupted (SIGINT/SIGTERM).
 """
 
 import dataclasses
 import os
+import re
 import sys
 
 # The one path insert: README's commands run `python tools/NAME.py` from a clean
@@ -14,14 +18,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # oneDNN's custom ops, which TF's wheels turn on by themselves only on CPUs with
-# AVX-512 VNNI/BF16 or AMX; on AVX2-only CPUs they make the train step faster
-# (docs/performance.md). TF reads the variable once, at import, so it is set here,
-# before any tool imports TF. A value the user exported wins.
+# AVX-512 VNNI/BF16 or AMX; on AVX2 + FMA CPUs they make the train step faster too
+# (docs/performance.md). TF reads the variable once, when it is imported, so it is set
+# here, before any tool imports TF. A value the user exported wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from absl import (
-    flags,  # noqa: E402
-    logging,  # noqa: E402
+from absl import (  # noqa: E402
+    app,
+    flags,
+    logging,
 )
 
 from co2_tf.errors import UserError, user_error_in  # noqa: E402
@@ -32,46 +37,91 @@ def quiet_logs():
     logging.set_verbosity(logging.WARNING)
 
 
-def define_flags(config_cls, help_texts, skip=(), choices=None):
-    """Defines one absl flag per dataclass field, typed by the field's default.
+def flag_fields(config_cls, skip=()):
+    """The fields of a config class that are flags: those with a help text (co2_tf.config.flag)."""
+    return [f for f in dataclasses.fields(config_cls)
+            if "help" in f.metadata and f.name not in skip]
 
-    Fields named in `choices` (name -> allowed values) become enum flags, so
-    that --help lists their values.
+
+def flag_name(field):
+    """A field's flag: its name, or metadata "flag" (e.g. a repeated --cell fills `cells`)."""
+    return field.metadata.get("flag", field.name)
+
+
+def _section(group):
+    """absl's --helpfull lists flags by module name, sorted: one "module" per field group."""
+    from co2_tf.config import GROUPS  # noqa: PLC0415
+    number = GROUPS.index(group) + 1 if group in GROUPS else len(GROUPS) + 1
+    return f"{number}. {group}"  # digits first: before absl's own modules
+
+
+def define_flags(config_cls, skip=()):
+    """Defines one absl flag per flag field, typed by the field's default.
+
+    Fields with choices become enum flags (--help lists their values); tuple fields become
+    comma-separated lists, or repeatable flags when the field's metadata says "multi".
+    Every flag is a key flag of the binary (sys.argv[0]), so that --help lists them all;
+    --helpfull lists them by the fields' groups.
     """
-    # A config's own CHOICES (e.g. EvalConfig's --strategy) and the caller's.
-    choices = dict(getattr(config_cls, "CHOICES", {}), **(choices or {}))
-    # Registered as the binary's own flags, so that --help (not only --helpfull) lists them.
-    owner = {"module_name": sys.argv[0]}
-    for field in dataclasses.fields(config_cls):
-        if field.name in skip:
-            continue
-        default = field.default
-        text = help_texts.get(field.name, field.name)
-        if field.name in choices:
-            flags.DEFINE_enum(field.name, default, list(choices[field.name]), text, **owner)
+    for field in flag_fields(config_cls, skip):
+        name, default, text = flag_name(field), field.default, field.metadata["help"]
+        if default is dataclasses.MISSING:
+            default = field.default_factory()
+        group = field.metadata.get("group")
+        owner = {"module_name": _section(group) if group else sys.argv[0]}
+        if "choices" in field.metadata:
+            flags.DEFINE_enum(name, default, list(field.metadata["choices"]), text,
+                                     **owner)
+        elif isinstance(default, tuple) and field.metadata.get("multi"):
+            flags.DEFINE_multi_string(name, [str(v) for v in default], text, **owner)
+        elif isinstance(default, tuple):
+            flags.DEFINE_list(name, [str(v) for v in default], text, **owner)
         elif isinstance(default, bool):
-            flags.DEFINE_boolean(field.name, default, text, **owner)
+            flags.DEFINE_boolean(name, default, text, **owner)
         elif isinstance(default, int):
-            flags.DEFINE_integer(field.name, default, text, **owner)
+            flags.DEFINE_integer(name, default, text, **owner)
         elif isinstance(default, float):
-            flags.DEFINE_float(field.name, default, text, **owner)
+            flags.DEFINE_float(name, default, text, **owner)
         else:
-            flags.DEFINE_string(field.name, default, text, **owner)
+            flags.DEFINE_string(name, default, text, **owner)
+        if group:
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
 
-def parse_flags(argv):
-    """absl's flag parser with our error format: a bad flag value is one `error:` line."""
+def _typed(field, value):
+    """A list flag's strings as the tuple the field holds (its default's element type)."""
+    if not isinstance(value, list):
+        return value
+    default = field.default if field.default is not dataclasses.MISSING else ()
+    kind = type(default[0]) if default else str
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        fail(f"{e}: see --help for the accepted values")
+        return tuple(kind(v) for v in value)
+    except ValueError:
+        raise UserError(f"--{flag_name(field)}={','.join(value)}: give {kind.__name__} values, "
+                        f"comma-separated, e.g. --{flag_name(field)}="
+                        f"{','.join(str(v) for v in default)}") from None
 
 
 def config_from_flags(config_cls, **overrides):
-    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(config_cls)
-              if f.name in flags.FLAGS}
-    values.update(overrides)
+    """The config from the parsed flags; fields that are no flags keep their defaults."""
+    values = {f.name: _typed(f, getattr(flags.FLAGS, flag_name(f)))
+              for f in flag_fields(config_cls) if flag_name(f) in flags.FLAGS}
+    values.update({k: v for k, v in overrides.items()
+                   if k in {f.name for f in dataclasses.fields(config_cls)}})
     return config_cls(**values)
+
+
+def parse_flags(argv):
+    """absl's flag parser with our error format: a bad flag value is one `error:` line (a
+    value outside a field's choices is worded as the config's own check words it)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        choice = re.fullmatch(r"flag --(\w+)=(.*): value should be one of <(.*)>", str(e))
+        if choice:
+            name, value, choices = choice.groups()
+            fail(f"unknown --{name}={value!r}: use one of {', '.join(choices.split('|'))}")
+        fail(f"{e}: see --help for the accepted values")
 
 
 def fail(message, code=1):
@@ -97,3 +147,37 @@ def run_guarded(fn, *args, **kwargs):
         if message is None:
             raise
         fail(message)
+
+
+def tool(run, *config_classes, skip=(), overrides=None, check=True):
+    """Defines the flags of `config_classes` and returns the binary's absl main(argv).
+
+    main: no positional arguments; quiet absl logs; one config per class from the flags
+    (`overrides`: values for fields that are no flags here, e.g. a benchmark's model_dir);
+    each config's check() (if it has one) unless check=False; then run(*configs), its errors
+    mapped to exit codes (run_guarded). `skip`: fields offered as no flag (they keep their
+    defaults).
+    """
+    for config_cls in config_classes:
+        define_flags(config_cls, skip)
+
+    def main(argv):
+        if len(argv) > 1:
+            fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+        quiet_logs()
+
+        def configured_run():
+            configs = [config_from_flags(cls, **(overrides or {})) for cls in config_classes]
+            for config in configs if check else ():
+                if hasattr(config, "check"):
+                    config.check()
+            return run(*configs)
+
+        run_guarded(configured_run)
+
+    return main
+
+
+def run_tool(main):
+    """Runs a binary's main (from `tool`) as a program: parses sys.argv, exits with its code."""
+    app.run(main, flags_parser=parse_flags)

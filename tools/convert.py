@@ -16,21 +16,12 @@ MoCo's (both encoders, heads, queue; detectron2's MoCo converter reads it):
 """
 
 import common
-from absl import app
 
 from co2_tf.interop import convert as convert_lib
 
-common.define_flags(convert_lib.ConvertConfig, convert_lib.HELP,
-                    choices={"torch_layout": convert_lib.LAYOUTS})
 
-
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config = common.config_from_flags(convert_lib.ConvertConfig)
-    common.run_guarded(config.check)
-    info = common.run_guarded(convert_lib.convert, config)
+def convert(config):
+    info = convert_lib.convert(config)
     if config.into_co2_tf:
         what = (f"MoCo v{info['moco_version']} checkpoint" if info["format"] == "moco"
                 else "torchvision state_dict (fresh heads and queue)")
@@ -43,5 +34,7 @@ def main(argv):
               f"({info['checkpoint']}) in {info['layout']} layout to {info['torch_out']}")
 
 
+main = common.tool(convert, convert_lib.ConvertConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

@@ -14,19 +14,12 @@ detection and segmentation heads.
 """
 
 import common
-from absl import app
 
 from co2_tf.interop import export as export_lib
 
-common.define_flags(export_lib.ExportConfig, export_lib.HELP)
 
-
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config = common.config_from_flags(export_lib.ExportConfig)
-    info = common.run_guarded(export_lib.export, config)
+def export(config):
+    info = export_lib.export(config)
     what, origin = (("random initial weights", "") if info["random_init"]
                     else (f"step {info['step']}", f" from {info['checkpoint']}"))
     print(f"exported {info['backbone']} (features {info['feature_dim']}, {what}){origin} "
@@ -35,5 +28,7 @@ def main(argv):
           "feature_maps), export.json")
 
 
+main = common.tool(export, export_lib.ExportConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

@@ -13,19 +13,12 @@ for TensorBoard's projector. --strategy / --tpu as in tools/train.py.
 import sys
 
 import common
-from absl import app
 
 from co2_tf.evaluation import knn
 
-common.define_flags(knn.KnnConfig, knn.HELP)
 
-
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config = common.config_from_flags(knn.KnnConfig)
-    results = common.run_guarded(knn.knn_eval, config, verbose=1 if sys.stdout.isatty() else 0)
+def knn_eval(config):
+    results = knn.knn_eval(config, verbose=1 if sys.stdout.isatty() else 0)
     print(f"kNN (k={config.k}, t={config.temperature}) of {results['backbone']['source']}"
           f"{' (random init)' if config.random_init else ''}: "
           f"top-1 {100 * results['top1']:.2f}%, top-5 {100 * results['top5']:.2f}% on "
@@ -35,5 +28,7 @@ def main(argv):
               f"tensorboard --logdir={config.projector_dir}")
 
 
+main = common.tool(knn_eval, knn.KnnConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

@@ -20,21 +20,12 @@ SIGTERM (exit 143) / SIGINT (130): rerunning the same command resumes.
 import sys
 
 import common
-from absl import app
 
 from co2_tf.evaluation import linear_probe
 
-common.define_flags(linear_probe.LinearEvalConfig, linear_probe.HELP,
-                    choices={"protocol": linear_probe.PROTOCOLS})
 
-
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config = common.config_from_flags(linear_probe.LinearEvalConfig)
-    results = common.run_guarded(linear_probe.linear_eval, config,
-                                 verbose=1 if sys.stdout.isatty() else 2)
+def linear_eval(config):
+    results = linear_probe.linear_eval(config, verbose=1 if sys.stdout.isatty() else 2)
     print(f"linear eval ({results['protocol']}) of {results['backbone']['source']}"
           f"{' (random init)' if config.random_init else ''}: "
           f"top-1 {100 * results['top1']:.2f}%, top-5 {100 * results['top5']:.2f}% on "
@@ -42,5 +33,7 @@ def main(argv):
           f"results in {results['results_file']}")
 
 
+main = common.tool(linear_eval, linear_probe.LinearEvalConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

@@ -9,21 +9,16 @@ batch_* tags against the step. Drawn with Pillow, no plotting library.
 """
 
 import common
-from absl import app
 
 from co2_tf.evaluation import drawing
 
-common.define_flags(drawing.CurveConfig, drawing.HELP)
 
-
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config = common.config_from_flags(drawing.CurveConfig)
-    result = common.run_guarded(drawing.write_curve, config)
+def plot_curve(config):
+    result = drawing.write_curve(config)
     print(f"wrote {result['picture']} ({len(result['values'])} points of {config.tag})")
 
 
+main = common.tool(plot_curve, drawing.CurveConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

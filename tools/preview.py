@@ -7,7 +7,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw
 
-from co2_tf.config import AUGMENTS
+from co2_tf.config import flag
+from co2_tf.data import AUGMENTS
 from co2_tf.data import augment as _augment
 from co2_tf.data import pipelines as data
 from co2_tf.data.sources import make_source
@@ -50,27 +51,14 @@ def preview_grid(spec, *, split="train", data_dir=None, image_size, augment,
 
 @dataclasses.dataclass
 class PreviewConfig:
-    dataset: str = "builtin"
-    augment: str = "mocov2"
-    image_size: int = 96
-    out: str = "augmentations.png"
-    num_images: int = 8
-    seed: int = 0
-    data_dir: str = ""
-    split: str = "train"
-
-
-HELP = {
-    "dataset": "builtin | tfds:NAME[/CONFIG] | folder:PATH",
-    "augment": "two-crop recipe",
-    "image_size": "side of the views, in pixels",
-    "out": "PNG file to write",
-    "num_images": "rows: how many source images",
-    "seed": "seed of the example order and views",
-    "data_dir": "TFDS data directory",
-    "split": "dataset split",
-}
-CHOICES = {"augment": AUGMENTS}
+    dataset: str = flag("builtin", "builtin | tfds:NAME[/CONFIG] | folder:PATH")
+    augment: str = flag("mocov2", "two-crop recipe", choices=AUGMENTS)
+    image_size: int = flag(96, "side of the views, in pixels")
+    out: str = flag("augmentations.png", "PNG file to write")
+    num_images: int = flag(8, "rows: how many source images")
+    seed: int = flag(0, "seed of the example order and views")
+    data_dir: str = flag("", "TFDS data directory")
+    split: str = flag("train", "dataset split")
 
 
 def write_preview(config):
@@ -119,18 +107,13 @@ def class_grid(spec, *, split="train", data_dir=None, image_size=48, per_class=8
 
 @dataclasses.dataclass
 class ClassesConfig:
-    dataset: str = "builtin"
-    image_size: int = 48
-    per_class: int = 8
-    out: str = "classes.png"
-    seed: int = 0
-    data_dir: str = ""
-    split: str = "train"
-
-
-CLASSES_HELP = dict(
-    HELP, image_size="side of each example, in pixels", per_class="examples per class (columns)",
-    seed="seed of the examples drawn")
+    dataset: str = flag("builtin", "builtin | tfds:NAME[/CONFIG] | folder:PATH")
+    image_size: int = flag(48, "side of each example, in pixels")
+    per_class: int = flag(8, "examples per class (columns)")
+    out: str = flag("classes.png", "PNG file to write")
+    seed: int = flag(0, "seed of the examples drawn")
+    data_dir: str = flag("", "TFDS data directory")
+    split: str = flag("train", "dataset split")
 
 
 def write_class_grid(config):

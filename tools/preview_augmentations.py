@@ -10,19 +10,14 @@ view 2, exactly as the pretraining pipeline makes them.
 
 import common
 import preview
-from absl import app
-
-common.define_flags(preview.PreviewConfig, preview.HELP, choices=preview.CHOICES)
 
 
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config = common.config_from_flags(preview.PreviewConfig)
-    height, width = common.run_guarded(preview.write_preview, config)
+def write_preview(config):
+    height, width = preview.write_preview(config)
     print(f"wrote {config.out} ({width}x{height})")
 
 
+main = common.tool(write_preview, preview.PreviewConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

@@ -9,19 +9,14 @@ centre-cropped as for evaluation.
 
 import common
 import preview
-from absl import app
-
-common.define_flags(preview.ClassesConfig, preview.CLASSES_HELP)
 
 
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config = common.config_from_flags(preview.ClassesConfig)
-    height, width = common.run_guarded(preview.write_class_grid, config)
+def write_class_grid(config):
+    height, width = preview.write_class_grid(config)
     print(f"wrote {config.out} ({width}x{height})")
 
 
+main = common.tool(write_class_grid, preview.ClassesConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

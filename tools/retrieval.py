@@ -12,22 +12,16 @@ query) or red.
 import sys
 
 import common
-from absl import app
 
 from co2_tf.evaluation import retrieval
 
-common.define_flags(retrieval.RetrievalConfig, retrieval.HELP)
 
-
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config = common.config_from_flags(retrieval.RetrievalConfig)
-    result = common.run_guarded(retrieval.retrieval_picture, config,
-                                verbose=1 if sys.stdout.isatty() else 0)
+def retrieval_picture(config):
+    result = retrieval.retrieval_picture(config, verbose=1 if sys.stdout.isatty() else 0)
     print(f"wrote {result['picture']}")
 
 
+main = common.tool(retrieval_picture, retrieval.RetrievalConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

@@ -20,20 +20,12 @@ as in tools/train.py. Checkpoints every --checkpoint_every steps and on SIGTERM
 import sys
 
 import common
-from absl import app
 
 from co2_tf.evaluation import semi_supervised
 
-common.define_flags(semi_supervised.SemiSupervisedConfig, semi_supervised.HELP)
 
-
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config = common.config_from_flags(semi_supervised.SemiSupervisedConfig)
-    results = common.run_guarded(semi_supervised.fine_tune, config,
-                                 verbose=1 if sys.stdout.isatty() else 2)
+def fine_tune(config):
+    results = semi_supervised.fine_tune(config, verbose=1 if sys.stdout.isatty() else 2)
     subset = results["subset"]
     print(f"fine-tuned {results['backbone']['source']}"
           f"{' (random init)' if config.random_init else ''} on {subset['examples']} labelled "
@@ -43,5 +35,7 @@ def main(argv):
           f"model in {results['model_file']}")
 
 
+main = common.tool(fine_tune, semi_supervised.SemiSupervisedConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

@@ -11,21 +11,13 @@ SIGTERM): README.md, "Resume and preemption", lists them with their meaning.
 import json
 
 import common
-from absl import app
 
-from co2_tf import config as config_lib
-
-common.define_flags(config_lib.TrainConfig, config_lib.HELP, choices=config_lib.CHOICES)
+from co2_tf.config import TrainConfig
 
 
-def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    common.quiet_logs()
-    config = common.config_from_flags(config_lib.TrainConfig)
-    common.run_guarded(config.check)  # fail before importing TF for bad flags
-    from co2_tf import training
-    summary = common.run_guarded(training.train, config)
+def train(config):
+    from co2_tf import training  # after the flags' checks: a bad flag fails before TF loads
+    summary = training.train(config)
     if "knn_top1" in summary:
         print(f"kNN top-1 (k={config.knn_k}) on the held-out split: "
               f"trained {100 * summary['knn_top1']:.1f}%, "
@@ -34,5 +26,7 @@ def main(argv):
           f"{json.dumps(summary)}")
 
 
+main = common.tool(train, TrainConfig)
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    common.run_tool(main)

@@ -31,10 +31,9 @@ import math
 
 import tensorflow as tf
 
+from co2_tf.data import AUGMENTS as RECIPES
 from co2_tf.data import colour_ops
 from co2_tf.errors import UserError
-
-RECIPES = ("mocov1", "mocov2")
 
 # (brightness, contrast, saturation, hue) strengths and probabilities.
 _RECIPE_SETTINGS = {

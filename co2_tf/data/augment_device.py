@@ -42,8 +42,8 @@ import functools
 
 import tensorflow as tf
 
-from co2_tf.config import CPU_PLACEMENT, resolve_placement  # noqa: F401 (one rule: config)
-from co2_tf.data import augment, colour_ops
+# CPU_PLACEMENT and resolve_placement: the one rule, TF-free in data/__init__.py, named here too.
+from co2_tf.data import CPU_PLACEMENT, augment, colour_ops, resolve_placement  # noqa: F401
 
 
 def crop_view(image, view_seed, recipe, image_size):

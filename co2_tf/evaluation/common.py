@@ -16,8 +16,8 @@ import keras
 import tensorflow as tf
 
 from co2_tf import build, distribute, io, progress
-from co2_tf.config import HELP as TRAIN_HELP
-from co2_tf.config import STRATEGIES
+from co2_tf.choices import STRATEGIES
+from co2_tf.config import TrainConfig, check_choices, flag, help_of
 from co2_tf.data import pipelines as data
 from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError
@@ -30,27 +30,32 @@ LOG_SUBDIR = "logs"  # TensorBoard, in a tool's output dir
 class EvalConfig:
     """What every evaluation tool shares: the representation and the data."""
     # the representation: a run dir (latest checkpoint), a checkpoint, or an export
-    model_dir: str = ""
-    checkpoint: str = ""
-    keras_model: str = ""
-    random_init: bool = False
+    model_dir: str = flag("", "pretraining run dir: evaluates its latest checkpoint")
+    checkpoint: str = flag("", "a checkpoint of a run: RUN_DIR/checkpoints/ckpt-N, or ckpt-N "
+                           "with --model_dir")
+    keras_model: str = flag("", "an exported backbone (EXPORT_DIR/backbone.keras) instead of a "
+                            "run")
+    random_init: bool = flag(False, "evaluate the same architecture with fresh random weights "
+                             "(a baseline)")
     # the data ("" = what the run was pretrained on)
-    dataset: str = ""
-    data_dir: str = ""
-    split: str = ""
-    eval_split: str = ""
-    image_size: int = 0
-    batch_size: int = 256
-    output_dir: str = ""
-    seed: int = 0
+    dataset: str = flag("", "builtin | tfds:NAME[/CONFIG] | folder:PATH | tfrecord:GLOB ('' = "
+                        "the run's dataset)")
+    data_dir: str = flag("", "TFDS data_dir ('' = the run's)")
+    split: str = flag("", "labelled training split ('' = the run's, else train)")
+    eval_split: str = flag("", "labelled held-out split ('' = the run's, else test / "
+                           "validation)")
+    image_size: int = flag(0, "input side in pixels (0 = the run's pretraining size)")
+    batch_size: int = flag(256, "global batch size (split across the replicas)")
+    output_dir: str = flag("", "where results go ('' = a subdirectory of the run dir; required "
+                           "with --keras_model)")
+    seed: int = flag(0, "seed of classifier init, data order and augmentation")
     # where it runs (as tools/train.py)
-    strategy: str = "auto"
-    tpu: str = ""
-    cpu_devices: int = 0
-    log_every_secs: float = 60.0  # progress lines off a terminal (co2_tf.progress)
-
-    # Fields that take one of a list of values (the tools' --help lists them).
-    CHOICES = {"strategy": STRATEGIES}
+    strategy: str = flag("auto", help_of(TrainConfig, "strategy") + " (as tools/train.py; "
+                         "evaluation runs on one host)", choices=STRATEGIES)
+    tpu: str = flag("", help_of(TrainConfig, "tpu"))
+    cpu_devices: int = flag(0, "split the CPU into this many logical devices (e.g. 2 for "
+                            "--strategy=mirrored without GPUs); 0 = leave it as one")
+    log_every_secs: float = flag(60.0, progress.HELP)
 
     def check(self):
         """Static checks (no TF, no files): raises UserError on the first problem."""
@@ -64,9 +69,7 @@ class EvalConfig:
             raise UserError(f"--image_size={self.image_size} must be > 0 (0 = the run's)")
         if self.batch_size <= 0:
             raise UserError(f"--batch_size={self.batch_size} must be > 0")
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"unknown --strategy={self.strategy!r}: use one of "
-                            f"{', '.join(STRATEGIES)}")
+        check_choices(self)
         if self.strategy == "multi_worker":
             raise UserError("evaluation runs on one host: use --strategy=mirrored (GPUs), "
                             "tpu or one_device")
@@ -79,29 +82,6 @@ class EvalConfig:
     def reporter(self):
         """Progress lines every log_every_secs when stdout is not a terminal."""
         return progress.Reporter.for_stdout(self.log_every_secs)
-
-
-EVAL_HELP = {
-    "model_dir": "pretraining run dir: evaluates its latest checkpoint",
-    "checkpoint": "a checkpoint of a run: RUN_DIR/checkpoints/ckpt-N, or ckpt-N with --model_dir",
-    "keras_model": "an exported backbone (EXPORT_DIR/backbone.keras) instead of a run",
-    "random_init": "evaluate the same architecture with fresh random weights (a baseline)",
-    "dataset": "builtin | tfds:NAME[/CONFIG] | folder:PATH | tfrecord:GLOB ('' = the run's "
-               "dataset)",
-    "data_dir": "TFDS data_dir ('' = the run's)",
-    "split": "labelled training split ('' = the run's, else train)",
-    "eval_split": "labelled held-out split ('' = the run's, else test / validation)",
-    "image_size": "input side in pixels (0 = the run's pretraining size)",
-    "batch_size": "global batch size (split across the replicas)",
-    "output_dir": "where results go ('' = a subdirectory of the run dir; required with "
-                  "--keras_model)",
-    "seed": "seed of classifier init, data order and augmentation",
-    "strategy": TRAIN_HELP["strategy"] + " (as tools/train.py; evaluation runs on one host)",
-    "tpu": TRAIN_HELP["tpu"],
-    "cpu_devices": "split the CPU into this many logical devices (e.g. 2 for "
-                   "--strategy=mirrored without GPUs); 0 = leave it as one",
-    "log_every_secs": progress.HELP,
-}
 
 
 # ------------------------------------------------------------------ strategy

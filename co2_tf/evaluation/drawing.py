@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from co2_tf import io
+from co2_tf.config import flag
 from co2_tf.errors import UserError
 from co2_tf.run import rundir
 
@@ -156,12 +157,14 @@ def line_chart(xs, ys, *, title, x_label, y_label, references=(), percent=False,
 
 @dataclasses.dataclass
 class CurveConfig:
-    model_dir: str = ""
-    tag: str = "epoch_knn_top1"
-    subdir: str = "train"
-    out: str = ""
-    width: int = 560
-    height: int = 320
+    model_dir: str = flag("", "pretraining run dir: draws a scalar of its TensorBoard logs "
+                              "(RUN/logs)")
+    tag: str = flag("epoch_knn_top1", "the scalar: epoch_knn_top1 (the kNN monitor), epoch_loss, "
+                                      "batch_loss, ...")
+    subdir: str = flag("train", "the logs' subdirectory (train)")
+    out: str = flag("", "PNG file to write ('' = RUN_DIR/<tag>.png)")
+    width: int = flag(560, "picture width in pixels")
+    height: int = flag(320, "picture height in pixels")
 
     def check(self):
         if not self.model_dir:
@@ -172,15 +175,6 @@ class CurveConfig:
             raise UserError("--width must be >= 200 and --height >= 120 (pixels)")
         return self
 
-
-HELP = {
-    "model_dir": "pretraining run dir: draws a scalar of its TensorBoard logs (RUN/logs)",
-    "tag": "the scalar: epoch_knn_top1 (the kNN monitor), epoch_loss, batch_loss, ...",
-    "subdir": "the logs' subdirectory (train)",
-    "out": "PNG file to write ('' = RUN_DIR/<tag>.png)",
-    "width": "picture width in pixels",
-    "height": "picture height in pixels",
-}
 
 _TITLES = {"epoch_knn_top1": "kNN top-1 on the held-out split, per epoch of pretraining"}
 

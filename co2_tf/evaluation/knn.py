@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from co2_tf import distribute, io
 from co2_tf import progress as progress_lib
+from co2_tf.config import flag
 from co2_tf.errors import UserError
 from co2_tf.evaluation import common, projector
 
@@ -153,10 +154,12 @@ RESULTS_FILE = "knn_eval.json"
 
 @dataclasses.dataclass
 class KnnConfig(common.EvalConfig):
-    k: int = 200
-    temperature: float = 0.1
-    projector_dir: str = ""
-    projector_points: int = 2000
+    k: int = flag(200, "neighbours that vote")
+    temperature: float = flag(0.1, "vote weight exp(cosine / temperature)")
+    projector_dir: str = flag("", "also write held-out embeddings for TensorBoard's projector "
+                              "here")
+    projector_points: int = flag(2000, "at most this many held-out examples in the projector "
+                                 "(the first ones)")
 
     def check(self):
         super().check()
@@ -167,15 +170,6 @@ class KnnConfig(common.EvalConfig):
         if self.projector_points <= 0:
             raise UserError(f"--projector_points={self.projector_points} must be > 0")
         return self
-
-
-HELP = dict(
-    common.EVAL_HELP,
-    k="neighbours that vote",
-    temperature="vote weight exp(cosine / temperature)",
-    projector_dir="also write held-out embeddings for TensorBoard's projector here",
-    projector_points="at most this many held-out examples in the projector (the first ones)",
-)
 
 
 def knn_eval(config: KnnConfig, verbose=1, strategy=None):

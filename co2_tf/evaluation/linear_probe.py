@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from co2_tf import io
+from co2_tf.config import flag
 from co2_tf.errors import UserError
 from co2_tf.evaluation import classifier, common, knn, resume
 
@@ -53,18 +54,19 @@ FEATURES_FILE = "features.npz"
 
 @dataclasses.dataclass
 class LinearEvalConfig(common.EvalConfig):
-    protocol: str = "moco"
-    epochs: int = 100
-    learning_rate: float = 0.0  # 0 = the protocol's default
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_boundaries: str = "0.6,0.8"
-    lr_decay: float = 0.1
-    eval_every: int = 1
-    checkpoint_every: int = 500
-    cache_features: bool = True
-
-    CHOICES = dict(common.EvalConfig.CHOICES, protocol=PROTOCOLS)
+    protocol: str = flag("moco", "moco (MoCo's ImageNet protocol: augmented images, frozen "
+                         "backbone) | fast (cached centre-crop features)", choices=PROTOCOLS)
+    epochs: int = flag(100, "classifier training epochs")
+    learning_rate: float = flag(0.0, "SGD learning rate (0 = the protocol's: moco 30, fast 0.1)")
+    momentum: float = flag(0.9, classifier.SGD_SCHEDULE_HELP["momentum"])
+    weight_decay: float = flag(0.0, classifier.SGD_SCHEDULE_HELP["weight_decay"])
+    lr_boundaries: str = flag("0.6,0.8", "fractions of the epochs where the lr is multiplied by "
+                              "--lr_decay")
+    lr_decay: float = flag(0.1, classifier.SGD_SCHEDULE_HELP["lr_decay"])
+    eval_every: int = flag(1, classifier.SGD_SCHEDULE_HELP["eval_every"])
+    checkpoint_every: int = flag(500, classifier.SGD_SCHEDULE_HELP["checkpoint_every"])
+    cache_features: bool = flag(True, "fast protocol: keep features in OUTPUT_DIR/features.npz "
+                                "and reuse them")
 
     def check(self):
         super().check()
@@ -76,18 +78,6 @@ class LinearEvalConfig(common.EvalConfig):
                             "protocol's default)")
         classifier.check_sgd_schedule(self)
         return self
-
-
-HELP = dict(
-    common.EVAL_HELP,
-    **classifier.SGD_SCHEDULE_HELP,
-    protocol="moco (MoCo's ImageNet protocol: augmented images, frozen backbone) | fast "
-             "(cached centre-crop features)",
-    epochs="classifier training epochs",
-    learning_rate="SGD learning rate (0 = the protocol's: moco 30, fast 0.1)",
-    lr_boundaries="fractions of the epochs where the lr is multiplied by --lr_decay",
-    cache_features="fast protocol: keep features in OUTPUT_DIR/features.npz and reuse them",
-)
 
 
 def learning_rate(config):

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from co2_tf import io
+from co2_tf.config import flag
 from co2_tf.errors import UserError
 from co2_tf.evaluation import common, drawing, knn
 
@@ -26,10 +27,12 @@ _GREEN, _RED, _GRAY = (40, 160, 60), (200, 40, 40), (150, 150, 150)
 
 @dataclasses.dataclass
 class RetrievalConfig(common.EvalConfig):
-    out: str = ""
-    num_queries: int = 8
-    k: int = 8
-    thumb_size: int = 96
+    seed: int = flag(0, "seed of the query draw")
+    out: str = flag("", "PNG file to write ('' = OUTPUT_DIR/retrieval.png); the neighbours go to "
+                    "the same name ending in .json")
+    num_queries: int = flag(8, "rows: held-out images drawn at random (--seed)")
+    k: int = flag(8, "neighbours per query, from the training split")
+    thumb_size: int = flag(96, "side of each thumbnail in pixels")
 
     def check(self):
         super().check()
@@ -39,17 +42,6 @@ class RetrievalConfig(common.EvalConfig):
         if self.out and not self.out.lower().endswith(".png"):
             raise UserError(f"--out={self.out} must end in .png")
         return self
-
-
-HELP = dict(
-    common.EVAL_HELP,
-    out="PNG file to write ('' = OUTPUT_DIR/retrieval.png); the neighbours go to the same "
-        "name ending in .json",
-    num_queries="rows: held-out images drawn at random (--seed)",
-    k="neighbours per query, from the training split",
-    thumb_size="side of each thumbnail in pixels",
-    seed="seed of the query draw",
-)
 
 
 def nearest_neighbours(query_features, bank_features, k):

@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from co2_tf import distribute, io
+from co2_tf.config import flag
 from co2_tf.errors import UserError
 from co2_tf.evaluation import classifier, common, resume
 
@@ -49,17 +50,23 @@ _HEADER = "# co2_tf label subset:"
 
 @dataclasses.dataclass
 class SemiSupervisedConfig(common.EvalConfig):
-    label_fraction: float = 0.1
-    split_file: str = ""
-    epochs: int = 20
-    backbone_learning_rate: float = 0.01
-    head_learning_rate: float = 0.2
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_boundaries: str = "0.6,0.8"
-    lr_decay: float = 0.2
-    eval_every: int = 1
-    checkpoint_every: int = 500
+    seed: int = flag(0, "seed of the subset draw, head init, data order and augmentation")
+    label_fraction: float = flag(0.1, "fraction of the training labels to fine-tune on, in "
+                                 "(0, 1]")
+    split_file: str = flag("", "fine-tune on the examples listed in this file (written by an "
+                           "earlier run) instead of drawing a subset")
+    epochs: int = flag(20, "fine-tuning epochs")
+    backbone_learning_rate: float = flag(0.01, "SGD learning rate of the backbone (SwAV: 0.01 "
+                                         "for 10%, 0.02 for 1%)")
+    head_learning_rate: float = flag(0.2, "SGD learning rate of the linear head (SwAV: 0.2 for "
+                                     "10%, 5 for 1%)")
+    momentum: float = flag(0.9, classifier.SGD_SCHEDULE_HELP["momentum"])
+    weight_decay: float = flag(0.0, classifier.SGD_SCHEDULE_HELP["weight_decay"])
+    lr_boundaries: str = flag("0.6,0.8", "fractions of the epochs where both lrs are multiplied "
+                              "by --lr_decay")
+    lr_decay: float = flag(0.2, classifier.SGD_SCHEDULE_HELP["lr_decay"])
+    eval_every: int = flag(1, classifier.SGD_SCHEDULE_HELP["eval_every"])
+    checkpoint_every: int = flag(500, classifier.SGD_SCHEDULE_HELP["checkpoint_every"])
 
     def check(self):
         super().check()
@@ -72,20 +79,6 @@ class SemiSupervisedConfig(common.EvalConfig):
                 raise UserError(f"--{name}={value} must be >= 0 (0 freezes those weights)")
         classifier.check_sgd_schedule(self)
         return self
-
-
-HELP = dict(
-    common.EVAL_HELP,
-    **classifier.SGD_SCHEDULE_HELP,
-    label_fraction="fraction of the training labels to fine-tune on, in (0, 1]",
-    split_file="fine-tune on the examples listed in this file (written by an earlier run) "
-               "instead of drawing a subset",
-    seed="seed of the subset draw, head init, data order and augmentation",
-    epochs="fine-tuning epochs",
-    backbone_learning_rate="SGD learning rate of the backbone (SwAV: 0.01 for 10%, 0.02 for 1%)",
-    head_learning_rate="SGD learning rate of the linear head (SwAV: 0.2 for 10%, 5 for 1%)",
-    lr_boundaries="fractions of the epochs where both lrs are multiplied by --lr_decay",
-)
 
 
 # ----------------------------------------------------------------- subsets

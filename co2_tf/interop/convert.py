@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from co2_tf import io
 from co2_tf.build import build_model, build_optimizer, compile_model
-from co2_tf.config import TrainConfig
+from co2_tf.config import TrainConfig, flag
 from co2_tf.errors import UserError
 from co2_tf.interop.torch_weights import (  # noqa: F401 (re-exported: the tool and tests use them)
     HEAD_MODULES,
@@ -215,19 +215,27 @@ def load_torchvision_state(model, ckpt, source):
 class ConvertConfig:
     """tools/convert.py: a .pth into a run dir, or a run dir out to a .pth."""
     # in: --torch_checkpoint=FILE --model_dir=NEW_RUN_DIR
-    torch_checkpoint: str = ""
-    model_dir: str = ""
-    backbone: str = ""  # "" = from the file's shapes
-    head: str = ""  # "" = the file's (MoCo) or mlp (torchvision)
-    dim: int = 0  # 0 = the file's (MoCo) or 128
-    queue_size: int = 0  # 0 = the file's (MoCo) or 65536
-    image_size: int = 0  # 0 = 224 for ImageNet ResNets, 32 for resnet18_cifar
-    dataset: str = ""  # "" = tfds:imagenet2012, or tfds:cifar10 for resnet18_cifar
-    seed: int = 0
+    torch_checkpoint: str = flag("", "a MoCo v1/v2 checkpoint or a torchvision ResNet state_dict "
+                                     "(.pth, .pth.tar) to convert into a new run dir --model_dir")
+    model_dir: str = flag("", "the run dir to write (with --torch_checkpoint) or to read (with "
+                              "--torch_out)")
+    backbone: str = flag("", "architecture of --torch_checkpoint when its tensors do not tell: "
+                             + " | ".join(CONVERTIBLE))
+    head: str = flag("", "projection head for a torchvision state_dict: linear | mlp (default mlp; "
+                         "MoCo files have their own)")
+    dim: int = flag(0, "projection dimension for a torchvision state_dict (default 128)")
+    queue_size: int = flag(0, "queue size K for a torchvision state_dict (default 65536)")
+    image_size: int = flag(0, "the run's image size (default 224, 32 for resnet18_cifar)")
+    dataset: str = flag("", "the run's dataset (default tfds:imagenet2012, tfds:cifar10 for "
+                            "resnet18_cifar)")
+    seed: int = flag(0, "seed of the fresh head and queue of a torchvision state_dict")
     # out: --model_dir=RUN_DIR --torch_out=FILE
-    checkpoint: str = ""
-    torch_out: str = ""
-    torch_layout: str = "torchvision"
+    checkpoint: str = flag("", "with --torch_out: this checkpoint (ckpt-N or a path) instead of the"
+                               " latest")
+    torch_out: str = flag("", "write the run's weights to this .pth")
+    torch_layout: str = flag("torchvision", "torchvision (query backbone, torchvision's keys "
+                             "minus fc) | moco (MoCo's main_moco.py layout: both encoders, heads, "
+                             "queue)", choices=LAYOUTS)
 
     @property
     def into_co2_tf(self):
@@ -258,26 +266,6 @@ class ConvertConfig:
                     raise UserError(f"--{name} describes a --torch_checkpoint to convert; "
                                     "with --torch_out the run dir says it")
         return self
-
-
-HELP = {
-    "torch_checkpoint": "a MoCo v1/v2 checkpoint or a torchvision ResNet state_dict (.pth, "
-                        ".pth.tar) to convert into a new run dir --model_dir",
-    "model_dir": "the run dir to write (with --torch_checkpoint) or to read (with --torch_out)",
-    "backbone": "architecture of --torch_checkpoint when its tensors do not tell: "
-                + " | ".join(CONVERTIBLE),
-    "head": "projection head for a torchvision state_dict: linear | mlp (default mlp; MoCo "
-            "files have their own)",
-    "dim": "projection dimension for a torchvision state_dict (default 128)",
-    "queue_size": "queue size K for a torchvision state_dict (default 65536)",
-    "image_size": "the run's image size (default 224, 32 for resnet18_cifar)",
-    "dataset": "the run's dataset (default tfds:imagenet2012, tfds:cifar10 for resnet18_cifar)",
-    "seed": "seed of the fresh head and queue of a torchvision state_dict",
-    "checkpoint": "with --torch_out: this checkpoint (ckpt-N or a path) instead of the latest",
-    "torch_out": "write the run's weights to this .pth",
-    "torch_layout": "torchvision (query backbone, torchvision's keys minus fc) | moco "
-                    "(MoCo's main_moco.py layout: both encoders, heads, queue)",
-}
 
 
 def _train_config(config, ckpt):

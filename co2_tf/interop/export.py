@@ -47,6 +47,7 @@ import tensorflow as tf
 
 import co2_tf
 from co2_tf import build, io
+from co2_tf.config import flag
 from co2_tf.errors import UserError
 from co2_tf.nets import backbones
 from co2_tf.run import rundir, trained
@@ -66,11 +67,15 @@ RELATIVE_TOLERANCE = 1e-4
 
 @dataclasses.dataclass
 class ExportConfig:
-    model_dir: str = ""
-    checkpoint: str = ""
-    export_dir: str = ""
-    overwrite: bool = False
-    random_init: bool = False
+    model_dir: str = flag("", "pretraining run dir: exports its latest checkpoint")
+    checkpoint: str = flag("", "export this checkpoint instead: RUN_DIR/checkpoints/ckpt-N (or "
+                               "ckpt-N)")
+    export_dir: str = flag("", "output directory (backbone.keras, feature_maps.keras, saved_model/,"
+                               " export.json)")
+    overwrite: bool = flag(False, "replace a non-empty --export_dir")
+    random_init: bool = flag(False, "export the run's architecture with fresh random weights (its "
+                                    "step 0): a baseline for evaluations outside co2_tf; needs only"
+                                    " the run's config.json")
 
     def check(self):
         if not (self.model_dir or self.checkpoint):
@@ -82,17 +87,6 @@ class ExportConfig:
             raise UserError("--random_init exports fresh weights: pass --model_dir, not "
                             "--checkpoint")
         return self
-
-
-HELP = {
-    "model_dir": "pretraining run dir: exports its latest checkpoint",
-    "checkpoint": "export this checkpoint instead: RUN_DIR/checkpoints/ckpt-N (or ckpt-N)",
-    "export_dir": "output directory (backbone.keras, feature_maps.keras, saved_model/, "
-                  "export.json)",
-    "overwrite": "replace a non-empty --export_dir",
-    "random_init": "export the run's architecture with fresh random weights (its step 0): a "
-                   "baseline for evaluations outside co2_tf; needs only the run's config.json",
-}
 
 
 def check_target(export_dir, overwrite=False):

@@ -12,11 +12,8 @@ float16 exp overflows and a bfloat16 log-sum-exp loses digits.
 
 import tensorflow as tf
 
-# The variants: what P and Q range over, the K negatives (the paper's) or 1 + K
-# with the positive q.k at index 0 in both (lightly's CO2Regularizer); and the
-# KL, symmetric (the paper's) or one-sided KL(P||Q), P the pseudo label (the
-# direction of the semi-supervised consistency losses).
-from co2_tf.config import CONSISTENCY_KL, CONSISTENCY_OVER
+# The variants (what P and Q range over, which KL): co2_tf/method/__init__.py says each.
+from co2_tf.method import CONSISTENCY_KL, CONSISTENCY_OVER
 
 
 def _similarities(q, k, queue, keys_vs_queue=True):

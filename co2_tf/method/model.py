@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from co2_tf import compat as compat
 from co2_tf import distribute, precision
-from co2_tf.config import BN_MODES, HEADS
+from co2_tf.method import BN_MODES, HEADS
 
 
 def projection_head(head_type, in_dim, dim, name, seed=0):

@@ -27,11 +27,10 @@ import numbers
 import keras
 
 from co2_tf.errors import UserError
-from co2_tf.nets import conv_grad
+from co2_tf.nets import BACKBONES, conv_grad
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet18_cifar", "tiny")
 # How a backbone's BatchNormalization layers get their statistics (not the
-# CO2 key-encoder modes of config.BN_MODES, which map onto these).
+# CO2 key-encoder modes of co2_tf.method.BN_MODES, which map onto these).
 LAYER_BN_MODES = ("local", "sync", "none")
 
 # torchvision / MoCo input normalisation (RGB, images in [0, 1]).

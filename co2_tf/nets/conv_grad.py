@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from co2_tf import compat
 from co2_tf.errors import UserError
+from co2_tf.nets import CONV_FILTER_GRADS
 
 # The ops of the matmul filter gradient are named under this scope (profilers, e.g.
 # benchmarks/benchmark_lib.py, count their FLOPs as the filter gradient's).
@@ -126,9 +127,9 @@ def resolve(conv_filter_grad):
     """"tf" or "matmul": the kernel --conv_filter_grad=auto|tf|matmul means on this host."""
     if conv_filter_grad == "auto":
         return "matmul" if pays_off() else "tf"
-    if conv_filter_grad not in ("tf", "matmul"):
-        raise UserError(f"unknown --conv_filter_grad={conv_filter_grad!r}: use one of auto, tf, "
-                        "matmul")
+    if conv_filter_grad not in CONV_FILTER_GRADS:
+        raise UserError(f"unknown --conv_filter_grad={conv_filter_grad!r}: use one of "
+                        f"{', '.join(CONV_FILTER_GRADS)}")
     return conv_filter_grad
 
 

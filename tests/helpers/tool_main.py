@@ -1,9 +1,9 @@
 """Runs a tool's main (tools/TOOL.py) inside the test process: no TF import to pay.
 
 The tool's module is executed afresh (its absl flags defined), argv parsed into absl's
-FLAGS, main(argv) called; afterwards the flags it defined are removed again, so that the
-next tool (or the same one) can define them. Returns the exit code: 0 when main returns,
-else its SystemExit's (common.fail: 1 and one `error:` line on stderr).
+FLAGS, its main(argv) (common.tool's) called; afterwards the flags it defined are removed
+again, so that the next tool (or the same one) can define them. Returns the exit code: 0
+when main returns, else its SystemExit's (common.fail: 1 and one `error:` line on stderr).
 """
 import os
 import runpy
@@ -24,9 +24,10 @@ def run_main(tool, args):
     path = next(p for p in (os.path.join(d, f"{tool}.py") for d in FOLDERS) if os.path.exists(p))
     try:
         namespace = runpy.run_path(path, run_name=f"{tool}_in_process")
+        main = namespace["make_main"]() if "make_main" in namespace else namespace["main"]
         try:
             argv = flags.FLAGS([path] + list(args))
-            namespace["main"](argv)
+            main(argv)
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         return 0

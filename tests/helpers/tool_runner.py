@@ -40,8 +40,8 @@ def load(tool, run_name):
         delattr(FLAGS, name)
     path = tool_path(tool)
     namespace = runpy.run_path(path, run_name=run_name)
-    if run_name != "__main__" and "define_flags" in namespace:  # defined in __main__ only
-        namespace["define_flags"]()
+    if run_name != "__main__" and "make_main" in namespace:  # flags defined in __main__ only
+        namespace["make_main"]()
     return sorted(set(FLAGS) - ABSL_FLAGS)
 
 

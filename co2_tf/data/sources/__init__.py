@@ -29,7 +29,7 @@ _SOURCE_CLASSES = {"builtin": ("builtin", "BuiltinSource"), "tfds": ("tfds", "Tf
 
 @dataclasses.dataclass(frozen=True)
 class ReadOptions:
-    """How sources read: the data fields of a run's config (config.HELP says what each does)."""
+    """How sources read: the data fields of a run's config (their help says what each does)."""
     index_dir: str = ""  # where dataset indexes are kept ("" = beside the data)
     check_image_files: bool = True  # folder: the integrity check of every file at the scan
     tfrecord_image_key: str = "image/encoded"
