@@ -100,7 +100,7 @@ NOT_A_RUN = {"model_dir": "(benchmark)", "train_steps": 10**6}
 UNUSED_TRAIN_FIELDS = (
     "model_dir", "dataset", "data_dir", "split", "eval_split", "epochs", "train_steps",
     "warmup_epochs", "deterministic", "checkpoint_every", "keep_checkpoints", "log_every",
-    "knn_every", "knn_k", "knn_temperature", "log_every_secs", "end_of_run_knn")
+    "knn_every", "end_of_run_knn", "knn_k", "knn_temperature", "log_every_secs")
 
 
 # ------------------------------------------------------------------- helpers
@@ -151,8 +151,8 @@ def execution():
     if set (before TF is imported), else TF's own default (on only for CPUs
     with AVX-512 VNNI/BF16 or AMX).
     """
-    from tensorflow.python.util import _pywrap_util_port
-    return {"onednn_opts": bool(_pywrap_util_port.IsMklEnabled()),
+    from co2_tf import compat
+    return {"onednn_opts": compat.onednn_enabled(),
             "onednn_opts_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
 
 
@@ -272,15 +272,13 @@ def count_flops(fn, *specs):
     import collections
 
     import tensorflow as tf
-    from tensorflow.python.framework import ops as tf_ops
-    from tensorflow.python.util import deprecation
 
-    from co2_tf.nets import conv_grad
+    from co2_tf import compat
     graph = fn.get_concrete_function(*specs).graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     breakdown = collections.Counter()
-    with deprecation.silence():  # the profiler's v1 shape helpers warn on every use
+    with compat.silenced_deprecation():  # the profiler's v1 shape helpers warn on every use
         profiler_total = int(tf.compat.v1.profiler.profile(graph=graph,
                                                            options=options).total_float_ops)
         live = _live_ops(graph)
@@ -290,16 +288,18 @@ def count_flops(fn, *specs):
             if op.type in ("Conv2DBackpropInput", "Conv2DBackpropFilter"):
                 breakdown[op.type] += _exact_conv_backprop_flops(op)
                 continue
-            try:
-                flops = tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value
-            except (ValueError, TypeError):  # no statistics registered, or unknown shapes
-                flops = None
+            flops = compat.registered_flops(graph, op.node_def)
             if flops:
-                # Scope names are made unique: matmul_filter_grad, matmul_filter_grad_1, ...
-                by_matmul = op.type == "MatMul" and re.search(
-                    rf"(^|/){conv_grad.SCOPE}(_\d+)?/", op.name)
+                by_matmul = op.type == "MatMul" and _in_matmul_filter_grad(op)
                 breakdown["Conv2DBackpropFilter" if by_matmul else op.type] += int(flops)
     return sum(breakdown.values()), dict(breakdown), profiler_total
+
+
+def _in_matmul_filter_grad(op):
+    """Whether graph op `op` is part of a filter gradient by co2_tf.nets.conv_grad's matmul."""
+    from co2_tf.nets import conv_grad
+    # Scope names are made unique: matmul_filter_grad, matmul_filter_grad_1, ...
+    return re.search(rf"(^|/){conv_grad.SCOPE}(_\d+)?/", op.name) is not None
 
 
 # ------------------------------------------------------------ the train step
@@ -342,7 +342,7 @@ def bare_step_fn(model, shuffle_bn):
         if shuffle_bn:
             keys, _ = model.encode_keys(x_k, model.optimizer.iterations)
         else:
-            keys = tf.stop_gradient(model._encode_key_groups(x_k, 1))
+            keys = tf.stop_gradient(model.encode_key_groups(x_k))
         qvars = model.query_variables
         with tf.GradientTape() as tape:
             q = model.encode_query(x_q, training=True)
@@ -368,7 +368,7 @@ def convs_only_step(config):
 
     from co2_tf.nets import backbones
     query = backbones.build_backbone(config.backbone, config.image_size, bn="none",
-                                     seed=config.seed)
+                                     seed=config.seed, conv_filter_grad=config.conv_filter_grad)
     key = backbones.build_backbone(config.backbone, config.image_size, bn="none",
                                    seed=config.seed + 1)
 
@@ -392,10 +392,8 @@ def _executor(model, step_fn=None):
     if step_fn is None:
         model.make_train_function()
         return model.train_function
-    make = getattr(model, "_make_function", None)
-    if make is None:
-        raise UserError("this Keras version has no Trainer._make_function: run without --ablate")
-    return make(step_fn)
+    from co2_tf import compat
+    return compat.keras_train_function(model, step_fn)
 
 
 def _timer(function, iterator):
@@ -425,6 +423,8 @@ def benchmark_train_step(config, timing, strategy=None):
     `config` (TrainConfig) is the step, `timing` (BenchmarkConfig) how it is timed.
     """
     import tensorflow as tf
+
+    from co2_tf.nets import conv_grad
     trainer = _trainer()
 
     config.check()
@@ -434,7 +434,7 @@ def benchmark_train_step(config, timing, strategy=None):
     replicas = strategy.num_replicas_in_sync
     groups = config.check_replicas(replicas)
     with strategy.scope():
-        model = trainer.build_model(config, groups)
+        model = trainer.build_model(config, groups, conv_filter_grad=config.conv_filter_grad)
         optimizer = trainer.build_optimizer(config, steps_per_epoch=1000, total_steps=10**6)
         trainer.compile_model(model, optimizer, config)
 
@@ -510,6 +510,7 @@ def benchmark_train_step(config, timing, strategy=None):
         "backbone": config.backbone, "image_size": config.image_size,
         "batch_size": config.batch_size, "queue_size": config.queue_size,
         "precision": config.precision, "jit_compile": bool(model.jit_compile),
+        "conv_filter_grad": conv_grad.resolve(config.conv_filter_grad),
         "augment_on": "device" if on_device else "host",
         "jit_compile_requested": config.jit_compile,
         "strategy": type(strategy).__name__, "replicas": replicas, "bn": config.bn,
@@ -749,33 +750,57 @@ def _conv_shapes(config):
     """{(input HWC, kernel, strides, padding, filters, first): count} of the backbone's convs.
 
     `first`: the first conv (the layers are in graph order) reads the images, so the step
-    computes no input gradient for it.
-    Also returns {key: whether conv_grad's matmul filter gradient applies to that conv}.
+    computes no input gradient for it. Also returns {key: whether conv_grad's matmul
+    filter gradient applies to that conv} and {key: tf.function(x, dy) of that conv's
+    filter gradient as --conv_filter_grad=matmul computes it}.
     """
     import collections
 
     import keras
+    import tensorflow as tf
 
     from co2_tf import compat as compat
-    from co2_tf.nets import backbones, conv_grad
+    from co2_tf.nets import backbones
     net = backbones.build_backbone(config.backbone, config.image_size, bn="none",
-                                   seed=config.seed)
-    counts, matmul = collections.Counter(), {}
+                                   seed=config.seed, conv_filter_grad="matmul")
+    counts, matmul, grads = collections.Counter(), {}, {}
     for layer in compat.nested_layers(net):
         if isinstance(layer, keras.layers.Conv2D):
             shape = tuple(layer.input.shape[1:])
             key = (shape, tuple(layer.kernel_size), tuple(layer.strides), layer.padding,
                    layer.filters, not counts)
             counts[key] += 1
-            matmul[key] = conv_grad.applies(layer, (config.batch_size, *shape))
-    return counts, matmul
+            if key in grads:
+                continue
+            grads[key] = _layer_filter_grad(layer)
+            x_shape = (config.batch_size, *shape)
+            graph = grads[key].get_concrete_function(
+                tf.TensorSpec(x_shape, tf.float32),
+                tf.TensorSpec(layer.compute_output_shape(x_shape), tf.float32)).graph
+            matmul[key] = any(_in_matmul_filter_grad(op) for op in graph.get_operations())
+    return counts, matmul, grads
 
 
-def _conv_ops(x, w, dy, strides, padding, with_matmul):
-    """{name: tf.function()} of one conv's kernels on these tensors."""
+def _layer_filter_grad(layer):
+    """tf.function(x, dy): the filter gradient of conv `layer` as the layer computes it.
+
+    Its forward conv and input gradient are computed by nothing the result reads: pruned.
+    """
     import tensorflow as tf
 
-    from co2_tf.nets import conv_grad
+    @tf.function
+    def filter_grad(x, dy):
+        with tf.GradientTape() as tape:
+            y = layer.convolution_op(x, layer.kernel)
+        return tape.gradient(y, layer.kernel, output_gradients=dy)
+    return filter_grad
+
+
+def _conv_ops(x, w, dy, strides, padding, matmul_grad=None):
+    """{name: tf.function()} of one conv's kernels on these tensors (`matmul_grad`: the
+    filter gradient by matmul, see _conv_shapes)."""
+    import tensorflow as tf
+
     pad, stride4 = padding.upper(), [1, *strides, 1]
     ops = {
         "forward": tf.function(lambda: tf.nn.conv2d(x, w, strides, pad)),
@@ -784,9 +809,8 @@ def _conv_ops(x, w, dy, strides, padding, with_matmul):
         "filter_grad": tf.function(lambda: tf.raw_ops.Conv2DBackpropFilter(
             input=x, filter_sizes=w.shape, out_backprop=dy, strides=stride4, padding=pad)),
     }
-    if with_matmul:
-        ops["filter_grad_matmul"] = tf.function(
-            lambda: conv_grad.filter_grad(x, dy, w.shape, strides, padding))
+    if matmul_grad is not None:
+        ops["filter_grad_matmul"] = lambda: matmul_grad(x, dy)
     return ops
 
 
@@ -812,8 +836,8 @@ def conv_kernel_rates(config, timing):
     tf_matmul, np_matmul = matmul_timer(timing.matmul_size), numpy_matmul_timer(timing.matmul_size)
     matmul_flops = 2 * timing.matmul_size ** 3
     ceiling = [max(matmul_flops / tf_matmul(2), matmul_flops / np_matmul(2))]
-    uses_matmul = conv_grad.pays_off()
-    counts, matmul_applies = _conv_shapes(config)
+    uses_matmul = conv_grad.resolve(config.conv_filter_grad) == "matmul"
+    counts, matmul_applies, matmul_grads = _conv_shapes(config)
     rng = np.random.RandomState(config.seed)
     rows, conv_seconds = [], 0.0
     for key, count in counts.items():
@@ -824,7 +848,8 @@ def conv_kernel_rates(config, timing):
         y_shape = tf.nn.conv2d(x[:1], w, strides, padding.upper()).shape[1:]
         dy = tf.constant(rng.rand(batch, *y_shape).astype("float32"))
         flops = 2 * batch * y_shape[0] * y_shape[1] * kernel[0] * kernel[1] * shape[-1] * filters
-        ops = _conv_ops(x, w, dy, strides, padding, matmul_applies[key])
+        ops = _conv_ops(x, w, dy, strides, padding,
+                        matmul_grads[key] if matmul_applies[key] else None)
         samples = {name: [] for name in ops}
         for round_ in range(timing.warmup + timing.repeats):
             for name, op in ops.items():

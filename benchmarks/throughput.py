@@ -9,7 +9,7 @@ replica receives (ring all-reduce), host-to-device bytes per image, and from the
 stated peak rates, an assumed utilisation (--mfu) and the host CPU cost per image, the
 images/s per accelerator and the host cores each one needs. --augment_on sets the dtype the
 pipeline hands the device (device, and auto on accelerators: uint8 crops; host: float32
-views) and the host CPU-ms per image (BUILD.md's measured figure for that placement);
+views) and the host CPU-ms per image (docs/performance.md's measured figure for that placement);
 --image_dtype and --cpu_ms_per_image override them.
 docs/accelerators.md states the assumptions and holds the table of the ImageNet presets.
 """
@@ -37,8 +37,8 @@ class TargetsConfig:
     mfu: float = flag(throughput.DEFAULT_MFU, "assumed model FLOPs utilisation of the "
                       "accelerators' peak")
     cpu_ms_per_image: float = flag(0.0, "host CPU milliseconds per source image (two views); "
-                                   "0 = BUILD.md's figure for the --augment_on placement "
-                                   f"({throughput.CPU_MS_PER_IMAGE})")
+                                   "0 = docs/performance.md's figure for the --augment_on "
+                                   f"placement ({throughput.CPU_MS_PER_IMAGE})")
 
 
 def _si(value, unit=""):

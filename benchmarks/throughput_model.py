@@ -199,7 +199,7 @@ DEFAULT_MFU = 0.25
 # What co2_tf.data.pipelines.pretrain_dataset_fn hands the step, by placement: the uint8 crops that
 # co2_tf.data.augment_device.ViewTransform finishes on the device, or the host's float32 views.
 IMAGE_DTYPES = {"device": "uint8", "host": "float32"}
-# BUILD.md, "Input pipeline": benchmarks/benchmark.py --input_only's host CPU-ms per source image.
+# docs/performance.md: benchmarks/benchmark.py --input_only's host CPU-ms per source image.
 CPU_MS_PER_IMAGE = {"device": 1.91, "host": 5.65}
 
 

@@ -147,7 +147,7 @@ class TrainConfig:
     jit_compile: bool = _run(False, "XLA-compile the train step (one replica, e.g. one GPU; "
                              "ignored with one warning line on several replicas; TPUs compile "
                              "every step anyway; on x86 CPUs slower than the default oneDNN "
-                             "kernels, see BUILD.md)")
+                             "kernels, see docs/performance.md)")
     steps_per_execution: int = _run(1, "train steps per host call (helps small steps on TPU)")
     seed: int = _run(0, "seed of weights, data order, augmentation and queue")
     deterministic: bool = _run(False, "enable TF op determinism (bitwise reproducible on CPU)")

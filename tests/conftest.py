@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # Under pytest-xdist (CI: three workers on 2 cores) one intra-op thread per process, the
 # tools' subprocesses included (they inherit it): TF's thread pools in three processes
-# spinning against each other cost CPU (BUILD.md, "CI"). Inter-op
+# spinning against each other cost CPU (docs/performance.md, CI). Inter-op
 # threads stay: collectives across the logical devices need one per device.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")

@@ -12,6 +12,7 @@ from co2_tf.errors import UserError
 from co2_tf.evaluation import common
 from co2_tf.nets import backbones, conv_grad
 from co2_tf.run import rundir
+from co2_tf.run import trained as trained_run
 
 
 def _numpy_filter_grad(x, g, kernel, stride, pads):
@@ -133,7 +134,7 @@ def test_evaluation_and_export_keep_tfs_kernel(tmp_path):
     assert all(_patched(trained.query_backbone)) and all(_patched(trained.key_backbone))
     rundir.write_run_config(str(tmp_path), config)
 
-    run = rundir.load_run(str(tmp_path), restore_weights=False)  # evaluation's and export's
+    run = trained_run.load_run(str(tmp_path), restore_weights=False)  # evaluation's and export's
     assert run.config.conv_filter_grad == "matmul"
     assert not any(_patched(run.model.query_backbone) + _patched(run.model.key_backbone))
     exported = build.any_size_copy(run.config, run.model.query_backbone)  # export_run's

@@ -41,7 +41,8 @@ def test_backbones_match_published_sizes():
 
 def test_mocov2_gpu_preset_on_8_a100():
     """augment_on=auto on GPUs: the device augments, so the pipeline hands uint8 crops (the key
-    images gather as uint8) and the host does the crops only, at BUILD.md's 1.91 CPU-ms."""
+    images gather as uint8) and the host does the crops only, at docs/performance.md's 1.91
+    CPU-ms."""
     config = preset_config("imagenet_mocov2_co2_gpu.cfg")
     assert config.augment_on == "auto"
     got = throughput.model(config, "8xa100")

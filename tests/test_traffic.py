@@ -34,10 +34,13 @@ def _bytes(value):
 
 
 def _site():
-    """The innermost co2_tf function and, below it, the innermost Keras function."""
+    """The innermost co2_tf function and, below it, the innermost Keras function (co2_tf.compat's
+    wrappers of private APIs pass through: their caller is the site)."""
     ours = keras = None
     for frame in traceback.extract_stack():
         path = frame.filename.replace("\\", "/")
+        if path.endswith("/co2_tf/compat.py"):
+            continue
         if "/co2_tf/" in path:
             ours, keras = f"{Path(path).stem}.{frame.name}", None
         elif "/keras/" in path:

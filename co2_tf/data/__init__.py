@@ -9,7 +9,7 @@ from co2_tf.errors import UserError
 AUGMENTS = ("mocov1", "mocov2")
 # Where the augmentation's steps after the crop run (co2_tf.data.augment_device).
 AUGMENT_PLACEMENTS = ("auto", "host", "device")
-# --augment_on=auto on CPUs: the placement measured faster there (BUILD.md, input pipeline).
+# --augment_on=auto on CPUs: the placement measured faster there (docs/performance.md).
 CPU_PLACEMENT = "host"
 
 
