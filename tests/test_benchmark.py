@@ -388,3 +388,28 @@ def test_paired_utilisation_is_the_median_of_the_rounds(monkeypatch):
     assert out["matmul_gflops_per_sec"] == pytest.approx(tf_rate, rel=1e-3)
     assert out["numpy_matmul_gflops_per_sec"] == pytest.approx(np_rate, rel=1e-3)
     assert out["ceiling_source"] == ("tf" if tf_rate > np_rate else "numpy")
+
+
+# ------------------------------------------------------------ benchmarks/flags
+BENCH_FLAGS = os.path.join(ROOT, "benchmarks", "flags")
+
+
+@pytest.mark.parametrize("flagfile", sorted(os.listdir(BENCH_FLAGS)))
+def test_benchmark_flagfiles_parse_and_carry_their_commands(flagfile):
+    """Each benchmarks/flags/*.cfg: every command at its top names it, and parses with the
+    flags of the binary it names, to the values its lines give."""
+    from helpers.tool_main import parse_flags
+
+    path = os.path.join(BENCH_FLAGS, flagfile)
+    with open(path) as f:
+        text = f.read()
+    commands = [line.split() for line in text.splitlines() if line.startswith("#   python ")]
+    assert commands
+    lines = dict(line[2:].split("=", 1) if "=" in line else (line[2:], "True")
+                 for line in text.splitlines() if line.startswith("--"))
+    for command in commands:
+        assert f"--flagfile=benchmarks/flags/{flagfile}" in command
+        tool = os.path.basename(command[2])[:-len(".py")]
+        values = parse_flags(tool, [f"--flagfile={path}"])
+        for name, value in lines.items():
+            assert str(values[name]) == value, (tool, name)

@@ -35,3 +35,22 @@ def run_main(tool, args):
         flags.FLAGS.unparse_flags()
         for name in set(flags.FLAGS) - before:
             delattr(flags.FLAGS, name)
+
+
+def parse_flags(tool, args):
+    """{flag: value} of the flags `tool` defines, parsed from `args` (a --flagfile, say);
+    nothing is run, and the flags are removed again afterwards."""
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
+    before = set(flags.FLAGS)
+    path = next(p for p in (os.path.join(d, f"{tool}.py") for d in FOLDERS) if os.path.exists(p))
+    try:
+        namespace = runpy.run_path(path, run_name=f"{tool}_in_process")
+        if "make_main" in namespace:
+            namespace["make_main"]()
+        flags.FLAGS([path] + list(args))
+        return {name: flags.FLAGS[name].value for name in set(flags.FLAGS) - before}
+    finally:
+        flags.FLAGS.unparse_flags()
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
