@@ -26,7 +26,7 @@ i.e. convolutions and their two backward ops, matmuls, and element-wise
 ops), divided by the global batch.
 
 Input pipeline (`benchmark_input`): host CPU-ms per source image (two crops)
-of `data.pretrain_dataset_fn`, both placements of the augmentation, on
+of `pipelines.pretrain_dataset_fn`, both placements of the augmentation, on
 photograph-like JPEGs of ImageNet's size and weight, against PyTorch's
 DataLoader with MoCo v2's transforms on the same files, back to back.
 """
@@ -119,8 +119,8 @@ def _sig(x, digits=6):
 
 
 def cores_available():
-    from co2_tf.data import pipelines as data
-    return data.num_parallel_calls()
+    from co2_tf.data import pipelines
+    return pipelines.num_parallel_calls()
 
 
 # What decides which kernels TF and PyTorch can use on x86 (/proc/cpuinfo names).
@@ -613,8 +613,8 @@ def _time_pipeline(spec, config, image_size, seed, augment_on="host"):
 
     augment_on "device": what the host does then (decode, crop, resize, uint8 batches).
     """
-    from co2_tf.data import pipelines as data
-    dataset = data.pretrain_dataset_fn(
+    from co2_tf.data import pipelines
+    dataset = pipelines.pretrain_dataset_fn(
         spec, split="train", image_size=image_size, augment="mocov2", seed=seed,
         global_batch_size=config.input_batch_size, augment_on=augment_on)(None)
     iterator = iter(dataset)

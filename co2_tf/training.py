@@ -40,7 +40,7 @@ import tensorflow as tf
 from co2_tf import distribute, progress
 from co2_tf.build import augment_placement, backbone_fn, build_model, build_optimizer, compile_model
 from co2_tf.config import TrainConfig, check_compatible
-from co2_tf.data import pipelines as data
+from co2_tf.data import pipelines
 from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError
 from co2_tf.evaluation.knn_monitor import KnnMonitor, knn_evaluator
@@ -158,7 +158,7 @@ def _check_inputs(config, reporter):
     source = make_source(config.dataset, config.data_dir or None, config.max_image_pixels,
                          reporter, options=config)
     source.validate(config.split)
-    data.pretraining_data_warnings(source, config.split, config.queue_size)
+    pipelines.pretraining_data_warnings(source, config.split, config.queue_size)
     saved = rundir.load_run_config(config.model_dir)
     if saved is not None:
         check_compatible(saved, config)
@@ -176,8 +176,8 @@ def _strategy(config, strategy):
 
 def _length(config, source):
     """(steps per epoch, the run's last step)."""
-    steps_per_epoch = data.steps_per_epoch(source, split=config.split,
-                                           global_batch_size=config.batch_size)
+    steps_per_epoch = pipelines.steps_per_epoch(source, split=config.split,
+                                                global_batch_size=config.batch_size)
     if steps_per_epoch < 1:
         raise UserError(f"the training split has fewer examples than one batch of "
                         f"{config.batch_size}: lower --batch_size")
@@ -188,7 +188,7 @@ def _pipeline(config, source):
     """The run's input pipeline, (start_step=, augment_on=) -> dataset_fn (the index contract:
     the batches are a pure function of the step)."""
     return functools.partial(
-        data.pretrain_dataset_fn, source, split=config.split, image_size=config.image_size,
+        pipelines.pretrain_dataset_fn, source, split=config.split, image_size=config.image_size,
         augment=config.augment, seed=config.seed, global_batch_size=config.batch_size)
 
 

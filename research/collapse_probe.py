@@ -52,17 +52,17 @@ def probe(config, steps, every):
     import tensorflow as tf
 
     from co2_tf import build
-    from co2_tf.data import pipelines as data
+    from co2_tf.data import pipelines
     from co2_tf.data.sources import make_source
     from co2_tf.method import losses
 
     source = make_source(config.dataset, None, config.max_image_pixels)
-    spe = data.steps_per_epoch(source, split=config.split, global_batch_size=config.batch_size)
+    spe = pipelines.steps_per_epoch(source, split=config.split, global_batch_size=config.batch_size)
     # The probe encodes the views itself: the whole augmentation on the host.
     config = dataclasses.replace(config, augment_on="host")
     model = build.build_model(config, bn_groups=4, steps_per_epoch=spe)
     build.compile_model(model, build.build_optimizer(config, spe, steps), config)
-    batches = iter(data.pretrain_dataset_fn(
+    batches = iter(pipelines.pretrain_dataset_fn(
         source, split=config.split, image_size=config.image_size, augment=config.augment,
         seed=config.seed, global_batch_size=config.batch_size)(tf.distribute.InputContext()))
 

@@ -174,23 +174,23 @@ def test_train_step_routes_each_views_indices(two_replicas):
 
 def test_pipeline_hands_over_the_crops_of_its_views():
     """pretrain_dataset_fn(augment_on="device"): example i's crops, seeded [seed, i]."""
-    from co2_tf.data import pipelines as data
+    from co2_tf.data import pipelines
     from co2_tf.data.sources import make_source
     b, step, size = 4, 3, 16
-    fn = data.pretrain_dataset_fn("builtin", image_size=size, augment="mocov2", seed=SEED,
-                                  global_batch_size=b, start_step=step, augment_on="device")
+    fn = pipelines.pretrain_dataset_fn("builtin", image_size=size, augment="mocov2", seed=SEED,
+                                       global_batch_size=b, start_step=step, augment_on="device")
     crops = [v.numpy() for v in next(iter(fn(tf.distribute.InputContext())))]
     images, _ = make_source("builtin").arrays("train", size)
     for j in range(b):
         i = step * b + j  # the index contract
-        image = images[int(data.source_index(tf.constant(i, tf.int64), len(images), SEED))]
+        image = images[int(pipelines.source_index(tf.constant(i, tf.int64), len(images), SEED))]
         want = augment_device.two_crops(image, tf.constant([SEED, i], tf.int64), "mocov2", size)
         for v in (0, 1):
             assert crops[v].dtype == np.uint8
             np.testing.assert_array_equal(crops[v][j], want[v].numpy())
     with pytest.raises(UserError, match="augment_on"):
-        data.pretrain_dataset_fn("builtin", image_size=size, augment="mocov2", seed=SEED,
-                                 global_batch_size=b, augment_on="auto")
+        pipelines.pretrain_dataset_fn("builtin", image_size=size, augment="mocov2", seed=SEED,
+                                      global_batch_size=b, augment_on="auto")
 
 
 def test_one_device_keys_get_their_own_ids_through_the_shuffle():

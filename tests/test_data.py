@@ -9,8 +9,7 @@ import tensorflow_datasets as tfds
 from helpers.image_folder import GOOD
 from helpers.references import split_arrays
 
-from co2_tf.data import augment
-from co2_tf.data import pipelines as data
+from co2_tf.data import augment, pipelines
 from co2_tf.data.sources import builtin, make_source
 from co2_tf.errors import UserError
 
@@ -30,7 +29,7 @@ def _views(dataset, n):
 # The index contract, on the builtin data. ------------------------------------
 
 def _builtin_fn(global_batch_size=8, start_step=0, recipe="mocov2"):
-    return data.pretrain_dataset_fn(
+    return pipelines.pretrain_dataset_fn(
         "builtin", split="train", data_dir=None, image_size=SIZE,
         augment=recipe, seed=SEED, global_batch_size=global_batch_size,
         start_step=start_step)
@@ -57,7 +56,7 @@ def test_batch_is_what_the_index_contract_says(one_replica):
     step = 2
     for j in range(8):
         i = step * 8 + j
-        src = int(data.source_index(tf.constant(i, tf.int64), n, SEED))
+        src = int(pipelines.source_index(tf.constant(i, tf.int64), n, SEED))
         v1, v2 = augment.two_views(images[src],
                                    tf.constant([SEED, i], tf.int64),
                                    "mocov2", SIZE)
@@ -101,7 +100,7 @@ def test_under_mirrored_strategy(one_replica, two_replicas):
 def test_each_epoch_is_a_fresh_permutation():
     n = 1000
     idx = tf.data.Dataset.range(3 * n).map(
-        lambda i: data.source_index(i, n, SEED)).batch(3 * n)
+        lambda i: pipelines.source_index(i, n, SEED)).batch(3 * n)
     idx = next(iter(idx)).numpy()
     for e in range(3):
         assert sorted(idx[e * n:(e + 1) * n]) == list(range(n))
@@ -111,23 +110,23 @@ def test_each_epoch_is_a_fresh_permutation():
 
 def test_sizes_and_errors_builtin():
     assert make_source("builtin").num_examples() == builtin.num_examples("train")
-    assert data.steps_per_epoch("builtin", global_batch_size=256) == (
+    assert pipelines.steps_per_epoch("builtin", global_batch_size=256) == (
         builtin.num_examples("train") // 256)
     assert len(make_source("builtin").class_names()) == builtin.NUM_CLASSES
     assert make_source("builtin").class_names() == list(builtin.CLASS_NAMES)
     make_source("builtin").validate()
     with pytest.raises(UserError, match="batch"):
-        data.pretrain_dataset_fn("builtin", image_size=SIZE,
-                                 augment="mocov2", seed=0,
-                                 global_batch_size=10 ** 6)
+        pipelines.pretrain_dataset_fn("builtin", image_size=SIZE,
+                                      augment="mocov2", seed=0,
+                                      global_batch_size=10 ** 6)
     with pytest.raises(UserError, match="mocov2"):
-        data.pretrain_dataset_fn("builtin", image_size=SIZE,
-                                 augment="v3", seed=0, global_batch_size=8)
+        pipelines.pretrain_dataset_fn("builtin", image_size=SIZE,
+                                      augment="v3", seed=0, global_batch_size=8)
 
 
 def test_builtin_labelled_dataset():
-    ds = data.labelled_dataset("builtin", split="test", image_size=SIZE,
-                               batch_size=512)
+    ds = pipelines.labelled_dataset("builtin", split="test", image_size=SIZE,
+                                    batch_size=512)
     batches = list(ds)
     n = builtin.num_examples("test")
     assert sum(len(y) for _, y in batches) == n
@@ -137,26 +136,26 @@ def test_builtin_labelled_dataset():
     np.testing.assert_array_equal(
         np.concatenate([y.numpy() for _, y in batches]),
         builtin.load("test", SIZE)[1])
-    lin = data.labelled_dataset("builtin", split="test", image_size=SIZE,
-                                batch_size=512, transform="classifier_train",
-                                seed=1)
+    lin = pipelines.labelled_dataset("builtin", split="test", image_size=SIZE,
+                                     batch_size=512, transform="classifier_train",
+                                     seed=1)
     labels = np.concatenate([y.numpy() for _, y in lin])
     assert sorted(labels) == sorted(builtin.load("test", SIZE)[1])
     with pytest.raises(UserError, match="transform"):
-        data.labelled_dataset("builtin", split="test", image_size=SIZE,
-                              batch_size=8, transform="center")
+        pipelines.labelled_dataset("builtin", split="test", image_size=SIZE,
+                                   batch_size=8, transform="center")
 
 
 def test_folder_labelled_dataset_uses_all_decodable(image_folder):
-    ds = data.labelled_dataset(f"folder:{image_folder}", split="train",
-                               image_size=SIZE, batch_size=5)
+    ds = pipelines.labelled_dataset(f"folder:{image_folder}", split="train",
+                                    image_size=SIZE, batch_size=5)
     labels = np.concatenate([y.numpy() for _, y in ds])
     # Every good image once; the damaged PNG dropped at run time.
     assert sorted(labels.tolist()) == [0] * 4 + [1] * 5 + [2] * 4
 
 
 def test_folder_pretraining_survives_damaged_file(image_folder, capfd):
-    fn = data.pretrain_dataset_fn(
+    fn = pipelines.pretrain_dataset_fn(
         f"folder:{image_folder}", split="train", image_size=SIZE,
         augment="mocov1", seed=0, global_batch_size=4)
     # 44 examples: 3 epochs of 14 and 2 of the 4th; where the damaged PNG comes up
@@ -192,7 +191,7 @@ def test_tfds_pretrain_and_labelled():
         make_source("tfds:cifar10").validate("train")
         assert make_source("tfds:cifar10").num_examples("train") == 24
         assert len(make_source("tfds:cifar10").class_names()) == 10
-        fn = data.pretrain_dataset_fn(
+        fn = pipelines.pretrain_dataset_fn(
             "tfds:cifar10", split="train", image_size=SIZE,
             augment="mocov2", seed=0, global_batch_size=8)
         batches = _views(fn(_ctx(1, 0, 2)), 8)  # > 1 epoch: repeats
@@ -200,8 +199,8 @@ def test_tfds_pretrain_and_labelled():
             assert v1.shape == v2.shape == (4, SIZE, SIZE, 3)
             assert v1.dtype == np.float32
             assert 0.0 <= v1.min() and v1.max() <= 1.0
-        ds = data.labelled_dataset("tfds:cifar10", split="test",
-                                   image_size=SIZE, batch_size=10)
+        ds = pipelines.labelled_dataset("tfds:cifar10", split="test",
+                                        image_size=SIZE, batch_size=10)
         sizes = [(x.shape, y.dtype) for x, y in ds]
         assert [s[0][0] for s in sizes] == [10, 10, 4]
         assert sizes[0][0][1:] == (SIZE, SIZE, 3)
@@ -222,12 +221,12 @@ def test_shuffle_buffers_hold_encoded_images(monkeypatch):
     monkeypatch.setattr(augment, "two_views", lambda image, *args: (image, image))
     monkeypatch.setattr(augment, "classifier_train_view", lambda image, *args: image)
     with tfds.testing.mock_data(num_examples=8):
-        pipelines = [
-            data.pretrain_dataset_fn("tfds:cifar10", split="train", image_size=SIZE,
-                                     augment="mocov1", seed=0, global_batch_size=4)(_ctx()),
-            data.labelled_dataset("tfds:cifar10", split="test", image_size=SIZE, batch_size=4,
-                                  transform="classifier_train")]
-        for pipeline in pipelines:
+        datasets = [
+            pipelines.pretrain_dataset_fn("tfds:cifar10", split="train", image_size=SIZE,
+                                          augment="mocov1", seed=0, global_batch_size=4)(_ctx()),
+            pipelines.labelled_dataset("tfds:cifar10", split="test", image_size=SIZE,
+                                       batch_size=4, transform="classifier_train")]
+        for pipeline in datasets:
             shuffles = [d for d in _below(pipeline) if type(d).__name__ == "_ShuffleDataset"]
             assert len(shuffles) == 1
             held = tf.nest.flatten(shuffles[0].element_spec)
@@ -242,8 +241,8 @@ def test_tfds_errors():
             make_source("tfds:no_such_dataset_xyz").validate()
         # lsun has images but no labels.
         with pytest.raises(UserError, match="no 'label'"):
-            data.labelled_dataset("tfds:lsun/classroom", split="train",
-                                  image_size=SIZE, batch_size=2)
+            pipelines.labelled_dataset("tfds:lsun/classroom", split="train",
+                                       image_size=SIZE, batch_size=2)
 
 
 def test_training_runs_on_the_messy_folder(image_folder, tmp_path, caplog):
@@ -269,29 +268,29 @@ def test_training_runs_on_the_messy_folder(image_folder, tmp_path, caplog):
 def test_labelled_dataset_indices_select_those_examples():
     images, labels = split_arrays("test")
     chosen = [1999, 3, 17, 500]
-    subset = list(data.labelled_dataset("builtin", split="test", image_size=16, batch_size=3,
-                                        indices=chosen))
+    subset = list(pipelines.labelled_dataset("builtin", split="test", image_size=16, batch_size=3,
+                                             indices=chosen))
     np.testing.assert_array_equal(np.concatenate([x for x, _ in subset]), images[chosen])
     np.testing.assert_array_equal(np.concatenate([y for _, y in subset]), labels[chosen])
     np.testing.assert_array_equal(make_source("builtin").labels("test"), labels)
-    augmented = data.labelled_dataset("builtin", split="test", image_size=16, batch_size=8,
-                                      indices=chosen, transform="classifier_train", seed=1)
+    augmented = pipelines.labelled_dataset("builtin", split="test", image_size=16, batch_size=8,
+                                           indices=chosen, transform="classifier_train", seed=1)
     assert sorted(np.concatenate([y for _, y in augmented])) == sorted(labels[chosen])
 
 
 def test_labelled_dataset_indices_with_tfds():
     import tensorflow_datasets as tfds  # noqa: PLC0415
     with tfds.testing.mock_data(num_examples=12):
-        full = list(data.labelled_dataset("tfds:mnist", split="test", image_size=16,
-                                          batch_size=12))
+        full = list(pipelines.labelled_dataset("tfds:mnist", split="test", image_size=16,
+                                               batch_size=12))
         images, labels = full[0][0].numpy(), full[0][1].numpy()
         np.testing.assert_array_equal(make_source("tfds:mnist").labels("test"), labels)
-        subset = list(data.labelled_dataset("tfds:mnist", split="test", image_size=16,
-                                            batch_size=12, indices=[2, 5, 11]))
+        subset = list(pipelines.labelled_dataset("tfds:mnist", split="test", image_size=16,
+                                                 batch_size=12, indices=[2, 5, 11]))
         np.testing.assert_array_equal(subset[0][0].numpy(), images[[2, 5, 11]])
         np.testing.assert_array_equal(subset[0][1].numpy(), labels[[2, 5, 11]])
 
 
 def test_input_threads_overrides_the_cores_rule():
-    assert data.num_parallel_calls(make_source("builtin", options={"input_threads": 7})) == 7
-    assert data.num_parallel_calls(make_source("builtin")) == len(os.sched_getaffinity(0))
+    assert pipelines.num_parallel_calls(make_source("builtin", options={"input_threads": 7})) == 7
+    assert pipelines.num_parallel_calls(make_source("builtin")) == len(os.sched_getaffinity(0))

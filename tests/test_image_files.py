@@ -13,8 +13,7 @@ from helpers.image_folder import GOOD
 from PIL import Image
 
 from co2_tf.config import TrainConfig
-from co2_tf.data import image_files
-from co2_tf.data import pipelines as data
+from co2_tf.data import image_files, pipelines
 from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError, user_error_in
 
@@ -238,13 +237,13 @@ def test_degenerate_pretraining_data_is_named(tmp_path, caplog):
     for i in range(4):
         (one / f"{i}.png").write_bytes(_encoded("PNG", 8, i))
     with caplog.at_level(logging.WARNING, logger="co2_tf.data.pipelines"):
-        lines = data.pretraining_data_warnings(make_source(f"folder:{one.parent}"), "train", 2)
+        lines = pipelines.pretraining_data_warnings(make_source(f"folder:{one.parent}"), "train", 2)
     assert len(lines) == 1 and "one class (only)" in lines[0] and "meaningless" in lines[0]
     assert [r.getMessage() for r in caplog.records if r.name == "co2_tf.data.pipelines"] == lines
     builtin = make_source("builtin")
     n = builtin.num_examples("train")
-    assert data.pretraining_data_warnings(builtin, "train", n - 1) == []
-    lines = data.pretraining_data_warnings(builtin, "train", n)
+    assert pipelines.pretraining_data_warnings(builtin, "train", n - 1) == []
+    lines = pipelines.pretraining_data_warnings(builtin, "train", n)
     assert len(lines) == 1 and f"--queue_size={n} >= the {n} images" in lines[0]
     assert "stale keys of its own image" in lines[0]
 

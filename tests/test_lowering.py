@@ -18,7 +18,7 @@ from helpers.presets import preset_config
 from PIL import Image
 
 from co2_tf import build, precision
-from co2_tf.data import pipelines as data
+from co2_tf.data import pipelines
 from co2_tf.evaluation import classifier, linear_probe
 from co2_tf.nets import backbones
 
@@ -150,8 +150,8 @@ def test_pretraining_element_spec_is_static(kind, tmp_path):
     replicas, k = CASES[kind]
     size = 16
     with tfds.testing.mock_data(num_examples=32):
-        fn = data.pretrain_dataset_fn(spec, image_size=size, augment="mocov2", seed=0,
-                                      global_batch_size=replicas)
+        fn = pipelines.pretrain_dataset_fn(spec, image_size=size, augment="mocov2", seed=0,
+                                           global_batch_size=replicas)
         ctx = tf.distribute.InputContext(num_input_pipelines=8, input_pipeline_id=k,
                                          num_replicas_in_sync=replicas)
         element = fn(ctx).element_spec

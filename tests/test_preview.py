@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from co2_tf.data import pipelines as data
+from co2_tf.data import pipelines
 from co2_tf.evaluation import drawing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -21,7 +21,7 @@ def _views(dataset, n):
 
 
 def _builtin_fn():
-    return data.pretrain_dataset_fn(
+    return pipelines.pretrain_dataset_fn(
         "builtin", split="train", data_dir=None, image_size=SIZE,
         augment="mocov2", seed=SEED, global_batch_size=8)
 

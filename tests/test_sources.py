@@ -8,8 +8,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from co2_tf import io
-from co2_tf.data import folder_index, image_checks, image_files
-from co2_tf.data import pipelines as data
+from co2_tf.data import folder_index, image_checks, image_files, pipelines
 from co2_tf.data.sources import builtin, make_source, parse_dataset_spec
 from co2_tf.errors import UserError
 
@@ -139,7 +138,7 @@ def test_folder_index_second_start_lists_nothing(tmp_path, monkeypatch):
         image, label = example(tf.constant(i, tf.int64))
         np.testing.assert_array_equal(image.numpy(), np.asarray(Image.open(path)))
         assert int(label) == labels[i] == (0 if "/a/" in path else 1)
-    labelled = data.labelled_dataset(second, split="train", image_size=4, batch_size=2)
+    labelled = pipelines.labelled_dataset(second, split="train", image_size=4, batch_size=2)
     graph = labelled._as_serialized_graph(
         external_state_policy=tf.data.experimental.ExternalStatePolicy.WARN).numpy()
     assert b"nested/3.png" not in graph  # no path list in the graph

@@ -6,8 +6,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from co2_tf.data import pipelines as data
-from co2_tf.data import record_writer
+from co2_tf.data import pipelines, record_writer
 from co2_tf.data.sources import make_source, tfrecord
 from co2_tf.errors import UserError
 
@@ -178,11 +177,11 @@ def test_interrupted_and_uninterrupted_runs_see_the_same_batches(shards, monkeyp
     def views(image, seed, recipe, size):  # the image and the augmentation seed, cheaply
         return (tf.image.resize(image, [size, size]),
                 tf.fill([size, size, 3], tf.cast(seed[1], tf.float32)))
-    monkeypatch.setattr(data._augment, "two_views", views)
+    monkeypatch.setattr(pipelines._augment, "two_views", views)
 
     def batches(start_step, n):
-        fn = data.pretrain_dataset_fn(_source(out), image_size=8, augment="mocov1", seed=3,
-                                      global_batch_size=4, start_step=start_step)
+        fn = pipelines.pretrain_dataset_fn(_source(out), image_size=8, augment="mocov1", seed=3,
+                                           global_batch_size=4, start_step=start_step)
         return [(a.numpy(), b.numpy()) for a, b in fn(tf.distribute.InputContext()).take(n)]
     full = batches(0, 7)  # 28 examples of 18 records: into the second epoch
     resumed = batches(4, 3)
@@ -195,7 +194,7 @@ def test_interrupted_and_uninterrupted_runs_see_the_same_batches(shards, monkeyp
 def test_labelled_dataset_in_file_order_with_labels(shards):
     _, out = shards
     source = _source(out)
-    ds = data.labelled_dataset(source, split="validation", image_size=8, batch_size=4)
+    ds = pipelines.labelled_dataset(source, split="validation", image_size=8, batch_size=4)
     labels = np.concatenate([y.numpy() for _, y in ds])
     np.testing.assert_array_equal(labels, source.labels("validation"))
 

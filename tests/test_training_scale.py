@@ -21,7 +21,7 @@ from helpers.references import numpy_knn, topk
 
 from co2_tf import training
 from co2_tf.config import TrainConfig
-from co2_tf.data import pipelines as data
+from co2_tf.data import pipelines
 from co2_tf.data.sources import make_source
 from co2_tf.run import trained
 
@@ -188,7 +188,7 @@ def test_two_workers_stop_together_on_sigterm_resume_from_the_chief_and_match_on
     # itself among its k = 5, so the others' weights decide only the close calls).
     source = make_source(f"folder:{folder}")
     images, labels = (np.concatenate(parts) for parts in zip(*[
-        (x.numpy(), y.numpy()) for x, y in data.labelled_dataset(
+        (x.numpy(), y.numpy()) for x, y in pipelines.labelled_dataset(
             source, split="train", image_size=MODEL["image_size"], batch_size=48)]))
     features = trained.load_run(str(model_dir)).model.query_backbone.predict(images, verbose=0)
     scores = numpy_knn(features, labels, features, 2, 5, 0.1)

@@ -8,9 +8,8 @@ import tensorflow as tf
 from PIL import Image, ImageDraw
 
 from co2_tf.config import flag
-from co2_tf.data import AUGMENTS
+from co2_tf.data import AUGMENTS, pipelines
 from co2_tf.data import augment as _augment
-from co2_tf.data import pipelines as data
 from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError
 from co2_tf.evaluation import drawing
@@ -22,7 +21,7 @@ def preview_grid(spec, *, split="train", data_dir=None, image_size, augment,
 
     For indexed sources (builtin, folder), row j shows global example j of the
     pretraining stream with this `seed` (its source, and the very views
-    `data.pretrain_dataset_fn` makes for it). For streaming sources (tfds), the
+    `pipelines.pretrain_dataset_fn` makes for it). For streaming sources (tfds), the
     first examples of the split, augmented with seeds [seed, j].
     """
     source = make_source(spec, data_dir)
@@ -34,7 +33,7 @@ def preview_grid(spec, *, split="train", data_dir=None, image_size, augment,
     source.validate(split)
     if source.indexed:
         n = source.num_examples(split)
-        positions = [int(data.source_index(tf.constant(j, tf.int64), n, seed))
+        positions = [int(pipelines.source_index(tf.constant(j, tf.int64), n, seed))
                      for j in range(num_images)]
     else:
         positions = range(num_images)
@@ -88,8 +87,8 @@ def class_grid(spec, *, split="train", data_dir=None, image_size=48, per_class=8
         rng.choice(np.flatnonzero(labels == c), min(per_class, int(np.sum(labels == c))),
                    replace=False) for c in range(len(names))]))
     rows = {c: [] for c in range(len(names))}
-    for images, y in data.labelled_dataset(source, split=split, image_size=image_size,
-                                           batch_size=256, indices=chosen):
+    for images, y in pipelines.labelled_dataset(source, split=split, image_size=image_size,
+                                                batch_size=256, indices=chosen):
         for image, label in zip(images.numpy(), y.numpy()):
             rows[int(label)].append(image)
     pad, name_width = 4, 8 + max(len(n) for n in names) * 7

@@ -18,7 +18,7 @@ import tensorflow as tf
 from co2_tf import build, distribute, io, progress
 from co2_tf.choices import STRATEGIES
 from co2_tf.config import TrainConfig, check_choices, flag, help_of
-from co2_tf.data import pipelines as data
+from co2_tf.data import pipelines
 from co2_tf.data.sources import make_source
 from co2_tf.errors import UserError
 from co2_tf.run import rundir, trained
@@ -210,8 +210,8 @@ class EvalData:
         return len(self.class_names)
 
     def labelled(self, split, transform="eval", seed=0, indices=None, skip_batches=0):
-        """(images, labels) global batches of `split` (see data.labelled_dataset)."""
-        return data.labelled_dataset(
+        """(images, labels) global batches of `split` (see pipelines.labelled_dataset)."""
+        return pipelines.labelled_dataset(
             self.source, split=split, image_size=self.image_size,
             batch_size=self.batch_size, transform=transform, seed=seed, indices=indices,
             skip_batches=skip_batches)

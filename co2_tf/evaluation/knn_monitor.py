@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from co2_tf import build
-from co2_tf.data import pipelines as data
+from co2_tf.data import pipelines
 from co2_tf.errors import UserError
 from co2_tf.evaluation import knn as knn_lib
 from co2_tf.run.global_step import read_step
@@ -34,8 +34,8 @@ def knn_evaluator(config, source, reporter=None):
         return None
     batch_size = 256
     common = dict(image_size=config.image_size, batch_size=batch_size, transform="eval")
-    bank = data.labelled_dataset(source, split=config.split, **common)
-    queries = data.labelled_dataset(source, split=eval_split, **common)
+    bank = pipelines.labelled_dataset(source, split=config.split, **common)
+    queries = pipelines.labelled_dataset(source, split=eval_split, **common)
     if source.in_memory:
         # Small data (the demo's 10k images: 123 MB at 32 px): the eval views are
         # computed once, not at every evaluation (half of each one's time).

@@ -1,7 +1,7 @@
 """References tests share: the small trained run's settings, NumPy kNN, float64 NumPy losses."""
 import numpy as np
 
-from co2_tf.data import pipelines as data
+from co2_tf.data import pipelines
 
 # The small run the evaluation and export tests share (tests/conftest.py trains it once).
 # end_of_run_knn off: its two kNN evaluations cost seconds, and only the runs whose summary
@@ -12,8 +12,8 @@ SMALL = dict(image_size=16, batch_size=16, queue_size=64, dim=16, train_steps=3,
 
 def split_arrays(split, image_size=16):
     """Centre-cropped images and labels of a builtin split, as NumPy."""
-    batches = list(data.labelled_dataset("builtin", split=split, image_size=image_size,
-                                         batch_size=500))
+    batches = list(pipelines.labelled_dataset("builtin", split=split, image_size=image_size,
+                                              batch_size=500))
     return (np.concatenate([x.numpy() for x, _ in batches]),
             np.concatenate([y.numpy() for _, y in batches]))
 

@@ -201,10 +201,10 @@ class TfrecordSource(base.Source):
 
     def shard_labels(self, split):
         """Raw stored labels, one array per shard (the record index)."""
-        from co2_tf.data import pipelines as data  # noqa: PLC0415 (data imports the sources)
+        from co2_tf.data import pipelines  # noqa: PLC0415 (pipelines imports the sources)
 
         return _shard_labels(self.shards(split), self.options.tfrecord_label_key,
-                             self.options.index_dir, data.num_parallel_calls(self),
+                             self.options.index_dir, pipelines.num_parallel_calls(self),
                              progress_lib.reporter(self.progress))
 
     def counts(self, split):
