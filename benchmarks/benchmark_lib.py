@@ -759,7 +759,7 @@ def _conv_shapes(config):
     import keras
     import tensorflow as tf
 
-    from co2_tf import compat as compat
+    from co2_tf import compat
     from co2_tf.nets import backbones
     net = backbones.build_backbone(config.backbone, config.image_size, bn="none",
                                    seed=config.seed, conv_filter_grad="matmul")

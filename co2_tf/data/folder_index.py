@@ -37,8 +37,7 @@ import tensorflow as tf
 
 from co2_tf import io
 from co2_tf import progress as progress_lib
-from co2_tf.data import image_files
-from co2_tf.data import index_files as data_index
+from co2_tf.data import image_files, index_files
 
 gfile = tf.io.gfile
 INDEX_NAME = "co2_tf_folder_index"
@@ -48,7 +47,7 @@ VERSION = 1
 def index_path(root, index_dir=""):
     root = io.absolute(root).rstrip("/")
     if index_dir or not io.basename(root) or io.parent(root).endswith(":"):
-        return data_index.index_path(root, INDEX_NAME, index_dir)  # a bucket's root: inside
+        return index_files.index_path(root, INDEX_NAME, index_dir)  # a bucket's root: inside
     return io.join(io.parent(root), f".{io.basename(root)}.{INDEX_NAME}")
 
 
@@ -124,7 +123,7 @@ def listing(root, max_pixels, check=True, index_dir="", progress=progress_lib.OF
     root = io.absolute(root).rstrip("/")
     max_pixels = int(max_pixels or 0)
     path = index_path(root, index_dir)
-    text = data_index.read_text(path)
+    text = index_files.read_text(path)
     found = _from_text(root, text, max_pixels, check) if text else None
     if found is not None:
         return found, path
@@ -133,7 +132,7 @@ def listing(root, max_pixels, check=True, index_dir="", progress=progress_lib.OF
     if any(rel.find("\n") >= 0 or rel.find("\t") >= 0 for rel in stamps) or any(
             "\n" in f for f in scanned.files):
         return scanned, None  # names a line-based file cannot hold: kept in memory only
-    written = data_index.write_text(path, _text(scanned, stamps))
+    written = index_files.write_text(path, _text(scanned, stamps))
     return scanned, path if written else None
 
 

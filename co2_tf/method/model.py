@@ -25,8 +25,7 @@ Under tf.distribute (docs/accelerators.md has the traffic this costs):
 import keras
 import tensorflow as tf
 
-from co2_tf import compat as compat
-from co2_tf import distribute, precision
+from co2_tf import compat, distribute, precision
 from co2_tf.method import BN_MODES, HEADS
 
 

@@ -52,8 +52,7 @@ import tensorflow as tf
 
 from co2_tf import io
 from co2_tf import progress as progress_lib
-from co2_tf.data import image_files
-from co2_tf.data import index_files as data_index
+from co2_tf.data import image_files, index_files
 from co2_tf.data.sources import base
 from co2_tf.errors import UserError
 
@@ -130,14 +129,14 @@ def index_entry(size, labels, label_key):
 
 def update_index(folder, entries, index_dir=""):
     """Adds `entries` (shard name -> index_entry) to the record index of `folder`."""
-    path = data_index.index_path(folder, INDEX_NAME, index_dir)
+    path = index_files.index_path(folder, INDEX_NAME, index_dir)
     index = _load_index(path)
     index["shards"].update(entries)
-    data_index.write_text(path, json.dumps(index, separators=(",", ":")))
+    index_files.write_text(path, json.dumps(index, separators=(",", ":")))
 
 
 def _load_index(path):
-    text = data_index.read_text(path)
+    text = index_files.read_text(path)
     try:
         index = json.loads(text) if text else None
     except ValueError:
@@ -156,7 +155,7 @@ def _shard_labels(files, label_key, index_dir, parallel, progress=progress_lib.O
         by_folder.setdefault(io.parent(f), []).append(k)
     labels = [None] * len(files)
     for folder, ks in by_folder.items():
-        shards = _load_index(data_index.index_path(folder, INDEX_NAME, index_dir))["shards"]
+        shards = _load_index(index_files.index_path(folder, INDEX_NAME, index_dir))["shards"]
         for k in ks:
             entry = shards.get(io.basename(files[k]))
             if (isinstance(entry, dict) and entry.get("size") == sizes[k]
