@@ -6,6 +6,7 @@ TensorBoard, checkpoints and resume (co2_tf.evaluation.resume). Also the
 SGD step schedule and its flags, and MoCo's linear layer.
 """
 
+import dataclasses
 import os
 
 import keras
@@ -13,6 +14,7 @@ import tensorflow as tf
 
 from co2_tf import distribute, optimizers
 from co2_tf import progress as progress_lib
+from co2_tf.config import flag
 from co2_tf.errors import UserError
 from co2_tf.evaluation import common
 from co2_tf.run.callbacks import progress_callbacks
@@ -53,22 +55,25 @@ def parse_boundaries(text, flag="--lr_boundaries"):
     return values
 
 
-SGD_SCHEDULE_HELP = {
-    "momentum": "SGD momentum",
-    "weight_decay": "weight decay (coupled L2, as PyTorch)",
-    "lr_decay": "lr factor at each boundary",
-    "eval_every": "epochs between held-out evaluations (0 = only at the end)",
-    "checkpoint_every": "steps between checkpoints in OUTPUT_DIR/checkpoints (also at epoch "
-                        "ends and on SIGTERM); rerunning the same command resumes",
-}
+@dataclasses.dataclass
+class SgdSchedule:
+    """The SGD schedule fields of a classifier-training config (LinearEvalConfig,
+    SemiSupervisedConfig); checked by check_sgd_schedule."""
+    momentum: float = flag(0.9, "SGD momentum")
+    weight_decay: float = flag(0.0, "weight decay (coupled L2, as PyTorch)")
+    lr_boundaries: str = flag("0.6,0.8", "fractions of the epochs where the learning rate is "
+                              "multiplied by --lr_decay")
+    lr_decay: float = flag(0.1, "lr factor at each boundary")
+    eval_every: int = flag(1, "epochs between held-out evaluations (0 = only at the end)")
+    checkpoint_every: int = flag(500, "steps between checkpoints in OUTPUT_DIR/checkpoints "
+                                 "(also at epoch ends and on SIGTERM); rerunning the same "
+                                 "command resumes")
 
 
 def check_sgd_schedule(config):
     """Checks the SGD schedule fields a classifier-training config shares.
 
-    `config` has epochs, momentum, weight_decay, lr_boundaries, lr_decay,
-    eval_every and checkpoint_every (LinearEvalConfig, SemiSupervisedConfig);
-    raises UserError.
+    `config`: an SgdSchedule with `epochs`; raises UserError.
     """
     if config.epochs <= 0:
         raise UserError(f"--epochs={config.epochs} must be > 0")

@@ -53,18 +53,11 @@ FEATURES_FILE = "features.npz"
 
 
 @dataclasses.dataclass
-class LinearEvalConfig(common.EvalConfig):
+class LinearEvalConfig(classifier.SgdSchedule, common.EvalConfig):
     protocol: str = flag("moco", "moco (MoCo's ImageNet protocol: augmented images, frozen "
                          "backbone) | fast (cached centre-crop features)", choices=PROTOCOLS)
     epochs: int = flag(100, "classifier training epochs")
     learning_rate: float = flag(0.0, "SGD learning rate (0 = the protocol's: moco 30, fast 0.1)")
-    momentum: float = flag(0.9, classifier.SGD_SCHEDULE_HELP["momentum"])
-    weight_decay: float = flag(0.0, classifier.SGD_SCHEDULE_HELP["weight_decay"])
-    lr_boundaries: str = flag("0.6,0.8", "fractions of the epochs where the lr is multiplied by "
-                              "--lr_decay")
-    lr_decay: float = flag(0.1, classifier.SGD_SCHEDULE_HELP["lr_decay"])
-    eval_every: int = flag(1, classifier.SGD_SCHEDULE_HELP["eval_every"])
-    checkpoint_every: int = flag(500, classifier.SGD_SCHEDULE_HELP["checkpoint_every"])
     cache_features: bool = flag(True, "fast protocol: keep features in OUTPUT_DIR/features.npz "
                                 "and reuse them")
 

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from co2_tf import distribute, io
-from co2_tf.config import flag
+from co2_tf.config import flag, help_of
 from co2_tf.errors import UserError
 from co2_tf.evaluation import classifier, common, resume
 
@@ -49,7 +49,7 @@ _HEADER = "# co2_tf label subset:"
 
 
 @dataclasses.dataclass
-class SemiSupervisedConfig(common.EvalConfig):
+class SemiSupervisedConfig(classifier.SgdSchedule, common.EvalConfig):
     seed: int = flag(0, "seed of the subset draw, head init, data order and augmentation")
     label_fraction: float = flag(0.1, "fraction of the training labels to fine-tune on, in "
                                  "(0, 1]")
@@ -60,13 +60,9 @@ class SemiSupervisedConfig(common.EvalConfig):
                                          "for 10%, 0.02 for 1%)")
     head_learning_rate: float = flag(0.2, "SGD learning rate of the linear head (SwAV: 0.2 for "
                                      "10%, 5 for 1%)")
-    momentum: float = flag(0.9, classifier.SGD_SCHEDULE_HELP["momentum"])
-    weight_decay: float = flag(0.0, classifier.SGD_SCHEDULE_HELP["weight_decay"])
     lr_boundaries: str = flag("0.6,0.8", "fractions of the epochs where both lrs are multiplied "
                               "by --lr_decay")
-    lr_decay: float = flag(0.2, classifier.SGD_SCHEDULE_HELP["lr_decay"])
-    eval_every: int = flag(1, classifier.SGD_SCHEDULE_HELP["eval_every"])
-    checkpoint_every: int = flag(500, classifier.SGD_SCHEDULE_HELP["checkpoint_every"])
+    lr_decay: float = flag(0.2, help_of(classifier.SgdSchedule, "lr_decay"))
 
     def check(self):
         super().check()
